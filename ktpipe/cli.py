@@ -1,0 +1,163 @@
+"""`ktpipe` command line: the pipeline's steps without DVC, on the same library functions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ktpipe.errors import USER_ERRORS
+from ktpipe.params import load_params as read_params
+
+PARAMS_OPTION = click.option(
+    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
+    help="Params file (YAML 1.2); every section is type-checked.",
+)
+
+
+class UserError(click.ClickException):
+    """An expected error (bad params, captions, data or model name): one line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"ktpipe: error: {self.message}", err=True)
+
+
+def _run(fn, *args):
+    """Run a library step, turning expected errors into a one-line message and exit status 2."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as err:
+        raise UserError(str(err)) from err
+
+
+def load_params(path: str):
+    """Load params, reporting a malformed file as a user error."""
+    return _run(read_params, path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ktpipe")
+def main() -> None:
+    """Knowledge Transfer: teach an image-text model new visual concepts from descriptions alone.
+
+    Each command is one pipeline step; `dvc repro` chains them with caching.
+    """
+
+
+@main.command()
+@PARAMS_OPTION
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def world(params_path: str, out_dir: str) -> None:
+    """Render the demo world's val/ and test/ image folders into OUT_DIR."""
+    from ktpipe.world import load_world, write_splits
+
+    params = load_params(params_path)
+    cfg = params.world
+    counts = _run(write_splits, load_world(), Path(out_dir), cfg.val_per_concept, cfg.test_per_concept,
+                  params.seed, cfg.image_size)
+    click.echo(f"wrote {sum(counts['val'].values())} val and {sum(counts['test'].values())} test images")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--log", "log_path", default="metrics/pretrain.json", show_default=True, help="Loss log (JSON).")
+def pretrain(params_path: str, out_dir: str, log_path: str) -> None:
+    """Pretrain the demo model from scratch (params `pretrain`) and save it to OUT_DIR."""
+    from ktpipe.pretrain import run_pretrain
+
+    summary = _run(run_pretrain, load_params(params_path), Path(out_dir), Path(log_path))
+    click.echo(f"pretrained in {summary['seconds']} s -> {out_dir}")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.argument("captions_file", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def captions(params_path: str, captions_file: str, out_dir: str) -> None:
+    """Check CAPTIONS_FILE describes every params concept; write one JSON per concept."""
+    from ktpipe.captions import run_captions
+
+    concepts = _run(run_captions, Path(captions_file), load_params(params_path).concepts, Path(out_dir))
+    click.echo(f"wrote {len(concepts)} concept files to {out_dir}")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.argument("concept_file", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def invert(params_path: str, concept_file: str, out_dir: str) -> None:
+    """Synthesize images of one concept (CONCEPT_FILE from `captions`) into OUT_DIR.
+
+    Writes images.safetensors, grid.png and summary.json (final similarities).
+    """
+    from ktpipe.invert import run_invert
+
+    meta = _run(run_invert, load_params(params_path), Path(concept_file), Path(out_dir))
+    click.echo(f"inverted {meta['concept']!r} in {meta['seconds']} s -> {out_dir}")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--recipe", required=True, help="A key of params `recipes` (e.g. paper, full).")
+@click.option("--lr", type=float, default=None, help="Override params `lr` (fine-tuning learning rate).")
+@click.argument("captions_dir", type=click.Path(file_okay=False))
+@click.argument("inverted_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--log", "log_path", default=None, help="Training log JSON (default: OUT_DIR.json).")
+def finetune(params_path: str, recipe: str, lr: float | None, captions_dir: str, inverted_dir: str,
+             out_dir: str, log_path: str | None) -> None:
+    """Fine-tune on the inverted images in INVERTED_DIR; save an open_clip checkpoint folder."""
+    import dataclasses
+
+    from ktpipe.finetune import run_finetune
+
+    params = load_params(params_path)
+    if lr is not None:
+        if not lr > 0:
+            raise UserError(f"--lr must be a positive number, got {lr}")
+        params = dataclasses.replace(params, lr=lr)
+    log = Path(log_path) if log_path else Path(f"{out_dir.rstrip('/')}.json")
+    summary = _run(run_finetune, params, recipe, Path(captions_dir), Path(inverted_dir), Path(out_dir), log)
+    click.echo(f"fine-tuned on {summary['n_images']} images in {summary['seconds']} s -> {out_dir}")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
+              help="Fine-tuned checkpoint folder; omit to evaluate the model before transfer.")
+@click.option("--tag", default=None, help="Name recorded in the result (default: checkpoint folder name).")
+@click.argument("data_root", type=click.Path(file_okay=False))
+@click.argument("captions_dir", type=click.Path(file_okay=False))
+@click.argument("out_path", type=click.Path(dir_okay=False))
+def evaluate(params_path: str, checkpoint: str | None, tag: str | None, data_root: str, captions_dir: str,
+             out_path: str) -> None:
+    """Zero-shot classification on DATA_ROOT/val and DATA_ROOT/test (one folder per class)."""
+    from ktpipe.eval import run_evaluate
+
+    folder = Path(checkpoint) if checkpoint else None
+    tag = tag or (folder.name if folder else "baseline")
+    metrics = _run(run_evaluate, load_params(params_path), tag, folder, Path(data_root), Path(captions_dir),
+                   Path(out_path))
+    for key in ("test_name_target_acc", "test_name_retention_acc", "test_description_target_acc"):
+        if key in metrics:
+            click.echo(f"{key}: {metrics[key]:.3f}")
+
+
+@main.command()
+@PARAMS_OPTION
+@click.argument("eval_dir", type=click.Path(file_okay=False))
+@click.argument("captions_dir", type=click.Path(file_okay=False))
+@click.argument("inverted_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def report(params_path: str, eval_dir: str, captions_dir: str, inverted_dir: str, out_dir: str) -> None:
+    """Write results.md, metrics.json, lr_curve.json and inverted.png into OUT_DIR."""
+    from ktpipe.report import run_report
+
+    _run(run_report, load_params(params_path), Path(eval_dir), Path(captions_dir), Path(inverted_dir), Path(out_dir))
+    click.echo(f"wrote {out_dir}/results.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Typed parameters: one frozen dataclass per `params.yaml` section.
+
+`load_params` reads YAML 1.2 (so `dvc exp run -S lr=2e-5`, which writes `2e-05`, is a float)
+and rejects unknown keys and wrong types with a message that names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+
+class ParamsError(ValueError):
+    """A params file is malformed: unknown key, wrong type or out-of-range value."""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backend: str = "demo"  # registry key in ktpipe.models.BACKENDS (demo, open_clip)
+    name: str = "ktpipe-demo"  # open_clip architecture, 'local-dir:<path>' or 'hf-hub:<id>'
+    pretrained: str | None = None  # pretrained tag, or a local checkpoint file or folder
+    device: str = "auto"  # auto picks cuda when available, else cpu
+
+
+@dataclass(frozen=True)
+class WorldParams:
+    image_size: int = 32  # side of the rendered demo images, in pixels
+    val_per_concept: int = 20  # validation renders per concept (used to pick lr)
+    test_per_concept: int = 50  # test renders per concept (only reported)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    steps: int = 450  # optimizer steps of demo pretraining
+    batch_size: int = 256  # image-text pairs per step
+    lr: float = 1.0e-3  # peak AdamW learning rate (cosine schedule after warmup)
+    warmup: int = 30  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW weight decay
+    concept_fraction: float = 0.3  # share of each batch that shows a known named concept
+    definition_fraction: float = 0.2  # described renders captioned "A X is a <description>." (made-up X)
+    name_objective: bool = True  # text-only objective "a photo of a X." <-> "A X is a ..."
+    name_batch: int = 128  # made-up names per text-only step
+    name_weight: float = 1.0  # weight of the text-only objective
+    freeze_token_embedding: bool = True  # keep token embeddings at their random init
+
+
+@dataclass(frozen=True)
+class CaptionParams:
+    file: str = "captions/demo.yaml"  # concept descriptions of this experiment
+
+
+@dataclass(frozen=True)
+class InvertParams:
+    steps: int = 300  # optimization steps per concept
+    lr: float = 0.1  # peak Adam learning rate on pixels (cosine annealed to 0)
+    samples: int = 10  # images per concept, optimized together as one batch
+    image_size: int | None = None  # None: the model's input size
+    tv_weight: float = 0.005  # alpha of the total-variation penalty (paper Eq. 3)
+    affine_p: float = 0.5  # probability that a sample gets a random affine each step
+    rotation: float = 30.0  # max rotation, degrees (uniform in [-rotation, rotation])
+    translate: float = 0.1  # max translation, fraction of the image side
+    scale_min: float = 0.7  # scale range of the random affine
+    scale_max: float = 1.0
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    epochs: int = 1  # passes over the inverted images
+    batch_size: int = 4  # images per step (paper: 4)
+    weight_decay: float = 0.2  # paper: 0.2 for CLIP models
+    optimizer: str = "adamw"  # adamw (decoupled decay, as CLIP) or adam (L2 decay)
+    towers: str = "visual"  # which towers train: visual, text or both (paper Fig. 4)
+    visual_layers: int | None = None  # train only the last N visual blocks + head (None: whole tower)
+    rehearsal: bool = False  # also fine-tune on inverted images of known concepts (beyond the paper)
+    name_prefix: bool = True  # caption "A <name> is <description>." (False: description only, Fig. 5)
+    logit_scale: float | None = None  # InfoNCE temperature multiplier; None: the model's own
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    templates: str = "demo"  # prompt-template file in ktpipe/data/templates/ (or a path)
+    batch_size: int = 128  # images per forward pass
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0  # seeds world renders, pretraining, inversion and fine-tuning
+    lr: float = 1.0e-4  # fine-tuning learning rate (top level so `dvc exp run -S lr=...` works)
+    concepts: tuple[str, ...] = ()  # concepts to invert; descriptions come from captions.file
+    model: ModelParams = field(default_factory=ModelParams)
+    world: WorldParams = field(default_factory=WorldParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    captions: CaptionParams = field(default_factory=CaptionParams)
+    invert: InvertParams = field(default_factory=InvertParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> finetune overrides
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def recipe(self, name: str) -> FinetuneParams:
+        """The finetune section with a recipe's overrides applied."""
+        if name not in self.recipes:
+            raise ParamsError(f"unknown recipe {name!r}; params.yaml defines {sorted(self.recipes)}")
+        overrides = self.recipes[name] or {}
+        if not isinstance(overrides, dict):
+            raise ParamsError(f"params key 'recipes.{name}' must be a mapping of finetune overrides, got {overrides!r}")
+        merged = {**dataclasses.asdict(self.finetune), **overrides}
+        return build_section(FinetuneParams, merged, f"recipes.{name}")
+
+
+def _check_value(value: Any, hint: Any, key: str) -> Any:
+    """Return `value` coerced to `hint` or raise ParamsError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], key)
+    if dataclasses.is_dataclass(hint):
+        return build_section(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"params key '{key}' must be a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"params key '{key}' must be a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"params key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"params key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"params key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"params key '{key}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def build_section(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params section '{prefix or cls.__name__}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"in section '{prefix}'" if prefix else "at top level"
+        raise ParamsError(f"unknown params key(s) {unknown} {where}; known keys: {sorted(names)}")
+    kwargs = {k: _check_value(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def validate(params: Params) -> Params:
+    """Range checks that types alone cannot express."""
+    positive = {
+        "lr": params.lr,
+        "invert.steps": params.invert.steps,
+        "invert.lr": params.invert.lr,
+        "invert.samples": params.invert.samples,
+        "finetune.epochs": params.finetune.epochs,
+        "finetune.batch_size": params.finetune.batch_size,
+        "pretrain.steps": params.pretrain.steps,
+        "pretrain.batch_size": params.pretrain.batch_size,
+        "world.val_per_concept": params.world.val_per_concept,
+        "world.test_per_concept": params.world.test_per_concept,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ParamsError(f"params key '{key}' must be a positive number, got {value!r}")
+    if not 0.0 <= params.invert.affine_p <= 1.0:
+        raise ParamsError(f"params key 'invert.affine_p' must lie in [0, 1], got {params.invert.affine_p}")
+    if not 0.0 < params.invert.scale_min <= params.invert.scale_max:
+        raise ParamsError("params keys 'invert.scale_min' <= 'invert.scale_max' must be positive")
+    if len(set(params.concepts)) != len(params.concepts):
+        raise ParamsError(f"params key 'concepts' lists a concept twice: {list(params.concepts)}")
+    sections = [("finetune", params.finetune), *((f"recipes.{n}", params.recipe(n)) for n in params.recipes)]
+    for prefix, section in sections:
+        if section.towers not in ("visual", "text", "both"):
+            raise ParamsError(f"params key '{prefix}.towers' must be visual, text or both, got {section.towers!r}")
+        if section.visual_layers is not None and section.visual_layers < 1:
+            raise ParamsError(f"params key '{prefix}.visual_layers' must be a positive integer or null")
+        if section.logit_scale is not None and not section.logit_scale > 0:
+            raise ParamsError(f"params key '{prefix}.logit_scale' must be a positive number or null")
+        if section.optimizer not in ("adam", "adamw"):
+            raise ParamsError(f"params key '{prefix}.optimizer' must be adam or adamw, got {section.optimizer!r}")
+    return params
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML 1.2 file (ruamel's safe loader)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    yaml = YAML(typ="safe", pure=True)
+    try:
+        with path.open() as fh:
+            return yaml.load(fh)
+    except Exception as err:  # ruamel raises many parser error types; report them uniformly
+        raise ParamsError(f"cannot parse {path}: {err}") from err
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate the whole params file."""
+    return validate(build_section(Params, read_yaml(path)))

@@ -1,0 +1,411 @@
+"""A procedural image world: small renders of a shape with a color, a fill and a background.
+
+The world (attribute values and named concepts) is data, read from YAML. It streams captioned
+pretraining batches for a tiny CLIP model and writes held-out evaluation folders. Novel
+concepts' combinations never reach pretraining, so later stages can teach them by text alone.
+"""
+
+import dataclasses
+import functools
+import itertools
+import re
+import zlib
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from ruamel.yaml import YAML
+
+from ktpipe.io import atomic_dir
+
+ROLES = ("known", "novel")
+FILLS = ("solid", "outlined", "striped")
+SUPERSAMPLE = 4  # render on a 4x finer grid, then box-downsample for anti-aliasing
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # concept names become folder names
+
+
+@dataclasses.dataclass(frozen=True)
+class Attributes:
+    """What one image shows; the background is independent of the concept."""
+
+    shape: str
+    color: str
+    fill: str
+    background: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    """A named (shape, color, fill) combination; `role` says whether pretraining sees it."""
+
+    name: str
+    shape: str
+    color: str
+    fill: str
+    role: str  # "known" | "novel"
+
+    def matches(self, a: Attributes) -> bool:
+        """True when `a` shows this concept, whatever its background."""
+        return (a.shape, a.color, a.fill) == (self.shape, self.color, self.fill)
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Attribute vocabularies, RGB values and named concepts of one world."""
+
+    shapes: tuple[str, ...]
+    colors: dict[str, tuple[int, int, int]]  # name -> RGB in 0..255
+    fills: tuple[str, ...]
+    backgrounds: dict[str, tuple[int, int, int]]  # name -> RGB in 0..255
+    concepts: dict[str, Concept]  # name -> concept, in file order
+
+    def novel(self) -> list[Concept]:
+        """Concepts whose combinations pretraining never shows."""
+        return [c for c in self.concepts.values() if c.role == "novel"]
+
+    def known(self) -> list[Concept]:
+        """Concepts that pretraining may show."""
+        return [c for c in self.concepts.values() if c.role == "known"]
+
+
+# --- shapes -------------------------------------------------------------------------------
+# A shape is a signed distance function on local coordinates (unit = shape radius,
+# y pointing down): negative inside. Its mask is `sdf < 0`; the eroded mask used for
+# outlines is `sdf < -width`, an exact Euclidean erosion.
+
+ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeSpec:
+    """How to draw one shape and how far it may rotate while staying recognisable."""
+
+    sdf: ShapeFn
+    max_rotation_deg: float  # rotation is uniform in +-this; square vs diamond needs it small
+
+
+def build_polygon_sdf(vertices: list[tuple[float, float]]) -> ShapeFn:
+    """Signed distance to a simple (possibly non-convex) polygon; sign from an even-odd test."""
+    a = np.asarray(vertices, dtype=np.float32)
+    edges = list(zip(a, np.roll(a, -1, axis=0)))
+
+    def sdf(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        inside = np.zeros(x.shape, dtype=bool)
+        dist2 = np.full(x.shape, np.inf, dtype=np.float32)
+        for (x0, y0), (x1, y1) in edges:
+            if y0 != y1:  # horizontal edges never cross a horizontal ray
+                crosses = (y0 > y) != (y1 > y)
+                x_hit = x0 + (x1 - x0) * (y - y0) / (y1 - y0)
+                inside ^= crosses & (x < x_hit)
+            ex, ey = x1 - x0, y1 - y0
+            dx, dy = x - x0, y - y0
+            t = np.clip((dx * ex + dy * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+            np.minimum(dist2, (dx - t * ex) ** 2 + (dy - t * ey) ** 2, out=dist2)
+        dist = np.sqrt(dist2)
+        return np.where(inside, -dist, dist)
+
+    return sdf
+
+
+def build_regular_vertices(n: int, radii: tuple[float, ...], start_deg: float) -> list:
+    """Vertices at equal angles, cycling through `radii` (two radii give a star)."""
+    angles = np.deg2rad(start_deg + 360.0 / n * np.arange(n))
+    r = np.resize(np.asarray(radii), n)
+    return list(zip(r * np.cos(angles), r * np.sin(angles)))
+
+
+def build_cross_vertices(half_width: float) -> list[tuple[float, float]]:
+    """The 12 corners of a plus sign with arms of length 1."""
+    h = half_width
+    quarter = [(-h, -1.0), (h, -1.0), (h, -h)]
+    corners = []
+    for _ in range(4):  # each arm's three corners are the previous ones turned 90 degrees
+        corners += quarter
+        quarter = [(-y, x) for x, y in quarter]
+    return corners
+
+
+def sdf_circle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Unit disc."""
+    return np.hypot(x, y) - 1.0
+
+
+def sdf_ring(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Annulus between radius 0.4 and 1: wide enough that an outlined ring keeps a gap."""
+    r = np.hypot(x, y)
+    return np.maximum(r - 1.0, 0.4 - r)
+
+
+def sdf_crescent(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Unit disc minus a disc of radius 0.85 shifted right by 0.5."""
+    return np.maximum(np.hypot(x, y) - 1.0, 0.85 - np.hypot(x - 0.5, y))
+
+
+SQUARE = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+TRIANGLE = [(0.0, -0.95), (1.0, 0.75), (-1.0, 0.75)]  # pointing up, centered on its box
+DIAMOND = [(0.0, -1.0), (0.8, 0.0), (0.0, 1.0), (-0.8, 0.0)]  # taller than wide
+SHAPES: dict[str, ShapeSpec] = {
+    "circle": ShapeSpec(sdf_circle, 0.0),
+    "square": ShapeSpec(build_polygon_sdf(SQUARE), 12.0),
+    "triangle": ShapeSpec(build_polygon_sdf(TRIANGLE), 20.0),
+    "diamond": ShapeSpec(build_polygon_sdf(DIAMOND), 12.0),
+    "star": ShapeSpec(build_polygon_sdf(build_regular_vertices(10, (1.0, 0.48), -90.0)), 36.0),
+    "cross": ShapeSpec(build_polygon_sdf(build_cross_vertices(0.34)), 12.0),
+    "ring": ShapeSpec(sdf_ring, 0.0),
+    "hexagon": ShapeSpec(build_polygon_sdf(build_regular_vertices(6, (1.0,), 0.0)), 30.0),
+    "crescent": ShapeSpec(sdf_crescent, 45.0),
+}
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_world(path: str | Path | None = None) -> World:
+    """Read and validate a world YAML; default is the packaged demo world."""
+    source = Path(path) if path is not None else files("ktpipe") / "data" / "demo_world.yaml"
+    raw = YAML(typ="safe").load(source.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level")
+    check_keys(raw, {"shapes", "colors", "fills", "backgrounds", "concepts"}, "world")
+    world = World(
+        shapes=parse_names(raw["shapes"], "shapes", known=tuple(SHAPES)),
+        colors=parse_palette(raw["colors"], "colors"),
+        fills=parse_names(raw["fills"], "fills", known=FILLS),
+        backgrounds=parse_palette(raw["backgrounds"], "backgrounds"),
+        concepts={},
+    )
+    return dataclasses.replace(world, concepts=parse_concepts(raw["concepts"], world))
+
+
+def check_keys(raw: dict, expected: set[str], where: str) -> None:
+    """Reject missing or unknown keys so typos fail loudly."""
+    missing, unknown = sorted(expected - set(raw)), sorted(set(raw) - expected)
+    if missing or unknown:
+        raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}")
+
+
+def parse_names(raw: object, field: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """A non-empty list of distinct names, each one the renderer supports."""
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, str) for v in raw):
+        raise ValueError(f"{field}: expected a non-empty list of names, got {raw!r}")
+    if len(set(raw)) != len(raw):
+        raise ValueError(f"{field}: duplicate names in {raw}")
+    unsupported = [v for v in raw if v not in known]
+    if unsupported:
+        raise ValueError(f"{field}: cannot render {unsupported}; known {field}: {list(known)}")
+    return tuple(raw)
+
+
+def parse_palette(raw: object, field: str) -> dict[str, tuple[int, int, int]]:
+    """A non-empty mapping of name -> [r, g, b] with integer channels in 0..255."""
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{field}: expected a non-empty mapping of name -> [r, g, b]")
+    for name, rgb in raw.items():
+        ok = isinstance(rgb, list) and len(rgb) == 3
+        if not ok or not all(type(c) is int and 0 <= c <= 255 for c in rgb):
+            raise ValueError(f"{field}.{name}: expected [r, g, b] ints in 0..255, got {rgb!r}")
+    return {str(name): tuple(rgb) for name, rgb in raw.items()}
+
+
+def parse_concepts(raw: object, world: World) -> dict[str, Concept]:
+    """All concepts, each (shape, color, fill) combination used by at most one of them."""
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("concepts: expected a non-empty mapping of name -> attributes")
+    concepts: dict[str, Concept] = {}
+    owner: dict[tuple[str, str, str], str] = {}
+    for name, fields in raw.items():
+        concept = parse_concept(name, fields, world)
+        combo = (concept.shape, concept.color, concept.fill)
+        if combo in owner:
+            other = owner[combo]
+            raise ValueError(f"concept '{name}': combination {combo} already used by '{other}'")
+        owner[combo] = name
+        concepts[name] = concept
+    return concepts
+
+
+def parse_concept(name: object, fields: object, world: World) -> Concept:
+    """One concept whose every field takes a value the world defines."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"concept {name!r}: name must match {_NAME_RE.pattern}")
+    if not isinstance(fields, dict):
+        raise ValueError(f"concept '{name}': expected a mapping, got {fields!r}")
+    vocab = {"shape": world.shapes, "color": tuple(world.colors), "fill": world.fills}
+    vocab["role"] = ROLES
+    check_keys(fields, set(vocab), f"concept '{name}'")
+    for field, allowed in vocab.items():
+        if fields[field] not in allowed:
+            value, allowed = fields[field], list(allowed)
+            raise ValueError(f"concept '{name}': unknown {field} {value!r}; allowed: {allowed}")
+    return Concept(name=name, **fields)
+
+
+# --- sampling -----------------------------------------------------------------------------
+
+
+def sample_attributes(
+    world: World, rng: np.random.Generator, n: int, *, exclude_novel: bool = True
+) -> list[Attributes]:
+    """Uniform draws over all attribute combinations, optionally never a novel concept's."""
+    novel = {(c.shape, c.color, c.fill) for c in world.novel()} if exclude_novel else set()
+    every = itertools.product(world.shapes, world.colors, world.fills)
+    combos = [combo for combo in every if combo not in novel]
+    backgrounds = list(world.backgrounds)
+    picks = rng.integers(len(combos), size=n)
+    bgs = rng.integers(len(backgrounds), size=n)
+    return [Attributes(*combos[i], backgrounds[b]) for i, b in zip(picks, bgs)]
+
+
+def concept_attributes(
+    concept: Concept, world: World, rng: np.random.Generator, n: int
+) -> list[Attributes]:
+    """`n` instances of one concept on uniformly random backgrounds."""
+    backgrounds = list(world.backgrounds)
+    bgs = rng.integers(len(backgrounds), size=n)
+    return [Attributes(concept.shape, concept.color, concept.fill, backgrounds[b]) for b in bgs]
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pose:
+    """Random nuisance variables of one render, in output-pixel units."""
+
+    radius: float
+    center: np.ndarray  # (2,) x, y
+    angle: float  # radians
+    border: float  # outline width
+    stripe_period: float
+    stripe_angle: float  # radians, direction across the stripes
+    stripe_phase: float  # fraction of a period
+    color_jitter: np.ndarray  # (2, 3) shape, background
+
+
+def sample_pose(shape: str, rng: np.random.Generator, size: int) -> Pose:
+    """Draw every random choice of one render; always the same draws, whatever the fill."""
+    px = size / 32.0  # lengths are tuned at 32 px and scale with the image
+    max_rot = np.deg2rad(SHAPES[shape].max_rotation_deg)
+    return Pose(
+        radius=rng.uniform(0.30, 0.44) * size,
+        center=size / 2.0 + rng.uniform(-2.0, 2.0, size=2) * px,
+        angle=rng.uniform(-1.0, 1.0) * max_rot,
+        border=rng.uniform(2.0, 2.75) * px,
+        stripe_period=rng.uniform(4.0, 6.0) * px,
+        stripe_angle=np.deg2rad(rng.choice([90.0, 45.0, 135.0])),  # horizontal or diagonal
+        stripe_phase=rng.uniform(),
+        color_jitter=rng.integers(-10, 11, size=(2, 3)),
+    )
+
+
+@functools.cache
+def build_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Supersampled pixel-center coordinates in output-pixel units, each (S*size, S*size)."""
+    axis = (np.arange(size * SUPERSAMPLE, dtype=np.float32) + 0.5) / SUPERSAMPLE
+    gx, gy = np.meshgrid(axis, axis)  # x varies along columns, y along rows
+    gx.flags.writeable = gy.flags.writeable = False  # shared by every render of this size
+    return gx, gy
+
+
+def compute_coverage(shape: str, fill: str, pose: Pose, size: int) -> np.ndarray:
+    """Fraction of each output pixel painted in the shape color, (size, size) float32."""
+    gx, gy = build_grid(size)
+    dx, dy = gx - pose.center[0], gy - pose.center[1]
+    cos, sin = np.cos(pose.angle), np.sin(pose.angle)
+    local_x = (cos * dx + sin * dy) / pose.radius  # rotate the grid by -angle
+    local_y = (-sin * dx + cos * dy) / pose.radius
+    sdf = SHAPES[shape].sdf(local_x, local_y) * pose.radius  # (S*size, S*size), pixels
+    painted = paint_fill(sdf, fill, pose, gx, gy)
+    blocks = painted.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE)
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
+
+
+def paint_fill(
+    sdf: np.ndarray, fill: str, pose: Pose, gx: np.ndarray, gy: np.ndarray
+) -> np.ndarray:
+    """Supersampled boolean paint mask for one fill style."""
+    mask = sdf < 0
+    if fill == "solid":
+        return mask
+    if fill == "outlined":
+        return mask & (sdf > -pose.border)  # mask minus the mask eroded by `border`
+    if fill == "striped":  # stripes plus a hairline edge, so the silhouette stays readable
+        u = gx * np.cos(pose.stripe_angle) + gy * np.sin(pose.stripe_angle)
+        stripes = np.mod(u / pose.stripe_period + pose.stripe_phase, 1.0) < 0.5
+        return mask & (stripes | (sdf > -pose.border / 2.5))
+    raise ValueError(f"unknown fill {fill!r}; known fills: {list(FILLS)}")
+
+
+def render(a: Attributes, world: World, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """One anti-aliased render with random pose, color jitter and pixel noise; uint8 (H, W, 3)."""
+    pose = sample_pose(a.shape, rng, size)
+    coverage = compute_coverage(a.shape, a.fill, pose, size)[..., None]  # (H, W, 1)
+    fg = np.asarray(world.colors[a.color], dtype=np.float32) + pose.color_jitter[0]
+    bg = np.asarray(world.backgrounds[a.background], dtype=np.float32) + pose.color_jitter[1]
+    image = bg + coverage * (fg - bg)  # (H, W, 3)
+    image += rng.normal(0.0, 4.0, size=image.shape).astype(np.float32)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def render_batch(
+    attrs: list[Attributes], world: World, rng: np.random.Generator, size: int = 32
+) -> torch.Tensor:
+    """Renders as a float32 (N, 3, size, size) tensor in [0, 1], quantized like saved PNGs."""
+    images = np.stack([render(a, world, rng, size) for a in attrs])  # (N, H, W, 3) uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def describe(a: Attributes, with_background: bool = True) -> str:
+    """Compositional caption, e.g. 'an outlined red circle on a gray background.'"""
+    text = add_article(f"{a.fill} {a.color} {a.shape}")
+    if with_background:
+        text += f" on {add_article(a.background)} background"
+    return text + "."
+
+
+def add_article(phrase: str) -> str:
+    """Prefix 'a' or 'an' by the first letter (enough for this world's plain words)."""
+    return f"{'an' if phrase[:1].lower() in 'aeiou' else 'a'} {phrase}"
+
+
+# --- evaluation folders -------------------------------------------------------------------
+
+
+def write_split(
+    world: World, out_dir: Path, n_per_concept: int, seed: int, size: int = 32
+) -> dict[str, int]:
+    """Write out_dir/<concept>/<0000>.png for every concept, all at once or not at all.
+
+    Each concept draws from its own stream keyed by (seed, name), so adding a concept
+    to the world does not change the images of the others. An existing out_dir is replaced.
+    """
+    if n_per_concept < 1:
+        raise ValueError(f"n_per_concept must be >= 1, got {n_per_concept}")
+    with atomic_dir(out_dir) as tmp:
+        return {
+            name: write_concept(concept, world, tmp, n_per_concept, seed, size)
+            for name, concept in world.concepts.items()
+        }
+
+
+def write_splits(world: World, out_dir: Path, val_per_concept: int, test_per_concept: int,
+                 seed: int, size: int = 32) -> dict[str, dict[str, int]]:
+    """The validation (picks lr) and test (only reported) folders, from disjoint seeds."""
+    with atomic_dir(out_dir) as tmp:
+        return {
+            "val": write_split(world, tmp / "val", val_per_concept, 10_000 + seed, size),
+            "test": write_split(world, tmp / "test", test_per_concept, 20_000 + seed, size),
+        }
+
+
+def write_concept(concept: Concept, world: World, root: Path, n: int, seed: int, size: int) -> int:
+    """Render `n` PNGs of one concept into root/<name>/ and return how many were written."""
+    rng = np.random.default_rng([seed, zlib.crc32(concept.name.encode())])
+    folder = root / concept.name
+    folder.mkdir()
+    for i, a in enumerate(concept_attributes(concept, world, rng, n)):
+        Image.fromarray(render(a, world, rng, size)).save(folder / f"{i:04d}.png")
+    return n

@@ -1,0 +1,201 @@
+"""Bad input to a stage script: exit status 2, one `ktpipe: error:` line naming the problem,
+no traceback, and no output (or a stale output left exactly as it was, never half-written).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DEMO_CONCEPTS, run_stage, write_params
+from ktpipe.captions import run_captions
+
+CAPTIONS_ARGS = ("captions/demo.yaml", "data/captions")
+INVERT_ARGS = ("data/captions/blicket.json", "data/inverted/blicket")
+FINETUNE_ARGS = ("paper", "data/captions", "data/inverted", "models/finetuned/paper", "metrics/finetune/paper.json")
+
+
+def assert_user_error(result, *needles: str) -> None:
+    """Exit status 2 with a `ktpipe: error:` message that contains every needle."""
+    detail = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 2, detail
+    assert "Traceback" not in result.stderr, detail
+    # progress bars may precede the message on stderr; it starts a line and comes once
+    assert result.stderr.count("ktpipe: error: ") == 1, detail
+    message = result.stderr[result.stderr.index("ktpipe: error: "):]
+    assert result.stderr.startswith(message) or f"\n{message}" in result.stderr, detail
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in message\n{detail}"
+
+
+def assert_absent(project: Path, *outputs: str) -> None:
+    """The outputs do not exist and no temporary file or folder is left next to them."""
+    for out in outputs:
+        path = project / out
+        assert not path.exists(), f"{out} exists after a failed run"
+        if path.parent.is_dir():
+            leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}")]
+            assert not leftovers, f"temporary files left: {leftovers}"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """relative path -> content of every file under folder (hidden files included)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_captions(project: Path) -> None:
+    """data/captions/*.json, as the captions stage writes them (in-process: no torch needed)."""
+    run_captions(project / "captions/demo.yaml", tuple(DEMO_CONCEPTS), project / "data/captions")
+
+
+def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
+    """root/{val,test}/<concept>/NNNN.png with random pixels."""
+    rng = np.random.default_rng(0)
+    for split in ("val", "test"):
+        for name in DEMO_CONCEPTS:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i:04d}.png")
+
+
+def test_wrong_argument_count_prints_usage(tiny_project):
+    result = run_stage(tiny_project, "captions", "captions/demo.yaml")
+    assert result.returncode == 2 and result.stderr.startswith("usage: ")
+    assert "CAPTIONS_FILE OUT_DIR" in result.stderr
+
+
+# --- captions stage -------------------------------------------------------------------------
+
+
+def undescribed_concept(project):
+    write_params(project, concepts=["blicket", "moongate", "dax"])
+
+
+def malformed_yaml(project):
+    (project / "captions/demo.yaml").write_text("concepts:\n  blicket: {description: [unclosed\n")
+
+
+def concept_without_description(project):
+    (project / "captions/demo.yaml").write_text(
+        "concepts:\n  blicket: {description: a striped orange ring}\n  dax: {role: novel}\n")
+    write_params(project, concepts=["blicket", "dax"])
+
+
+def unknown_params_key(project):
+    write_params(project, invert={"stepz": 3})
+
+
+def unknown_top_level_key(project):
+    write_params(project, sede=1)
+
+
+@pytest.mark.parametrize("setup, args, needles", [
+    (undescribed_concept, CAPTIONS_ARGS, ["moongate", "no description"]),
+    (None, ("captions/nope.yaml", "data/captions"), ["captions file not found", "captions/nope.yaml"]),
+    (malformed_yaml, CAPTIONS_ARGS, ["cannot parse captions file", "captions/demo.yaml"]),
+    (concept_without_description, CAPTIONS_ARGS, ["'dax'", "has no description"]),
+    (unknown_params_key, CAPTIONS_ARGS, ["unknown params key", "stepz", "section 'invert'"]),
+    (unknown_top_level_key, CAPTIONS_ARGS, ["unknown params key", "sede"]),
+], ids=["undescribed-concept", "missing-file", "malformed-yaml", "no-description", "unknown-key", "unknown-top-key"])
+def test_captions_stage_rejects(tiny_project, setup, args, needles):
+    if setup:
+        setup(tiny_project)
+    assert_user_error(run_stage(tiny_project, "captions", *args), *needles)
+    assert_absent(tiny_project, "data/captions")
+
+
+def test_failed_captions_run_leaves_the_previous_output_intact(tiny_project):
+    assert run_stage(tiny_project, "captions", *CAPTIONS_ARGS).returncode == 0
+    before = snapshot(tiny_project / "data")
+    assert len(before) == len(DEMO_CONCEPTS)
+    text = (tiny_project / "captions/demo.yaml").read_text()
+    (tiny_project / "captions/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
+    assert_user_error(run_stage(tiny_project, "captions", *CAPTIONS_ARGS), "'dax'", "has no description")
+    assert snapshot(tiny_project / "data") == before  # untouched, and no temporary folder beside it
+
+
+# --- model loading (invert stage) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, needles", [
+    ({"name": "ViT-Nope-99"}, ["unknown open_clip model name", "'ViT-Nope-99'"]),
+    ({"backend": "tensorflow"}, ["unknown model backend", "'tensorflow'", "open_clip"]),
+    ({"name": "ViT-B-32", "pretrained": "no-such-tag"}, ["'no-such-tag'", "neither a known tag"]),
+    ({"backend": "demo", "name": "ktpipe-demo", "pretrained": "models/nowhere"},
+     ["demo checkpoint not found", "models/nowhere"]),
+], ids=["unknown-name", "unknown-backend", "unknown-pretrained-tag", "missing-demo-checkpoint"])
+def test_invert_stage_rejects_model(tiny_project, model, needles):
+    write_captions(tiny_project)
+    write_params(tiny_project, model=model)
+    assert_user_error(run_stage(tiny_project, "invert", *INVERT_ARGS), *needles)
+    assert_absent(tiny_project, "data/inverted/blicket")
+
+
+def test_invert_stage_without_concept_file(tiny_project):
+    assert_user_error(run_stage(tiny_project, "invert", *INVERT_ARGS),
+                      "concept file not found", "data/captions/blicket.json")
+    assert_absent(tiny_project, "data/inverted/blicket")
+
+
+# --- finetune stage -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr, needles", [
+    (-1, ["params key 'lr' must be a positive number", "-1"]),
+    (0, ["params key 'lr' must be a positive number", "0"]),
+    ("abc", ["params key 'lr' must be a number", "'abc'"]),
+], ids=["negative", "zero", "string"])
+def test_finetune_stage_rejects_lr(tiny_project, lr, needles):
+    write_captions(tiny_project)
+    write_params(tiny_project, lr=lr)
+    assert_user_error(run_stage(tiny_project, "finetune", *FINETUNE_ARGS), *needles)
+    assert_absent(tiny_project, "models/finetuned/paper", "metrics/finetune/paper.json")
+
+
+# --- evaluate stage -------------------------------------------------------------------------
+
+
+def test_evaluate_stage_with_missing_checkpoint(tiny_project):
+    write_captions(tiny_project)
+    write_image_root(tiny_project / "data/world")
+    result = run_stage(tiny_project, "evaluate", "paper", "models/finetuned/nope", "data/world", "data/captions",
+                       "metrics/eval/paper.json")
+    assert_user_error(result, "checkpoint folder not found", "models/finetuned/nope")
+    assert_absent(tiny_project, "metrics/eval/paper.json")
+
+
+def test_evaluate_stage_with_empty_image_folders(tiny_project):
+    write_captions(tiny_project)
+    for split in ("val", "test"):
+        for name in DEMO_CONCEPTS:
+            (tiny_project / "data/world" / split / name).mkdir(parents=True)
+    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/world", "data/captions",
+                       "metrics/eval/baseline.json")
+    assert_user_error(result, "no images", "data/world/val")
+    assert_absent(tiny_project, "metrics/eval/baseline.json")
+
+
+def test_evaluate_stage_with_corrupt_png(tiny_project):
+    write_captions(tiny_project)
+    write_image_root(tiny_project / "data/world")
+    (tiny_project / "data/world/val/dax/0000.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/world", "data/captions",
+                       "metrics/eval/baseline.json")
+    assert_user_error(result, "cannot read image", "data/world/val/dax/0000.png")
+    assert_absent(tiny_project, "metrics/eval/baseline.json")
+
+
+def test_failed_evaluate_run_leaves_the_previous_result_intact(tiny_project):
+    """The test split fails after the val split was scored: the old JSON must survive as it was."""
+    write_captions(tiny_project)
+    write_image_root(tiny_project / "data/world")
+    args = ("baseline", "base", "data/world", "data/captions", "metrics/eval/baseline.json")
+    assert run_stage(tiny_project, "evaluate", *args).returncode == 0
+    before = snapshot(tiny_project / "metrics")
+    assert list(before) == ["eval/baseline.json"]
+    (tiny_project / "data/world/test/wug/0000.png").write_bytes(b"garbage")
+    assert_user_error(run_stage(tiny_project, "evaluate", *args), "cannot read image", "test/wug/0000.png")
+    assert snapshot(tiny_project / "metrics") == before

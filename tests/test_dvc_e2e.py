@@ -1,0 +1,160 @@
+"""The real `dvc repro` in a temporary git repo: the pipeline runs, a second run skips every
+stage, an lr sweep reruns only what depends on lr, and one changed description reruns only
+that concept's inversion.
+
+Reduced params: demo backend pretrained for 3 steps, 5 of the 11 demo concepts (3 novel,
+2 known), 2 images per concept and split, 3 inversion steps. About 2-3 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from conftest import REPO, deep_merge
+
+pytestmark = pytest.mark.slow
+
+CONCEPTS = ["blicket", "dax", "wug", "lantern", "clover"]
+REDUCED = {
+    "concepts": CONCEPTS,
+    "model": {"device": "cpu"},
+    "world": {"val_per_concept": 2, "test_per_concept": 2},  # image_size stays 32 (the demo model's)
+    "pretrain": {"steps": 3, "batch_size": 16, "name_batch": 8, "warmup": 1},
+    "invert": {"steps": 3, "samples": 2},
+    "finetune": {"epochs": 1},
+}
+ALL_STAGES = {"world", "pretrain", "captions", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
+              "finetune@full", "evaluate_baseline", "evaluate@paper", "evaluate@full", "report"}
+LR_STAGES = {"finetune@paper", "finetune@full", "evaluate@paper", "evaluate@full", "report"}
+RUNNING = re.compile(r"Running stage '([^']+)'")
+SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
+
+def make_env() -> dict[str, str]:
+    identity = {"GIT_AUTHOR_NAME": "ktpipe tests", "GIT_AUTHOR_EMAIL": "tests@ktpipe.invalid"}
+    return {
+        **os.environ,
+        **identity,
+        "GIT_COMMITTER_NAME": identity["GIT_AUTHOR_NAME"],
+        "GIT_COMMITTER_EMAIL": identity["GIT_AUTHOR_EMAIL"],
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in cmd
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+
+
+class Repo:
+    """Commands in one temporary repo; returns stdout+stderr, failing loudly on a non-zero exit."""
+
+    def __init__(self, root: Path):
+        self.root, self.env = root, make_env()
+
+    def run(self, *cmd: str, timeout: float = 400, stdout_only: bool = False) -> str:
+        result = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{' '.join(cmd)} exited {result.returncode}:\n{output}"
+        return result.stdout if stdout_only else output
+
+    def dvc(self, *args: str, **kwargs) -> str:
+        return self.run(sys.executable, "-m", "dvc", *args, **kwargs)
+
+    def status(self) -> dict:
+        """`dvc status --json`: stage -> what changed (empty when up to date)."""
+        return json.loads(self.dvc("status", "--json", stdout_only=True))
+
+    def git(self, *args: str) -> str:
+        return self.run("git", *args)
+
+    def commit(self, message: str) -> None:
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+
+
+def ran_and_skipped(output: str) -> tuple[set[str], set[str]]:
+    return set(RUNNING.findall(output)), set(SKIPPED.findall(output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    """A git+DVC repo holding the project's pipeline files and reduced params, committed."""
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    root.mkdir()
+    no_cache = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for folder in ("stages", "captions", "ktpipe"):
+        shutil.copytree(REPO / folder, root / folder, ignore=no_cache)
+    yaml = YAML(typ="safe", pure=True)
+    params = deep_merge(yaml.load((REPO / "params.yaml").read_text()), REDUCED)
+    with (root / "params.yaml").open("w") as fh:
+        yaml.dump(params, fh)
+    repo = Repo(root)
+    repo.git("init", "-q")
+    repo.dvc("init", "-q")
+    repo.commit("pipeline")
+    return repo
+
+
+def test_dvc_pipeline_end_to_end(repo):
+    start = time.monotonic()
+    timings = {}
+
+    # 1. the whole pipeline runs
+    ran, _ = ran_and_skipped(repo.dvc("repro"))
+    timings["repro"] = time.monotonic() - start
+    assert ran == ALL_STAGES
+    reports = repo.root / "reports"
+    assert "| blicket | novel |" in (reports / "results.md").read_text()
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["lr"] == pytest.approx(1e-4) and 0 <= metrics["test"]["paper"]["target"] <= 1
+    repo.commit("first run")
+
+    # 2. a second run skips every stage
+    ran, skipped = ran_and_skipped(repo.dvc("repro"))
+    assert not ran and skipped == ALL_STAGES
+    assert "Data and pipelines are up to date." in repo.dvc("status")
+
+    # 3. an lr sweep point reruns exactly the stages that read lr or a fine-tuned model
+    mark = time.monotonic()
+    output = repo.dvc("exp", "run", "-S", "lr=2e-5")
+    timings["exp run"] = time.monotonic() - mark
+    ran, skipped = ran_and_skipped(output)
+    assert ran == LR_STAGES, output
+    assert skipped == ALL_STAGES - LR_STAGES, output
+    assert json.loads((reports / "metrics.json").read_text())["lr"] == pytest.approx(2e-5)
+    assert json.loads((reports / "lr_curve.json").read_text())[0]["lr"] == pytest.approx(2e-5)
+    assert json.loads((repo.root / "metrics/finetune/paper.json").read_text())["lr"] == pytest.approx(2e-5)
+
+    # 4. one changed description: the captions stage reruns; then, of the inversions, only that
+    # concept's is stale (each invert stage depends on its own data/captions/<concept>.json)
+    captions = repo.root / "captions/demo.yaml"
+    captions.write_text(captions.read_text().replace("an outlined pink triangle", "a solid pink triangle"))
+    status = repo.status()
+    assert set(status) == {"captions"}, status
+    mark = time.monotonic()
+    ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))
+    timings["repro captions"] = time.monotonic() - mark
+    assert ran == {"captions"}
+    status = repo.status()
+    stale = {"invert@dax", "finetune@paper", "finetune@full", "evaluate_baseline", "evaluate@paper",
+             "evaluate@full", "report"}  # the latter read all of data/captions
+    assert set(status) == stale, status
+    ran, skipped = ran_and_skipped(repo.dvc("repro", "--dry"))
+    assert {s for s in ran if s.startswith("invert@")} == {"invert@dax"}
+    assert {f"invert@{c}" for c in CONCEPTS if c != "dax"} <= skipped
+    assert {"world", "pretrain", "captions"} <= skipped
+
+    timings["total"] = time.monotonic() - start
+    print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})

@@ -1,0 +1,68 @@
+"""Pure metric functions and the classification scoring/prompt helpers, checked by hand."""
+
+import pytest
+import torch
+
+from ktpipe.captions import ConceptText
+from ktpipe.eval.classification import description_prompts, name_prompts, score
+from ktpipe.eval.metrics import accuracy, per_class_accuracy, topk_predictions
+
+CONCEPTS = [
+    ConceptText("blicket", "a striped orange ring", role="novel"),
+    ConceptText("lantern", "a solid orange hexagon", role="known"),
+    ConceptText("dax", "an outlined pink triangle", role="novel"),
+    ConceptText("clover", "a solid green cross", role="known"),
+]
+
+
+def test_accuracy():
+    assert accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])) == pytest.approx(0.75)
+    assert accuracy(torch.tensor([3]), torch.tensor([3])) == 1.0
+
+
+def test_accuracy_of_empty_set_raises():
+    with pytest.raises(ValueError, match="empty"):
+        accuracy(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+
+
+def test_per_class_accuracy_with_absent_class():
+    pred, target = torch.tensor([0, 0, 1, 0, 2]), torch.tensor([0, 0, 0, 2, 2])
+    assert per_class_accuracy(pred, target, 4) == [pytest.approx(2 / 3), None, 0.5, None]
+
+
+def test_topk_predictions():
+    logits = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]])
+    assert topk_predictions(logits).tolist() == [[1], [0]]
+    assert topk_predictions(logits, k=2).tolist() == [[1, 2], [0, 2]]
+
+
+def test_score_groups_and_classes():
+    # labels: blicket x2, lantern x2, dax x1; clover has no images.
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 0])
+    assert score(pred, labels, CONCEPTS, "name") == {
+        "name_target_acc": pytest.approx(1 / 3),  # blicket 1/2 right, dax 0/1
+        "name_retention_acc": 1.0,  # lantern 2/2
+        "name_class_blicket_acc": 0.5,
+        "name_class_lantern_acc": 1.0,
+        "name_class_dax_acc": 0.0,
+    }
+
+
+def test_score_without_known_concepts_has_no_retention_key():
+    novel = [c for c in CONCEPTS if c.role == "novel"]
+    out = score(torch.tensor([0, 1]), torch.tensor([0, 0]), novel, "description")
+    assert out == {"description_target_acc": 0.5, "description_class_blicket_acc": 0.5}
+
+
+def test_name_prompts_with_aliases_and_override():
+    templates = ["a photo of a {}.", "a {}."]
+    wug = ConceptText("wug", "a solid purple crescent", aliases=("moon",))
+    assert name_prompts(wug, templates) == ["a photo of a wug.", "a wug.", "a photo of a moon.", "a moon."]
+    fixed = ConceptText("wug", "a solid purple crescent", aliases=("moon",), prompt="a wug moon.")
+    assert name_prompts(fixed, templates) == ["a wug moon."]
+
+
+def test_description_prompts_end_with_one_period():
+    assert description_prompts(CONCEPTS[0]) == ["a striped orange ring."]
+    assert description_prompts(ConceptText("x", "a red dot.")) == ["a red dot."]

@@ -1,0 +1,98 @@
+"""Model backends: registry, open_clip loading paths without downloads, tower parameters."""
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ktpipe.models import BACKENDS, ModelLoadError, OpenClipModel, build_demo_model, load_model
+from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
+
+TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Any attempt to reach a model hub fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
+
+
+def test_registry_lists_backends_and_rejects_unknown():
+    assert {"open_clip", "demo"} <= set(BACKENDS)
+    with pytest.raises(ModelLoadError, match="unknown model backend 'nope'"):
+        load_model("nope", "ViT-B-32")
+
+
+def test_unknown_open_clip_name_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="ViT-Nope-99"):
+        load_model("open_clip", "ViT-Nope-99", device="cpu")
+
+
+def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither a known tag"):
+        load_model("open_clip", "ViT-B-32", str(tmp_path / "missing.safetensors"), device="cpu")
+
+
+def test_builtin_name_with_local_weights_file_loads_without_download(tmp_path):
+    open_clip.add_model_config(_write_config(tmp_path))
+    source = OpenClipModel.from_config(TINY)
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in source.module.state_dict().items()}, str(weights))
+    model = load_model("open_clip", "ktpipe-tiny-test", str(weights), device="cpu")
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(model.encode_images(x), source.encode_images(x))
+
+
+def test_local_dir_round_trip_through_plain_open_clip(tmp_path):
+    source = OpenClipModel.from_config(TINY)
+    source.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / CONFIG_FILE).is_file() and (tmp_path / "ckpt" / WEIGHTS_FILE).is_file()
+    module, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'ckpt'}")
+    tokens = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'ckpt'}")(["a red circle"])
+    torch.testing.assert_close(module.encode_text(tokens), source.module.encode_text(tokens))
+
+
+def test_vit_b32_architecture_shapes_and_towers():
+    """The real ViT-B/32 architecture, random init: input size, embedding width, tower split."""
+    model = load_model("open_clip", "ViT-B-32", None, device="cpu")
+    assert model.image_size == 224
+    with torch.no_grad():
+        image = model.encode_images(torch.rand(1, 3, 224, 224))
+        text = model.encode_texts(["a moongate", "a tonometer"])
+    assert image.shape == (1, 512) and text.shape == (2, 512)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    visual = {id(p) for p in model.tower_parameters("visual")}
+    text_params = {id(p) for p in model.tower_parameters("text")}
+    assert visual and text_params and not visual & text_params
+    assert visual == {id(p) for p in model.module.visual.parameters()}
+    assert id(model.module.logit_scale) not in visual | text_params
+
+
+def test_demo_model_preprocess_gives_unit_range_pixels():
+    from PIL import Image
+
+    model = build_demo_model()
+    pixels = model.preprocess(Image.new("RGB", (48, 40), (255, 0, 0)))
+    assert pixels.shape == (3, 32, 32)
+    assert pixels.min() >= 0 and pixels.max() <= 1 and pixels[0].mean() > 0.99
+
+
+def test_demo_backend_without_checkpoint_says_what_to_run(tmp_path):
+    with pytest.raises(ModelLoadError, match="dvc repro pretrain"):
+        load_model("demo", "ktpipe-demo", str(tmp_path / "nowhere"), device="cpu")
+
+
+def _write_config(tmp_path):
+    path = tmp_path / "ktpipe-tiny-test.json"
+    path.write_text(json.dumps(TINY))
+    return path

@@ -1,0 +1,306 @@
+"""Smoke test of every stage script, run as `dvc repro` runs it, on a tiny random-init CLIP.
+
+The pipeline runs once per module (fixture `pipeline`); each test checks one stage's outputs.
+Stage scripts run as subprocesses; the 9 inversions no test looks at directly run in-process
+through the same library call, to save 9 interpreter start-ups on a slow machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import DEMO_CONCEPTS, NOVEL, make_project, run_stage, write_params
+from ktpipe.cli import main as cli
+from ktpipe.finetune import run_finetune
+from ktpipe.invert import run_invert
+from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
+from ktpipe.params import load_params
+
+STAGE_INVERTED = ["blicket", "lantern"]  # one novel, one known concept through the stage script
+SAMPLES, SIZE = 2, 16
+
+
+def check(result) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
+    """Run world -> captions -> invert -> finetune -> evaluate -> report in one tiny project."""
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_checkpoint)
+    runs = {}
+    runs["world"] = run_stage(project, "world", "data/world")
+    check(runs["world"])
+    runs["captions"] = run_stage(project, "captions", "captions/demo.yaml", "data/captions")
+    check(runs["captions"])
+    for name in STAGE_INVERTED:
+        runs[f"invert@{name}"] = run_stage(project, "invert", f"data/captions/{name}.json", f"data/inverted/{name}")
+        check(runs[f"invert@{name}"])
+    params = load_params(project / "params.yaml")
+    for name in DEMO_CONCEPTS:
+        if name not in STAGE_INVERTED:
+            run_invert(params, project / "data/captions" / f"{name}.json", project / "data/inverted" / name)
+    for recipe in ("paper", "full"):
+        runs[f"finetune@{recipe}"] = run_stage(
+            project, "finetune", recipe, "data/captions", "data/inverted",
+            f"models/finetuned/{recipe}", f"metrics/finetune/{recipe}.json",
+        )
+        check(runs[f"finetune@{recipe}"])
+    runs["evaluate_baseline"] = run_stage(
+        project, "evaluate", "baseline", "base", "data/world", "data/captions", "metrics/eval/baseline.json")
+    check(runs["evaluate_baseline"])
+    runs["evaluate@paper"] = run_stage(
+        project, "evaluate", "paper", "models/finetuned/paper", "data/world", "data/captions",
+        "metrics/eval/paper.json",
+    )
+    check(runs["evaluate@paper"])
+    # evaluate@full through the click CLI in-process (same library call, no interpreter start-up)
+    runs["cli_evaluate@full"] = CliRunner().invoke(cli, [
+        "evaluate", "--params", str(project / "params.yaml"), "--checkpoint", str(project / "models/finetuned/full"),
+        str(project / "data/world"), str(project / "data/captions"), str(project / "metrics/eval/full.json"),
+    ])
+    runs["report"] = run_stage(project, "report", "metrics/eval", "data/captions", "data/inverted", "reports")
+    check(runs["report"])
+    return {"project": project, "runs": runs, "checkpoint": tiny_checkpoint}
+
+
+# --- world, captions, invert ----------------------------------------------------------------
+
+
+def test_world_writes_val_and_test_folders(pipeline):
+    world = pipeline["project"] / "data/world"
+    assert sorted(p.name for p in world.iterdir()) == ["test", "val"]
+    for split in ("val", "test"):
+        folders = sorted(p.name for p in (world / split).iterdir())
+        assert folders == sorted(DEMO_CONCEPTS)
+        for name in folders:
+            pngs = sorted((world / split / name).glob("*.png"))
+            assert len(pngs) == 2
+            with Image.open(pngs[0]) as image:
+                assert image.size == (SIZE, SIZE)
+
+
+def test_captions_writes_one_json_per_concept(pipeline):
+    folder = pipeline["project"] / "data/captions"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.json" for n in DEMO_CONCEPTS)
+    blicket = json.loads((folder / "blicket.json").read_text())
+    assert blicket["description"] == "a striped orange ring" and blicket["role"] == "novel"
+    assert json.loads((folder / "lantern.json").read_text())["role"] == "known"
+
+
+@pytest.mark.parametrize("name", STAGE_INVERTED)
+def test_invert_writes_images_grid_and_summary(pipeline, name):
+    folder = pipeline["project"] / "data/inverted" / name
+    assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "images.safetensors", "summary.json"]
+    pixels = load_file(str(folder / "images.safetensors"))["pixels"]
+    assert pixels.shape == (SAMPLES, 3, SIZE, SIZE)
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    with Image.open(folder / "grid.png") as grid:
+        grid.load()
+        assert grid.mode == "RGB" and grid.width > SIZE
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["concept"] == name and len(summary["similarity"]) == SAMPLES
+    assert -1.0 <= summary["mean_similarity"] <= 1.0
+    assert f"inverted {name!r}" in pipeline["runs"][f"invert@{name}"].stdout
+    assert not list(folder.parent.glob(".*tmp*")), "temporary folders left behind"
+
+
+# --- finetune -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["paper", "full"])
+def test_finetune_checkpoint_loads_in_plain_open_clip(pipeline, recipe):
+    folder = pipeline["project"] / "models/finetuned" / recipe
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    saved = load_file(str(folder / WEIGHTS_FILE))
+    state = model.state_dict()
+    assert set(saved) == set(state)
+    assert all(torch.equal(saved[k], state[k]) for k in saved), "open_clip did not load the saved weights"
+    with torch.no_grad():
+        emb = model.encode_image(torch.zeros(1, 3, SIZE, SIZE))
+    assert emb.shape == (1, 16)
+
+
+@pytest.mark.parametrize("recipe, n_concepts", [("paper", len(NOVEL)), ("full", len(DEMO_CONCEPTS))])
+def test_finetune_log_counts_images_and_steps(pipeline, recipe, n_concepts):
+    log = json.loads((pipeline["project"] / "metrics/finetune" / f"{recipe}.json").read_text())
+    assert log["recipe"] == recipe and log["lr"] == pytest.approx(1e-4)
+    assert log["n_images"] == n_concepts * SAMPLES
+    assert len(log["captions"]) == n_concepts
+    assert log["captions"][0] == "A blicket is a striped orange ring."
+    steps = -(-n_concepts * SAMPLES // 4)  # one epoch of batches of 4
+    assert [r["step"] for r in log["log"]] == list(range(steps))
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in log["log"])  # finite, positive
+
+
+def tower_of(key: str) -> str:
+    return "visual" if key.startswith("visual.") else "other" if key.startswith("logit_") else "text"
+
+
+def changed_by_tower(base: Path, tuned: Path) -> dict[str, set[str]]:
+    """tower -> names of state-dict tensors that differ between two checkpoints."""
+    a, b = load_file(str(base / WEIGHTS_FILE)), load_file(str(tuned / WEIGHTS_FILE))
+    assert set(a) == set(b)
+    out = {"visual": set(), "text": set(), "other": set()}
+    for key in a:
+        if not torch.equal(a[key], b[key]):
+            out[tower_of(key)].add(key)
+    return out
+
+
+def test_finetune_stage_default_trains_only_the_visual_tower(pipeline):
+    changed = changed_by_tower(pipeline["checkpoint"], pipeline["project"] / "models/finetuned/paper")
+    assert changed["visual"] and not changed["text"] and not changed["other"]
+
+
+@pytest.mark.parametrize("towers, trained, frozen", [("visual", "visual", "text"), ("text", "text", "visual")])
+def test_finetune_towers_freezes_the_other_tower_bit_exactly(pipeline, tmp_path, towers, trained, frozen):
+    project = pipeline["project"]
+    params = load_params(project / "params.yaml")
+    params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, towers=towers))
+    out = tmp_path / "tuned"
+    run_finetune(params, "paper", project / "data/captions", project / "data/inverted", out, tmp_path / "log.json")
+    changed = changed_by_tower(pipeline["checkpoint"], out)
+    base = load_file(str(pipeline["checkpoint"] / WEIGHTS_FILE))
+    trained_keys = {k for k in base if tower_of(k) == trained}
+    assert not changed[frozen], f"{frozen} tower changed: {sorted(changed[frozen])}"
+    assert not changed["other"], "logit scale must stay frozen"
+    assert changed[trained] == trained_keys, f"unchanged: {sorted(trained_keys - changed[trained])}"
+
+
+# --- evaluate and report --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tag", ["baseline", "paper", "full"])
+def test_evaluate_writes_the_shared_schema(pipeline, tag):
+    record = json.loads((pipeline["project"] / "metrics/eval" / f"{tag}.json").read_text())
+    assert list(record) == ["task", "dataset", "model", "params", "metrics"]
+    assert record["task"] == "zeroshot_classification" and record["model"] == tag
+    metrics = record["metrics"]
+    for split in ("val", "test"):
+        assert metrics[f"{split}_n_images"] == 2 * len(DEMO_CONCEPTS)
+        for key in ("name_target_acc", "name_retention_acc", "description_target_acc", "name_class_blicket_acc"):
+            assert 0.0 <= metrics[f"{split}_{key}"] <= 1.0
+    # with 2 images per class every accuracy is a multiple of 1/2 per class
+    assert metrics["test_name_class_blicket_acc"] in (0.0, 0.5, 1.0)
+
+
+def test_evaluate_records_the_checkpoint(pipeline):
+    project = pipeline["project"]
+    paper = json.loads((project / "metrics/eval/paper.json").read_text())
+    assert paper["params"]["checkpoint"] == "models/finetuned/paper"
+    assert "paper: test target" in pipeline["runs"]["evaluate@paper"].stdout
+
+
+def test_cli_evaluate_matches_the_stage_schema(pipeline):
+    result = pipeline["runs"]["cli_evaluate@full"]
+    assert result.exit_code == 0, result.output
+    assert "test_name_target_acc:" in result.output
+    record = json.loads((pipeline["project"] / "metrics/eval/full.json").read_text())
+    assert record["model"] == "full"  # the CLI's default tag is the checkpoint folder's name
+
+
+def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
+    reports = pipeline["project"] / "reports"
+    assert sorted(p.name for p in reports.iterdir()) == ["inverted.png", "lr_curve.json", "metrics.json", "results.md"]
+    markdown = (reports / "results.md").read_text()
+    for name in NOVEL:
+        # one row per split (test and val) for each novel concept
+        assert markdown.count(f"| {name} | novel |") == 2, name
+    assert markdown.count("| lantern | known |") == 2
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["full"]["target"] <= 1.0
+    assert metrics["lr"] == pytest.approx(1e-4)
+    evaluated = json.loads((pipeline["project"] / "metrics/eval/full.json").read_text())["metrics"]
+    assert metrics["test"]["full"]["target"] == evaluated["test_name_target_acc"]
+    curve = json.loads((reports / "lr_curve.json").read_text())
+    assert isinstance(curve, list) and len(curve) == 1 and curve[0]["lr"] == pytest.approx(1e-4)
+    assert set(curve[0]) >= {"paper_val_target", "full_val_retention"}
+    with Image.open(reports / "inverted.png") as figure:
+        figure.load()
+        assert figure.width > 100 and figure.height > 100
+
+
+# --- pretrain (demo backend) ----------------------------------------------------------------
+
+
+def test_pretrain_stage_writes_demo_checkpoint_and_log(tmp_path, tiny_checkpoint):
+    project = make_project(tmp_path / "project", tiny_checkpoint)
+    out = tmp_path / "pretrained"
+    write_params(
+        project,
+        model={"backend": "demo", "name": "ktpipe-demo", "pretrained": str(out)},
+        pretrain={"steps": 2, "batch_size": 16, "name_batch": 8},
+        world={"image_size": 32},
+    )
+    check(run_stage(project, "pretrain", out, "metrics/pretrain.json"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    log = json.loads((project / "metrics/pretrain.json").read_text())
+    assert [r["step"] for r in log["log"]] == [0, 1]
+    assert set(log["final"]) == {"step", "loss", "image_loss", "name_loss"}
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert model.visual.image_size == (32, 32)
+    # the demo backend loads what pretrain wrote
+    from ktpipe.models import load_base_model
+
+    loaded = load_base_model(load_params(project / "params.yaml").model)
+    assert loaded.image_size == 32
+
+
+# --- command line ---------------------------------------------------------------------------
+
+COMMANDS = ["world", "pretrain", "captions", "invert", "finetune", "evaluate", "report"]
+
+
+def test_cli_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_cli_command_help(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: main {command}" in result.output and "--params" in result.output
+
+
+def test_cli_captions_writes_concept_files(tiny_project):
+    out = tiny_project / "out"
+    result = CliRunner().invoke(cli, [
+        "captions", "--params", str(tiny_project / "params.yaml"), str(tiny_project / "captions/demo.yaml"), str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {len(DEMO_CONCEPTS)} concept files" in result.output
+    assert sorted(p.stem for p in out.iterdir()) == sorted(DEMO_CONCEPTS)
+    assert json.loads((out / "dax.json").read_text())["description"] == "an outlined pink triangle"
+
+
+def test_cli_user_error_exits_2_with_one_line(tiny_project):
+    write_params(tiny_project, concepts=["blicket", "moongate"])
+    out = tiny_project / "out"
+    result = CliRunner().invoke(cli, [
+        "captions", "--params", str(tiny_project / "params.yaml"), str(tiny_project / "captions/demo.yaml"), str(out),
+    ])
+    assert result.exit_code == 2
+    assert "moongate" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_cli_finetune_rejects_non_positive_lr(tiny_project):
+    result = CliRunner().invoke(cli, [
+        "finetune", "--params", str(tiny_project / "params.yaml"), "--recipe", "paper", "--lr", "0",
+        "captions", "inverted", str(tiny_project / "out"),
+    ])
+    assert result.exit_code == 2 and "--lr must be a positive number" in result.output
+    assert not (tiny_project / "out").exists()
