@@ -159,5 +159,20 @@ def report(params_path: str, eval_dir: str, captions_dir: str, inverted_dir: str
     click.echo(f"wrote {out_dir}/results.md")
 
 
+@main.command()
+@click.option("--lr", type=float, required=True, help="Learning rate whose seeds are summarized.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the learning-rate table.")
+@click.option("--out", "out_path", default="reports/experiments.md", show_default=True,
+              help="Markdown file to write.")
+def experiments(lr: float, seed: int, out_path: str) -> None:
+    """Summarize finished DVC experiments: mean over seeds, and accuracy against lr."""
+    from ktpipe.experiments import load_experiments, render
+    from ktpipe.io import write_text
+
+    text = _run(lambda: render(load_experiments("."), lr, seed))
+    write_text(out_path, text)
+    click.echo(text)
+
+
 if __name__ == "__main__":
     main()

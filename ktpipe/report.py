@@ -35,17 +35,19 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def summary_metrics(results: dict[str, dict[str, float]], recipes: list[str], lr: float) -> dict:
-    """Nested metrics for `dvc exp show`: split -> model -> target/retention accuracy."""
+def summary_metrics(results: dict[str, dict[str, float]], recipes: list[str], lr: float,
+                    novel: list[str]) -> dict:
+    """Nested metrics for `dvc exp show`: split -> model -> target, retention and each novel concept."""
     out: dict = {"lr": lr}
+    columns = [("description_prompt", BASELINE, "description"), *((t, t, "name") for t in [BASELINE, *recipes])]
     for split in SPLITS:
-        base = results[BASELINE]
-        block = {
-            "description_prompt": {g: base.get(f"{split}_description_{g}_acc") for g in ("target", "retention")},
+        out[split] = {
+            label: {
+                **{g: results[tag].get(f"{split}_{prompt}_{g}_acc") for g in ("target", "retention")},
+                **{c: results[tag].get(f"{split}_{prompt}_class_{c}_acc") for c in novel},
+            }
+            for label, tag, prompt in columns
         }
-        for tag in [BASELINE, *recipes]:
-            block[tag] = {g: results[tag].get(f"{split}_name_{g}_acc") for g in ("target", "retention")}
-        out[split] = block
     return out
 
 
@@ -126,7 +128,7 @@ def run_report(params: Params, eval_dir: Path, captions_dir: Path, inverted_dir:
     recipes = list(params.recipes)
     results = load_results(eval_dir, [BASELINE, *recipes])
     concepts = [read_concept_file(Path(captions_dir) / f"{n}.json") for n in params.concepts]
-    summary = summary_metrics(results, recipes, params.lr)
+    summary = summary_metrics(results, recipes, params.lr, [c.name for c in concepts if c.role == "novel"])
     out_dir = Path(out_dir)
     save_inversion_figure(inverted_dir, concepts, out_dir / "inverted.png")
     write_json(out_dir / "lr_curve.json", lr_point(summary, recipes))

@@ -118,7 +118,8 @@ def test_dvc_pipeline_end_to_end(repo):
     reports = repo.root / "reports"
     assert "| blicket | novel |" in (reports / "results.md").read_text()
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert metrics["lr"] == pytest.approx(1e-4) and 0 <= metrics["test"]["paper"]["target"] <= 1
+    default_lr = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())["lr"]
+    assert metrics["lr"] == pytest.approx(default_lr) and 0 <= metrics["test"]["paper"]["target"] <= 1
     repo.commit("first run")
 
     # 2. a second run skips every stage

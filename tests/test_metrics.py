@@ -41,6 +41,7 @@ def test_score_groups_and_classes():
     labels = torch.tensor([0, 0, 1, 1, 2])
     pred = torch.tensor([0, 1, 1, 1, 0])
     assert score(pred, labels, CONCEPTS, "name") == {
+        "name_overall_acc": pytest.approx(3 / 5),
         "name_target_acc": pytest.approx(1 / 3),  # blicket 1/2 right, dax 0/1
         "name_retention_acc": 1.0,  # lantern 2/2
         "name_class_blicket_acc": 0.5,
@@ -52,7 +53,8 @@ def test_score_groups_and_classes():
 def test_score_without_known_concepts_has_no_retention_key():
     novel = [c for c in CONCEPTS if c.role == "novel"]
     out = score(torch.tensor([0, 1]), torch.tensor([0, 0]), novel, "description")
-    assert out == {"description_target_acc": 0.5, "description_class_blicket_acc": 0.5}
+    assert out == {"description_overall_acc": 0.5, "description_target_acc": 0.5,
+                   "description_class_blicket_acc": 0.5}
 
 
 def test_name_prompts_with_aliases_and_override():

@@ -7,6 +7,7 @@ import pytest
 from ktpipe.params import FinetuneParams, ParamsError, load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+LR_LINE = next(line for line in REPO_PARAMS.read_text().splitlines() if line.startswith("lr:"))
 
 
 def edited(tmp_path: Path, old: str, new: str) -> Path:
@@ -20,14 +21,14 @@ def edited(tmp_path: Path, old: str, new: str) -> Path:
 
 def test_repo_params_load():
     params = load_params(REPO_PARAMS)
-    assert params.lr == 1e-4 and isinstance(params.lr, float)
+    assert isinstance(params.lr, float) and params.lr == float(LR_LINE.split()[1])
     assert params.invert.steps == 300 and params.invert.image_size is None
     assert "blicket" in params.concepts and isinstance(params.concepts, tuple)
     assert set(params.recipes) == {"paper", "full"}
 
 
 def test_dvc_style_float_is_a_float(tmp_path):
-    params = load_params(edited(tmp_path, "lr: 1.0e-4", "lr: 2e-05"))
+    params = load_params(edited(tmp_path, LR_LINE, "lr: 2e-05"))
     assert isinstance(params.lr, float) and params.lr == 2e-05
 
 
@@ -39,9 +40,9 @@ def test_dvc_style_float_is_a_float(tmp_path):
         ("  steps: 300", '  steps: "300"', "invert.steps"),
         ("  steps: 300", "  steps: true", "invert.steps"),
         ("  rehearsal: false", "  rehearsal: 1", "finetune.rehearsal"),
-        ("lr: 1.0e-4", "lr: abc", "'lr'"),
-        ("lr: 1.0e-4", "lr: -1", "'lr'"),
-        ("lr: 1.0e-4", "lr: 0", "'lr'"),
+        (LR_LINE, "lr: abc", "'lr'"),
+        (LR_LINE, "lr: -1", "'lr'"),
+        (LR_LINE, "lr: 0", "'lr'"),
         ("  towers: visual", "  towers: legs", "towers"),
     ],
 )
@@ -58,7 +59,7 @@ def test_unknown_nested_key_names_its_section(tmp_path):
 @pytest.mark.parametrize("value", ["-1", "0"])
 def test_lr_must_be_positive(tmp_path, value):
     with pytest.raises(ParamsError, match="positive"):
-        load_params(edited(tmp_path, "lr: 1.0e-4", f"lr: {value}"))
+        load_params(edited(tmp_path, LR_LINE, f"lr: {value}"))
 
 
 def test_recipe_merges_overrides():

@@ -54,8 +54,8 @@ def embed_folder(model: ImageTextModel, items: list[tuple[Path, int]], batch_siz
 
 
 def score(pred: torch.Tensor, labels: torch.Tensor, concepts: list[ConceptText], prefix: str) -> dict[str, float]:
-    """Flat metrics: pooled accuracy per group and accuracy per class."""
-    out: dict[str, float] = {}
+    """Flat metrics: overall accuracy, pooled accuracy per group and accuracy per class."""
+    out: dict[str, float] = {f"{prefix}_overall_acc": accuracy(pred, labels)}
     for group, role in GROUPS.items():
         ids = torch.tensor([k for k, c in enumerate(concepts) if c.role == role])
         mask = torch.isin(labels, ids) if len(ids) else torch.zeros_like(labels, dtype=torch.bool)

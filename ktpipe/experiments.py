@@ -1,0 +1,71 @@
+"""Tables across DVC experiments: accuracy against learning rate, and mean over seeds.
+
+Reads what `dvc exp show` lists (params and `reports/metrics.json`), so its numbers come from
+pipeline runs only. Used by `ktpipe experiments`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+LR = "params.yaml:lr"
+SEED = "seed"
+
+
+def load_experiments(repo: str | Path = ".") -> pd.DataFrame:
+    """One row per finished experiment (and the workspace), columns as `dvc exp show` names them."""
+    import dvc.api
+
+    rows = [r for r in dvc.api.exp_show(repo=str(repo)) if r.get("State") in ("Success", None)]
+    if not rows:
+        raise ValueError(f"no finished DVC experiments found in {repo}")
+    frame = pd.DataFrame(rows)
+    if LR not in frame or "test.full.target" not in frame:
+        raise ValueError("experiments lack params.yaml:lr or reports/metrics.json: run `dvc repro` first")
+    return frame.drop_duplicates(subset=[c for c in frame.columns if c not in ("Experiment", "rev", "typ",
+                                                                               "Created", "parent", "Executor")])
+
+
+def metric_columns(frame: pd.DataFrame, split: str) -> list[str]:
+    """The split's metric columns, baseline first."""
+    return [c for c in frame.columns if c.startswith(f"{split}.")]
+
+
+def lr_table(frame: pd.DataFrame, seed: int, split: str = "val") -> pd.DataFrame:
+    """Target and retention per recipe against learning rate, for one seed."""
+    rows = frame[frame[SEED] == seed]
+    cols = [c for c in metric_columns(rows, split) if c.endswith((".target", ".retention"))]
+    return rows[[LR, *cols]].sort_values(LR).drop_duplicates(subset=[LR]).set_index(LR)
+
+
+def seed_table(frame: pd.DataFrame, lr: float, split: str = "test") -> pd.DataFrame:
+    """Per seed and mean ± std over seeds, at one learning rate."""
+    rows = frame[(frame[LR] - lr).abs() < 1e-12].drop_duplicates(subset=[SEED])
+    rows = rows.set_index(rows[SEED].astype(int)).sort_index()
+    if rows.empty:
+        raise ValueError(f"no finished experiment has lr = {lr}")
+    table = rows[metric_columns(rows, split)].astype(float)
+    summary = pd.DataFrame({"mean": table.mean(), "std": table.std(ddof=0)}).T
+    return pd.concat([table, summary])
+
+
+def render(frame: pd.DataFrame, lr: float, seed: int) -> str:
+    """Markdown with the seed table (test) and the lr table (validation)."""
+    seeds = seed_table(frame, lr)
+    transposed = seeds.T.map(lambda v: f"{100 * v:.1f}%")
+    return "\n".join([
+        "# Experiments",
+        "",
+        f"## Test accuracy over seeds at lr {lr:g} ({len(seeds) - 2} seeds)",
+        "",
+        "Rows: split.model.metric; `target` pools the novel concepts, `retention` the known ones,",
+        "concept names give that novel concept's accuracy.",
+        "",
+        transposed.to_markdown(),
+        "",
+        f"## Validation accuracy against learning rate (seed {seed})",
+        "",
+        lr_table(frame, seed).map(lambda v: f"{100 * v:.1f}%").to_markdown(),
+        "",
+    ])
