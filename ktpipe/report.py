@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ktpipe.captions import ConceptText, read_concept_file  # noqa: E402
+from ktpipe.captions import ConceptText, read_concepts  # noqa: E402
 from ktpipe.images import make_grid  # noqa: E402
 from ktpipe.invert import load_inversion  # noqa: E402
 from ktpipe.io import write_json, write_text  # noqa: E402
@@ -127,7 +127,7 @@ def run_report(params: Params, eval_dir: Path, captions_dir: Path, inverted_dir:
     """Write results.md, metrics.json, lr_curve.json and inverted.png into out_dir."""
     recipes = list(params.recipes)
     results = load_results(eval_dir, [BASELINE, *recipes])
-    concepts = [read_concept_file(Path(captions_dir) / f"{n}.json") for n in params.concepts]
+    concepts = read_concepts(captions_dir, params.concepts)
     summary = summary_metrics(results, recipes, params.lr, [c.name for c in concepts if c.role == "novel"])
     out_dir = Path(out_dir)
     save_inversion_figure(inverted_dir, concepts, out_dir / "inverted.png")
