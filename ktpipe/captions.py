@@ -1,29 +1,64 @@
-"""Concept descriptions: read from `captions/*.yaml`, turned into fine-tuning captions."""
+"""Concept descriptions: read from `captions/*.yaml`, turned into fine-tuning captions.
+
+A captions file may leave a concept undescribed (`name:` with no `description`); the captions
+stage then takes its description from the generated file (`captions.generated`), asking the LLM
+of `captions.generator` (ktpipe.describe) only for concepts that file does not hold yet.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
+from io import StringIO
 from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from ktpipe.io import atomic_dir
+from ktpipe.io import atomic_dir, write_text
+from ktpipe.params import GeneratorParams
 
 ROLES = ("novel", "known")
+CONCEPT_KEYS = ("description", "role", "aliases", "prompt", "source", "label")  # keys of a captions entry
+GENERATED_KEYS = ("description", "source")  # keys of a generated entry (the rest belongs in the captions file)
+
+# Top of a new generated file; the stage keeps whatever a user writes below it.
+GENERATED_HEADER = """\
+# Concept descriptions written by an LLM (params `captions.generator`) for the concepts that the
+# captions file (params `captions.file`) leaves undescribed. The captions stage reuses every entry
+# here and runs the LLM only for concepts that have none, so this file caches the LLM's work and
+# can be committed. Edit freely: your edits are kept. Delete an entry to regenerate it. Move an
+# entry into your captions file to make it hand-written (a description there always wins).
+# Each entry's `source` records the model, the decoding settings and the prompt it came from.
+concepts: {}
+"""
 
 
 class CaptionsError(ValueError):
     """A captions file is missing, malformed, or lacks a concept that params ask for."""
 
 
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # concept names become file and stage names
+
+
 @dataclass(frozen=True)
 class ConceptText:
-    name: str  # class name as written in prompts ("moongate")
+    name: str  # identifier in params, file names and metrics ("moongate", "lung_cancer")
     description: str  # visual description, no name in it
     role: str = "novel"  # novel: to be learned; known: already known (rehearsal, retention)
     aliases: tuple[str, ...] = ()  # other names of the class (extra zero-shot prompts)
     prompt: str | None = None  # class prompt override for zero-shot classification
     source: str = ""  # where the description comes from (paper table, hand-written, LLM)
+    label: str = ""  # the name as written in prompts and captions ("" : name with '_' as spaces)
+
+    @property
+    def described(self) -> bool:
+        """False for a concept its captions file leaves to be generated."""
+        return bool(self.description)
+
+    @property
+    def text_name(self) -> str:
+        """The name as written in prompts and captions ("lung cancer")."""
+        return self.label or self.name.replace("_", " ")
 
 
 def article(word: str) -> str:
@@ -44,57 +79,163 @@ def finetune_caption(concept: ConceptText, name_prefix: bool = True) -> str:
     description = concept.description.strip().rstrip(".")
     if not name_prefix:
         return description[:1].upper() + description[1:] + "."
-    name = concept.name.strip()
+    name = concept.text_name.strip()
     return f"{article(name).capitalize()} {name} is {lower_first(description)}."
 
 
-def _parse_concept(name: str, raw: object, source: str, path: Path) -> ConceptText:
-    if isinstance(raw, str):
-        raw = {"description": raw}
+def check_name(name: object, where: str) -> str:
+    """A concept name usable in file names, stage names and metric keys, or a CaptionsError."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise CaptionsError(
+            f"{where}: concept name {name!r} is not an identifier: use letters, digits, '_' and '-' "
+            "(e.g. lung_cancer), and put the name as written in captions in 'label'")
+    return name
+
+
+def _string(raw: dict, key: str, name: str, path: Path, default: str | None) -> str | None:
+    """raw[key] if it is a non-empty string, `default` if absent or null, else a CaptionsError."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise CaptionsError(f"{path}: concept {name!r}: {key} must be a non-empty string")
+    return value
+
+
+def _parse_concept(name: object, raw: object, source: str, path: Path,
+                   keys: tuple[str, ...] = CONCEPT_KEYS) -> ConceptText:
+    """One entry; null, {} or a mapping without `description` leaves the concept to be generated."""
+    name = check_name(name, str(path))
+    raw = {} if raw is None else {"description": raw} if isinstance(raw, str) else raw
     if not isinstance(raw, dict):
-        raise CaptionsError(f"{path}: concept {name!r} must be a mapping or a description string")
-    known_keys = {"description", "role", "aliases", "prompt", "source"}
-    unknown = sorted(set(raw) - known_keys)
+        raise CaptionsError(f"{path}: concept {name!r} must be a mapping, a description string or null")
+    unknown = sorted(set(raw) - set(keys))
     if unknown:
-        raise CaptionsError(f"{path}: concept {name!r} has unknown key(s) {unknown}; known: {sorted(known_keys)}")
+        where = "" if keys == CONCEPT_KEYS else " (the other keys belong in the captions file)"
+        raise CaptionsError(f"{path}: concept {name!r} has unknown key(s) {unknown}; known: {sorted(keys)}{where}")
     description = raw.get("description")
-    if not isinstance(description, str) or not description.strip():
-        raise CaptionsError(f"{path}: concept {name!r} has no description")
+    if description is not None and (not isinstance(description, str) or not description.strip()):
+        raise CaptionsError(f"{path}: concept {name!r} has no description text; write one, or drop the "
+                            "'description' key to have params 'captions.generator' write it")
     role = raw.get("role", "novel")
     if role not in ROLES:
         raise CaptionsError(f"{path}: concept {name!r} has role {role!r}; expected one of {ROLES}")
     aliases = raw.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
         raise CaptionsError(f"{path}: concept {name!r}: aliases must be a list of strings")
-    prompt = raw.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise CaptionsError(f"{path}: concept {name!r}: prompt must be a string")
-    return ConceptText(name, description.strip(), role, tuple(aliases), prompt, raw.get("source", source))
+    return ConceptText(
+        name, (description or "").strip(), role, tuple(aliases),
+        prompt=_string(raw, "prompt", name, path, None),
+        source=_string(raw, "source", name, path, source),
+        label=_string(raw, "label", name, path, "").strip(),
+    )
 
 
-def load_captions(path: str | Path) -> dict[str, ConceptText]:
-    """Read a captions file: {source: ..., concepts: {name: {description, role, ...}}}."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaptionsError(f"captions file not found: {path}")
+def _read_mapping(path: Path, what: str) -> dict:
+    """The top-level mapping of a YAML file, or a CaptionsError naming the file."""
     try:
         data = YAML(typ="safe", pure=True).load(path.read_text())
     except Exception as err:  # ruamel raises several parser error types
-        raise CaptionsError(f"cannot parse captions file {path}: {err}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("concepts"), dict) or not data["concepts"]:
+        raise CaptionsError(f"cannot parse {what} {path}: {err}") from err
+    if not isinstance(data, dict) or "concepts" not in data:
+        raise CaptionsError(f"{path}: expected a mapping with a 'concepts' mapping")
+    return data
+
+
+def load_captions(path: str | Path) -> dict[str, ConceptText]:
+    """Read a captions file: {source: ..., concepts: {name: {description, role, label, ...}}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionsError(f"captions file not found: {path}")
+    data = _read_mapping(path, "captions file")
+    if not isinstance(data["concepts"], dict) or not data["concepts"]:
         raise CaptionsError(f"{path}: expected a mapping with a non-empty 'concepts' mapping")
     source = str(data.get("source", ""))
-    return {str(n): _parse_concept(str(n), raw, source, path) for n, raw in data["concepts"].items()}
+    return {str(n): _parse_concept(n, raw, source, path) for n, raw in data["concepts"].items()}
+
+
+def load_generated(path: str | Path) -> dict[str, ConceptText]:
+    """Read a generated file (none yet, or `concepts: {}`, is fine): name -> description and source."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    if not path.is_file():
+        raise CaptionsError(f"generated descriptions file {path} is not a file")
+    entries = _read_mapping(path, "generated descriptions file")["concepts"] or {}
+    if not isinstance(entries, dict):
+        raise CaptionsError(f"{path}: 'concepts' must be a mapping of name -> {{description, source}}")
+    return {str(n): _parse_concept(n, raw, "", path, GENERATED_KEYS) for n, raw in entries.items()}
+
+
+def undescribed_error(names: list[str], captions_file: str | Path = "the captions file",
+                      generated_file: str | Path = "params 'captions.generated'") -> CaptionsError:
+    """The error for concepts that nothing describes: where to write them, or how to generate them."""
+    listed = ", ".join(repr(n) for n in names)
+    subject = f"concept {listed} has" if len(names) == 1 else f"concepts {listed} have"
+    return CaptionsError(
+        f"{subject} no description in {captions_file}: write one there, or set params "
+        f"'captions.generator' to have an LLM write it into {generated_file}")
 
 
 def select_concepts(captions: dict[str, ConceptText], names: list[str] | tuple[str, ...]) -> list[ConceptText]:
     """The concepts that params name, in order; every one must have a description."""
+    if not names:
+        raise CaptionsError("params 'concepts' is empty: nothing to invert")
     missing = [n for n in names if n not in captions]
     if missing:
         raise CaptionsError(f"concept(s) {missing} in params have no description; described: {sorted(captions)}")
+    undescribed = [n for n in names if not captions[n].described]
+    if undescribed:
+        raise undescribed_error(undescribed)
+    return [captions[n] for n in names]
+
+
+def wanted_concepts(captions: dict[str, ConceptText], names: tuple[str, ...]) -> list[ConceptText]:
+    """The concepts params name, in order; a name the file lacks becomes an undescribed novel concept."""
     if not names:
         raise CaptionsError("params 'concepts' is empty: nothing to invert")
-    return [captions[n] for n in names]
+    return [captions.get(n) or ConceptText(check_name(n, "params 'concepts'"), "") for n in names]
+
+
+def complete_concepts(wanted: list[ConceptText], generated: dict[str, ConceptText],
+                      generator: GeneratorParams | None, captions_file: Path,
+                      generated_file: Path) -> tuple[list[ConceptText], list[ConceptText]]:
+    """Describe every wanted concept: its own text, else the generated file's, else a new LLM one.
+
+    Returns (all concepts in order, the newly generated ones). The LLM runs only when needed.
+    """
+    known = {n: c for n, c in generated.items() if c.described}
+    todo = [c for c in wanted if not c.described and c.name not in known]
+    if todo and generator is None:
+        raise undescribed_error([c.name for c in todo], captions_file, generated_file)
+    new: list[ConceptText] = []
+    if todo:
+        from ktpipe.describe import describe_concepts  # imports transformers: only when generating
+
+        new = describe_concepts(todo, generator)
+    known.update({c.name: c for c in new})
+    filled = [c if c.described else replace(c, description=known[c.name].description,
+                                            source=known[c.name].source) for c in wanted]
+    return filled, new
+
+
+def write_generated(path: Path, new: list[ConceptText]) -> None:
+    """Add the new entries to the generated file (created with its header if absent), atomically.
+
+    A round-trip load keeps the user's comments and edits to the existing entries.
+    """
+    yaml = YAML()  # round-trip mode
+    yaml.width = 100
+    data = yaml.load(path.read_text() if path.exists() else GENERATED_HEADER)
+    if data.get("concepts") is None:
+        data["concepts"] = yaml.load("{}")
+    if new:
+        data["concepts"].fa.set_block_style()
+    for concept in new:
+        data["concepts"][concept.name] = {"description": concept.description, "source": concept.source}
+    text = StringIO()
+    yaml.dump(data, text)
+    write_text(path, text.getvalue())
 
 
 def write_concept_files(concepts: list[ConceptText], out_dir: Path) -> None:
@@ -118,9 +259,20 @@ def read_concept_file(path: str | Path) -> ConceptText:
         raise CaptionsError(f"{path}: malformed concept file ({err}); rerun the captions stage") from err
 
 
-def run_captions(captions_file: Path, concept_names: tuple[str, ...], out_dir: Path) -> list[ConceptText]:
-    """Validate the experiment's descriptions and split them into one file per concept."""
-    concepts = select_concepts(load_captions(captions_file), concept_names)
+def run_captions(captions_file: Path, generated_file: Path, concept_names: tuple[str, ...], out_dir: Path,
+                 generator: GeneratorParams | None = None) -> list[ConceptText]:
+    """Describe every params concept and split the descriptions into one file per concept.
+
+    Concepts `captions_file` leaves undescribed take the entry of `generated_file`, or a new one
+    from the `generator` LLM, which is added there. `generated_file` always exists afterwards
+    (a DVC output), untouched when nothing new was generated.
+    """
+    captions_file, generated_file = Path(captions_file), Path(generated_file)
+    wanted = wanted_concepts(load_captions(captions_file), tuple(concept_names))
+    generated = load_generated(generated_file)
+    concepts, new = complete_concepts(wanted, generated, generator, captions_file, generated_file)
+    if new or not generated_file.exists():
+        write_generated(generated_file, new)
     with atomic_dir(out_dir) as tmp:
         write_concept_files(concepts, tmp)
     return concepts

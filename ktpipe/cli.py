@@ -48,38 +48,45 @@ def main() -> None:
 @main.command()
 @PARAMS_OPTION
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def world(params_path: str, out_dir: str) -> None:
-    """Render the demo world's val/ and test/ image folders into OUT_DIR."""
-    from ktpipe.world import load_world, write_splits
+def data(params_path: str, out_dir: str) -> None:
+    """Write one manifest per evaluation set (params `evaluate.sets`) into OUT_DIR."""
+    from ktpipe.evalsets import run_data
 
-    params = load_params(params_path)
-    cfg = params.world
-    counts = _run(write_splits, load_world(), Path(out_dir), cfg.val_per_concept, cfg.test_per_concept,
-                  params.seed, cfg.image_size)
-    click.echo(f"wrote {sum(counts['val'].values())} val and {sum(counts['test'].values())} test images")
+    summary = _run(run_data, load_params(params_path), Path(out_dir))
+    for name, info in summary.items():
+        click.echo(f"{name}: {info['n_images']} images of {len(info['classes'])} classes ({info['format']})")
 
 
-@main.command()
+@main.command("base_model")
 @PARAMS_OPTION
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--log", "log_path", default="metrics/pretrain.json", show_default=True, help="Loss log (JSON).")
-def pretrain(params_path: str, out_dir: str, log_path: str) -> None:
-    """Pretrain the demo model from scratch (params `pretrain`) and save it to OUT_DIR."""
-    from ktpipe.pretrain import run_pretrain
+@click.option("--log", "log_path", default="metrics/base_model.json", show_default=True, help="Log (JSON).")
+def base_model(params_path: str, out_dir: str, log_path: str) -> None:
+    """Pretrain the demo model into OUT_DIR, or record the real model params name there."""
+    from ktpipe.base_model import run_base_model
 
-    summary = _run(run_pretrain, load_params(params_path), Path(out_dir), Path(log_path))
-    click.echo(f"pretrained in {summary['seconds']} s -> {out_dir}")
+    summary = _run(run_base_model, load_params(params_path), Path(out_dir), Path(log_path))
+    click.echo(f"base model ready in {summary['seconds']} s -> {out_dir}")
 
 
 @main.command()
 @PARAMS_OPTION
+@click.option("--generated", "generated_file", default=None, type=click.Path(dir_okay=False),
+              help="Generated descriptions file (default: params `captions.generated`, relative to the params file).")
 @click.argument("captions_file", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def captions(params_path: str, captions_file: str, out_dir: str) -> None:
-    """Check CAPTIONS_FILE describes every params concept; write one JSON per concept."""
+def captions(params_path: str, generated_file: str | None, captions_file: str, out_dir: str) -> None:
+    """Describe every params concept from CAPTIONS_FILE; write one JSON per concept into OUT_DIR.
+
+    Concepts CAPTIONS_FILE leaves undescribed take their entry in the generated file, or a new
+    one that the LLM of params `captions.generator` writes there.
+    """
     from ktpipe.captions import run_captions
 
-    concepts = _run(run_captions, Path(captions_file), load_params(params_path).concepts, Path(out_dir))
+    params = load_params(params_path)
+    generated = Path(generated_file) if generated_file else Path(params_path).parent / params.captions.generated
+    concepts = _run(run_captions, Path(captions_file), generated, params.concepts, Path(out_dir),
+                    params.captions.generator)
     click.echo(f"wrote {len(concepts)} concept files to {out_dir}")
 
 
@@ -128,21 +135,21 @@ def finetune(params_path: str, recipe: str, lr: float | None, captions_dir: str,
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
               help="Fine-tuned checkpoint folder; omit to evaluate the model before transfer.")
 @click.option("--tag", default=None, help="Name recorded in the result (default: checkpoint folder name).")
-@click.argument("data_root", type=click.Path(file_okay=False))
+@click.argument("eval_dir", type=click.Path(file_okay=False))
 @click.argument("captions_dir", type=click.Path(file_okay=False))
 @click.argument("out_path", type=click.Path(dir_okay=False))
-def evaluate(params_path: str, checkpoint: str | None, tag: str | None, data_root: str, captions_dir: str,
+def evaluate(params_path: str, checkpoint: str | None, tag: str | None, eval_dir: str, captions_dir: str,
              out_path: str) -> None:
-    """Zero-shot classification on DATA_ROOT/val and DATA_ROOT/test (one folder per class)."""
+    """Zero-shot classification on every evaluation set in EVAL_DIR (written by `ktpipe data`)."""
     from ktpipe.eval import run_evaluate
 
     folder = Path(checkpoint) if checkpoint else None
     tag = tag or (folder.name if folder else "baseline")
-    metrics = _run(run_evaluate, load_params(params_path), tag, folder, Path(data_root), Path(captions_dir),
+    metrics = _run(run_evaluate, load_params(params_path), tag, folder, Path(eval_dir), Path(captions_dir),
                    Path(out_path))
-    for key in ("test_name_target_acc", "test_name_retention_acc", "test_description_target_acc"):
-        if key in metrics:
-            click.echo(f"{key}: {metrics[key]:.3f}")
+    for key, value in metrics.items():
+        if key.endswith(("_name_target_acc", "_name_retention_acc", "_description_target_acc")):
+            click.echo(f"{key}: {value:.3f}")
 
 
 @main.command()

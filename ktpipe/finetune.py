@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ktpipe.captions import CaptionsError, finetune_caption, read_concepts
-from ktpipe.invert import load_inversion
+from ktpipe.captions import CaptionsError, ConceptText, finetune_caption, read_concepts
+from ktpipe.invert import concept_seed, load_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.losses import info_nce
 from ktpipe.models import ImageTextModel, load_base_model
@@ -74,30 +75,72 @@ def finetune(
     return log
 
 
-def training_set(params: Params, recipe: str, captions_dir: Path, inverted_dir: Path):
-    """Pixels (N, 3, S, S), labels (N,) and captions (K) for a recipe's fine-tuning."""
+@dataclass(frozen=True)
+class TrainingSet:
+    pixels: torch.Tensor  # (N, 3, S, S) in [0, 1]
+    labels: torch.Tensor  # (N,) index into captions
+    captions: list[str]  # (K,) one fine-tuning caption per concept
+    concepts: list[str]  # (K,) concept names, in caption order
+
+
+def choose_concepts(concepts: list[ConceptText], cfg: FinetuneParams) -> list[ConceptText]:
+    """The novel concepts a recipe learns (`cfg.concepts`, or all), plus known ones when rehearsing.
+
+    Keeps the order of `concepts`; a recipe concept that is not novel is an error.
+    """
+    novel = {c.name for c in concepts if c.role == "novel"}
+    if cfg.concepts is not None:
+        not_novel = [n for n in cfg.concepts if n not in novel]
+        if not_novel:
+            raise CaptionsError(f"recipe concepts {not_novel} are not novel concepts of params 'concepts'; "
+                                f"novel: {sorted(novel)}")
+        novel = set(cfg.concepts)
+    chosen = [c for c in concepts if c.name in novel or (cfg.rehearsal and c.role == "known")]
+    if not any(c.name in novel for c in chosen):
+        raise CaptionsError("no concept with role 'novel' to learn: params 'concepts' (or the recipe's) has none")
+    return chosen
+
+
+def noise_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """(n, 3, size, size) uniform random pixels in [0, 1): the ablation's stand-in for inversions."""
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def concept_images(params: Params, cfg: FinetuneParams, name: str, inverted_dir: Path,
+                   image_size: int | None) -> torch.Tensor:
+    """A concept's inverted images, or (images: noise) as many seeded uniform-noise images."""
+    if cfg.images == "inverted":
+        return load_inversion(Path(inverted_dir) / name)
+    if image_size is None:
+        raise ValueError("noise images need the model's input size (training_set image_size)")
+    return noise_images(params.invert.samples, image_size, concept_seed(params.seed, f"noise/{name}"))
+
+
+def training_set(params: Params, recipe: str, captions_dir: Path, inverted_dir: Path,
+                 image_size: int | None = None) -> TrainingSet:
+    """Images, labels and captions of a recipe's fine-tuning; `image_size` sizes noise images."""
     cfg = params.recipe(recipe)
-    concepts = read_concepts(captions_dir, params.concepts)
-    chosen = [c for c in concepts if c.role == "novel" or (cfg.rehearsal and c.role == "known")]
-    if not any(c.role == "novel" for c in chosen):
-        raise CaptionsError("no concept with role 'novel' in params 'concepts': nothing to learn")
-    images = [load_inversion(Path(inverted_dir) / c.name) for c in chosen]
+    chosen = choose_concepts(read_concepts(captions_dir, params.concepts), cfg)
+    images = [concept_images(params, cfg, c.name, inverted_dir, image_size) for c in chosen]
     labels = torch.cat([torch.full((len(x),), k) for k, x in enumerate(images)])
     captions = [finetune_caption(c, cfg.name_prefix) for c in chosen]
-    return torch.cat(images), labels, captions
+    return TrainingSet(torch.cat(images), labels, captions, [c.name for c in chosen])
 
 
 def run_finetune(params: Params, recipe: str, captions_dir: Path, inverted_dir: Path,
                  out_dir: Path, log_path: Path) -> dict:
     """Fine-tune the base model with a recipe; write the checkpoint folder and a training log."""
     cfg = params.recipe(recipe)
-    pixels, labels, captions = training_set(params, recipe, captions_dir, inverted_dir)
     model = load_base_model(params.model)
+    data = training_set(params, recipe, captions_dir, inverted_dir, model.image_size)
+    lr = params.lr * cfg.lr_multiplier
     start = time.time()
-    log = finetune(model, pixels, labels, captions, cfg, params.lr, params.seed)
+    log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed)
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
-    summary = {"recipe": recipe, "lr": params.lr, "config": dataclasses.asdict(cfg), "captions": captions,
-               "n_images": int(pixels.shape[0]), "seconds": round(time.time() - start, 2), "log": log}
+    summary = {"recipe": recipe, "lr": lr, "base_lr": params.lr, "lr_multiplier": cfg.lr_multiplier,
+               "images": cfg.images, "concepts": data.concepts, "config": dataclasses.asdict(cfg),
+               "captions": data.captions, "n_images": int(data.pixels.shape[0]),
+               "seconds": round(time.time() - start, 2), "log": log}
     write_json(log_path, summary)
     return summary

@@ -5,6 +5,7 @@ augmented view matches the description's text embedding, with a total-variation 
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import time
@@ -105,6 +106,50 @@ def to_model_size(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
+def resolution_at(step: int, cfg: InvertParams, model_size: int) -> int:
+    """Side of the optimized pixels at `step`.
+
+    Without `cfg.progressive` always the final side (`cfg.image_size` or the model's). With it,
+    `progressive_sizes[0]` first, then at each `progressive_steps[i]` the next listed size, and
+    after the last listed size the final side (authors' code: 64, 128 at step 900, final at 1800).
+    """
+    final = cfg.image_size or model_size
+    if not cfg.progressive:
+        return final
+    sizes = (*cfg.progressive_sizes, final)
+    return sizes[bisect.bisect_right(cfg.progressive_steps, step)]
+
+
+def resolution_schedule(cfg: InvertParams, model_size: int) -> list[list[int]]:
+    """[first step, side] of every resolution that a run of `cfg.steps` steps goes through."""
+    starts = [0, *(s for s in cfg.progressive_steps if s < cfg.steps)] if cfg.progressive else [0]
+    schedule: list[list[int]] = []
+    for start in starts:
+        size = resolution_at(start, cfg, model_size)
+        if not schedule or schedule[-1][1] != size:
+            schedule.append([start, size])
+    return schedule
+
+
+def check_progressive(cfg: InvertParams, model_size: int) -> None:
+    """The progressive schedule only upsizes: each listed size is at most the final side."""
+    final = cfg.image_size or model_size
+    if cfg.progressive and max(cfg.progressive_sizes, default=0) > final:
+        raise ValueError(f"params 'invert.progressive_sizes' {list(cfg.progressive_sizes)} must not exceed "
+                         f"the final image side {final} (invert.image_size or the model's input size)")
+
+
+def clip_pixel_grad(pixels: torch.Tensor, max_norm: float) -> float:
+    """Scale the pixel gradient in place so its total L2 norm is at most `max_norm`; returns the norm before."""
+    return float(torch.nn.utils.clip_grad_norm_([pixels], max_norm))
+
+
+def fresh_pixels(pixels: torch.Tensor, size: int, lr: float) -> tuple[torch.Tensor, torch.optim.Adam]:
+    """A new leaf tensor of `pixels` at side `size` (bilinear) and an Adam optimizer with fresh state."""
+    leaf = to_model_size(pixels.detach(), size).clone().requires_grad_(True)
+    return leaf, torch.optim.Adam([leaf], lr=lr)
+
+
 def _similarity(model: ImageTextModel, views: torch.Tensor, text: str, text_emb: torch.Tensor | None):
     """(N,) similarity of each view to the text: cosine for dual encoders, match score otherwise."""
     if model.kind == CROSS_ENCODER:
@@ -112,34 +157,53 @@ def _similarity(model: ImageTextModel, views: torch.Tensor, text: str, text_emb:
     return model.encode_images(views) @ text_emb.reshape(-1)
 
 
-def invert_text(
-    model: ImageTextModel, text: str, cfg: InvertParams, seed: int = 0, progress: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimize `cfg.samples` images for `text`; returns model-size pixels (N, 3, S, S) and sims (N,)."""
-    size = cfg.image_size or model.image_size
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(cfg.samples, 3, size, size, generator=generator).to(next(model.module.parameters()))
-    pixels.requires_grad_(True)
-    optimizer = torch.optim.Adam([pixels], lr=cfg.lr)
+def _freeze(model: ImageTextModel) -> None:
     model.module.eval()
     for p in model.module.parameters():
         p.requires_grad_(False)
+
+
+def _optimize_step(model: ImageTextModel, pixels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   cfg: InvertParams, generator: torch.Generator, text: str, text_emb: torch.Tensor | None):
+    """One Adam step on pixels (N, 3, s, s): augment, resize views to the model, Eq. 3, clip, clamp."""
+    views = to_model_size(random_affine(pixels, cfg, generator), model.image_size)
+    sims = _similarity(model, views, text, text_emb)
+    loss = inversion_loss(sims, pixels, cfg.tv_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip is not None:
+        clip_pixel_grad(pixels, cfg.grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        pixels.clamp_(0.0, 1.0)
+    return sims.detach()
+
+
+def invert_text(
+    model: ImageTextModel, text: str, cfg: InvertParams, seed: int = 0, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimize `cfg.samples` images for `text`; returns model-size pixels (N, 3, S, S) and sims (N,).
+
+    With `cfg.progressive` the pixels grow along `resolution_at`; each upsize starts a fresh Adam,
+    while the cosine learning-rate schedule runs over the whole `cfg.steps`.
+    """
+    check_progressive(cfg, model.image_size)
+    size = resolution_at(0, cfg, model.image_size)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(cfg.samples, 3, size, size, generator=generator).to(next(model.module.parameters()))
+    pixels, optimizer = fresh_pixels(pixels, size, cfg.lr)
+    _freeze(model)
     text_emb = None if model.kind == CROSS_ENCODER else model.encode_texts([text]).detach()
     bar = tqdm(range(cfg.steps), desc=f"invert {text[:30]!r}", disable=not progress, leave=False)
     for step in bar:
+        size = resolution_at(step, cfg, model.image_size)
+        if size != pixels.shape[-1]:
+            pixels, optimizer = fresh_pixels(pixels, size, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
-        views = random_affine(pixels, cfg, generator)
-        views = to_model_size(views, model.image_size)
-        sims = _similarity(model, views, text, text_emb)
-        loss = inversion_loss(sims, pixels, cfg.tv_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            pixels.clamp_(0.0, 1.0)
+        sims = _optimize_step(model, pixels, optimizer, cfg, generator, text, text_emb)
         if step % 25 == 0:
-            bar.set_postfix(sim=f"{sims.mean().item():.3f}")
+            bar.set_postfix(sim=f"{sims.mean().item():.3f}", side=size)
     with torch.no_grad():
         final = to_model_size(pixels, model.image_size)
         sims = _similarity(model, final, text, text_emb)
@@ -176,7 +240,8 @@ def run_invert(params: Params, concept_file: Path, out_dir: Path) -> dict:
     seed = concept_seed(params.seed, concept.name)
     pixels, sims = invert_text(model, concept.description, params.invert, seed)
     meta = {"concept": concept.name, "text": concept.description, "seed": seed,
-            "seconds": round(time.time() - start, 2)}
+            "resolutions": resolution_schedule(params.invert, model.image_size),  # [first step, side]
+            "grad_clip": params.invert.grad_clip, "seconds": round(time.time() - start, 2)}
     with atomic_dir(out_dir) as tmp:
         save_inversion(tmp, pixels, sims, meta)
     return meta

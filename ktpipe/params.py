@@ -49,14 +49,38 @@ class PretrainParams:
     freeze_token_embedding: bool = True  # keep token embeddings at their random init
 
 
+# The paper's description prompt (Sec. 4.2); '{name}' is replaced with the concept's name.
+PAPER_PROMPT = (
+    "Generate a small description of the ImageNet class {name} without using the word itself. "
+    "The description must contain visual cues useful for recognizing the subject with low-level and "
+    "accurate details. Please don't insert anything else in the response except the description."
+)
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    model: str = ""  # transformers model id or local folder of an instruction LLM (chat template)
+    prompt: str = PAPER_PROMPT  # user message; '{name}' becomes the concept name
+    max_new_tokens: int = 120  # generation budget per description
+    do_sample: bool = False  # false: greedy decoding; true: sampling seeded with `seed`
+    temperature: float = 0.7  # sampling only
+    top_p: float = 0.9  # sampling only
+    seed: int = 0  # sampling seed (per concept: seed + crc32 of its name)
+    device: str = "auto"  # auto picks cuda when available
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    trust_remote_code: bool = False  # never on by default: it runs code from the model repository
+
+
 @dataclass(frozen=True)
 class CaptionParams:
     file: str = "captions/demo.yaml"  # concept descriptions of this experiment
+    generated: str = "captions/generated.yaml"  # LLM descriptions of concepts `file` leaves undescribed
+    generator: GeneratorParams | None = None  # null: every concept needs a description in `file`
 
 
 @dataclass(frozen=True)
 class InvertParams:
-    steps: int = 300  # optimization steps per concept
+    steps: int = 5000  # optimization steps per concept (paper: 5k)
     lr: float = 0.1  # peak Adam learning rate on pixels (cosine annealed to 0)
     samples: int = 10  # images per concept, optimized together as one batch
     image_size: int | None = None  # None: the model's input size
@@ -66,6 +90,10 @@ class InvertParams:
     translate: float = 0.1  # max translation, fraction of the image side
     scale_min: float = 0.7  # scale range of the random affine
     scale_max: float = 1.0
+    grad_clip: float | None = None  # max L2 norm of each step's pixel gradient (authors' code: 1.0)
+    progressive: bool = False  # optimize at low resolution first, then upsize (authors' code)
+    progressive_sizes: tuple[int, ...] = (64, 128)  # sides before the model's own size is reached
+    progressive_steps: tuple[int, ...] = (900, 1800)  # step at which each next size starts
 
 
 @dataclass(frozen=True)
@@ -79,12 +107,39 @@ class FinetuneParams:
     rehearsal: bool = False  # also fine-tune on inverted images of known concepts (beyond the paper)
     name_prefix: bool = True  # caption "A <name> is <description>." (False: description only, Fig. 5)
     logit_scale: float | None = None  # InfoNCE temperature multiplier; None: the model's own
+    concepts: tuple[str, ...] | None = None  # learn only these novel concepts (None: every novel one)
+    images: str = "inverted"  # inverted, or noise: uniform random images (ablation baseline)
+    lr_multiplier: float = 1.0  # this recipe trains at lr * lr_multiplier (paper Table 2's base lrs)
+
+
+DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "chexpert5x200", "jsrt")
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    format: str = "folder"  # one of DATASET_FORMATS (README "Datasets" documents each layout)
+    root: str | None = None  # dataset folder; relative image paths resolve under it
+    labels: str | None = None  # label file: manifest CSV/parquet, CheXpert CSV or JSRT CLNDAT file
+    split: str = "test"  # demo world only: val or test
+    subset: int | None = None  # deterministic class-balanced subset of this many images (None: all)
+    classes: tuple[str, ...] = ()  # keep only these classes (empty: all the dataset has)
+    extra_classes: tuple[str, ...] = ()  # other sets whose classes are also candidates (e.g. imagenet)
+    templates: str | None = None  # prompt templates for this set (None: evaluate.templates)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     templates: str = "demo"  # prompt-template file in ktpipe/data/templates/ (or a path)
     batch_size: int = 128  # images per forward pass
+    workers: int = 0  # image-decoding worker threads (0: decode in the main thread)
+    sets: dict[str, DatasetParams] = field(default_factory=dict)  # evaluation sets, by name
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    paper: str | None = None  # experiment key in ktpipe/data/paper_results.csv printed beside ours
+    target_set: str | None = None  # set whose novel classes give the headline target accuracy (None: first)
+    retention_set: str | None = None  # set whose other classes give the headline retention (None: last)
 
 
 @dataclass(frozen=True)
@@ -100,6 +155,7 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> finetune overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
 
     def recipe(self, name: str) -> FinetuneParams:
         """The finetune section with a recipe's overrides applied."""
@@ -131,6 +187,9 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"params key '{key}' must be a mapping, got {value!r}")
+        item = typing.get_args(hint)[1]
+        if dataclasses.is_dataclass(item):
+            return {str(k): build_section(item, v, f"{key}.{k}") for k, v in value.items()}
         return {str(k): v for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
@@ -200,7 +259,51 @@ def validate(params: Params) -> Params:
             raise ParamsError(f"params key '{prefix}.logit_scale' must be a positive number or null")
         if section.optimizer not in ("adam", "adamw"):
             raise ParamsError(f"params key '{prefix}.optimizer' must be adam or adamw, got {section.optimizer!r}")
+        if section.images not in ("inverted", "noise"):
+            raise ParamsError(f"params key '{prefix}.images' must be inverted or noise, got {section.images!r}")
+        if not section.lr_multiplier > 0:
+            raise ParamsError(f"params key '{prefix}.lr_multiplier' must be a positive number")
+        unknown = sorted(set(section.concepts or ()) - set(params.concepts))
+        if unknown:
+            raise ParamsError(f"params key '{prefix}.concepts' names {unknown}, which are not in 'concepts'")
+    validate_invert(params.invert)
+    validate_sets(params.evaluate.sets)
+    for key in ("target_set", "retention_set"):
+        name = getattr(params.report, key)
+        if name is not None and name not in params.evaluate.sets:
+            raise ParamsError(f"params key 'report.{key}' names {name!r}, not one of evaluate.sets {sorted(params.evaluate.sets)}")
+    if params.captions.generator is not None and not params.captions.generator.model:
+        raise ParamsError("params key 'captions.generator.model' must name a transformers model id or folder")
     return params
+
+
+def validate_invert(cfg: InvertParams) -> None:
+    """The optional gradient clip and the progressive-resolution schedule."""
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise ParamsError("params key 'invert.grad_clip' must be a positive number or null")
+    if len(cfg.progressive_sizes) != len(cfg.progressive_steps):
+        raise ParamsError("params keys 'invert.progressive_sizes' and 'invert.progressive_steps' must have equal length")
+    if any(s <= 0 for s in cfg.progressive_sizes) or list(cfg.progressive_steps) != sorted(set(cfg.progressive_steps)):
+        raise ParamsError("params 'invert.progressive_sizes' must be positive and 'progressive_steps' strictly increasing")
+
+
+def validate_sets(sets: dict[str, DatasetParams]) -> None:
+    """Evaluation sets: known formats, names usable as metric keys, references that exist."""
+    for name, spec in sets.items():
+        key = f"evaluate.sets.{name}"
+        if not name.replace("_", "").isalnum():
+            raise ParamsError(f"params key '{key}': set names may hold letters, digits and '_' only")
+        if spec.format not in DATASET_FORMATS:
+            raise ParamsError(f"params key '{key}.format' must be one of {list(DATASET_FORMATS)}, got {spec.format!r}")
+        if spec.format != "demo" and not spec.root:
+            raise ParamsError(f"params key '{key}.root' must name the dataset folder for format {spec.format!r}")
+        if spec.format == "demo" and spec.split not in ("val", "test"):
+            raise ParamsError(f"params key '{key}.split' must be val or test, got {spec.split!r}")
+        if spec.subset is not None and spec.subset < 1:
+            raise ParamsError(f"params key '{key}.subset' must be a positive integer or null")
+        missing = sorted(set(spec.extra_classes) - set(sets))
+        if missing:
+            raise ParamsError(f"params key '{key}.extra_classes' names unknown set(s) {missing}; sets: {sorted(sets)}")
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -176,7 +176,7 @@ def run_pretrain(params: Params, out_dir: Path, log_path: Path) -> dict:
     if params.model.backend != "demo":
         raise ValueError(
             f"the pretrain stage builds the demo model only; model.backend is {params.model.backend!r}. "
-            "Use a pipeline without the world/pretrain stages for real models."
+            "Real models are recorded by ktpipe.base_model instead."
         )
     start = time.time()
     templates = load_templates(params.evaluate.templates)

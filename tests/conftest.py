@@ -58,7 +58,9 @@ def tiny_params(checkpoint: Path) -> dict[str, Any]:
         "invert": {"steps": 3, "samples": 2},
         "finetune": {"epochs": 1, "batch_size": 4, "towers": "visual", "rehearsal": False},
         "recipes": {"paper": {"rehearsal": False}, "full": {"rehearsal": True}},
-        "evaluate": {"templates": "demo", "batch_size": 32},
+        "evaluate": {"templates": "demo", "batch_size": 32,
+                     "sets": {"val": {"format": "demo", "split": "val"}, "test": {"format": "demo", "split": "test"}}},
+        "report": {"target_set": "test", "retention_set": "test"},
     }
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import DEMO_CONCEPTS, run_stage, write_params
 from ktpipe.captions import run_captions
 
-CAPTIONS_ARGS = ("captions/demo.yaml", "data/captions")
+CAPTIONS_ARGS = ("captions/demo.yaml", "captions/generated.yaml", "data/captions")
 INVERT_ARGS = ("data/captions/blicket.json", "data/inverted/blicket")
 FINETUNE_ARGS = ("paper", "data/captions", "data/inverted", "models/finetuned/paper", "metrics/finetune/paper.json")
 
@@ -47,7 +47,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def write_captions(project: Path) -> None:
     """data/captions/*.json, as the captions stage writes them (in-process: no torch needed)."""
-    run_captions(project / "captions/demo.yaml", tuple(DEMO_CONCEPTS), project / "data/captions")
+    run_captions(project / "captions/demo.yaml", project / "captions/generated.yaml", tuple(DEMO_CONCEPTS),
+                 project / "data/captions")
 
 
 def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
@@ -64,7 +65,7 @@ def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
 def test_wrong_argument_count_prints_usage(tiny_project):
     result = run_stage(tiny_project, "captions", "captions/demo.yaml")
     assert result.returncode == 2 and result.stderr.startswith("usage: ")
-    assert "CAPTIONS_FILE OUT_DIR" in result.stderr
+    assert "CAPTIONS_FILE GENERATED_FILE OUT_DIR" in result.stderr
 
 
 # --- captions stage -------------------------------------------------------------------------
@@ -94,7 +95,8 @@ def unknown_top_level_key(project):
 
 @pytest.mark.parametrize("setup, args, needles", [
     (undescribed_concept, CAPTIONS_ARGS, ["moongate", "no description"]),
-    (None, ("captions/nope.yaml", "data/captions"), ["captions file not found", "captions/nope.yaml"]),
+    (None, ("captions/nope.yaml", "captions/generated.yaml", "data/captions"),
+     ["captions file not found", "captions/nope.yaml"]),
     (malformed_yaml, CAPTIONS_ARGS, ["cannot parse captions file", "captions/demo.yaml"]),
     (concept_without_description, CAPTIONS_ARGS, ["'dax'", "has no description"]),
     (unknown_params_key, CAPTIONS_ARGS, ["unknown params key", "stepz", "section 'invert'"]),
@@ -155,47 +157,77 @@ def test_finetune_stage_rejects_lr(tiny_project, lr, needles):
     assert_absent(tiny_project, "models/finetuned/paper", "metrics/finetune/paper.json")
 
 
-# --- evaluate stage -------------------------------------------------------------------------
+# --- data and evaluate stages -------------------------------------------------------------
+
+
+def use_image_root(project: Path, root: Path) -> None:
+    """Point the val and test evaluation sets at root/{val,test}/<concept>/ folders."""
+    sets = {split: {"format": "folder", "root": str(root / split)} for split in ("val", "test")}
+    write_params(project, evaluate={"sets": sets})
+
+
+def prepare_eval(project: Path) -> None:
+    """Captions, a random-pixel image root, and the data stage's manifests."""
+    write_captions(project)
+    write_image_root(project / "images")
+    use_image_root(project, project / "images")
+    result = run_stage(project, "data", "data/eval")
+    assert result.returncode == 0, result.stderr
+
+
+def test_data_stage_with_empty_image_folders(tiny_project):
+    for split in ("val", "test"):
+        for name in DEMO_CONCEPTS:
+            (tiny_project / "images" / split / name).mkdir(parents=True)
+    use_image_root(tiny_project, tiny_project / "images")
+    assert_user_error(run_stage(tiny_project, "data", "data/eval"), "images/", "empty")
+    assert_absent(tiny_project, "data/eval")
+
+
+def test_data_stage_with_missing_root(tiny_project):
+    use_image_root(tiny_project, tiny_project / "nowhere")
+    assert_user_error(run_stage(tiny_project, "data", "data/eval"), "nowhere/")
+    assert_absent(tiny_project, "data/eval")
+
+
+def test_data_stage_with_unset_environment_variable(tiny_project):
+    write_params(tiny_project, evaluate={"sets": {"val": {"format": "folder", "root": "$KTPIPE_NO_SUCH_VAR/val"}}})
+    assert_user_error(run_stage(tiny_project, "data", "data/eval"), "KTPIPE_NO_SUCH_VAR", "evaluate.sets.val.root")
+    assert_absent(tiny_project, "data/eval")
 
 
 def test_evaluate_stage_with_missing_checkpoint(tiny_project):
-    write_captions(tiny_project)
-    write_image_root(tiny_project / "data/world")
-    result = run_stage(tiny_project, "evaluate", "paper", "models/finetuned/nope", "data/world", "data/captions",
+    prepare_eval(tiny_project)
+    result = run_stage(tiny_project, "evaluate", "paper", "models/finetuned/nope", "data/eval", "data/captions",
                        "metrics/eval/paper.json")
     assert_user_error(result, "checkpoint folder not found", "models/finetuned/nope")
     assert_absent(tiny_project, "metrics/eval/paper.json")
 
 
-def test_evaluate_stage_with_empty_image_folders(tiny_project):
+def test_evaluate_stage_without_the_data_stage(tiny_project):
     write_captions(tiny_project)
-    for split in ("val", "test"):
-        for name in DEMO_CONCEPTS:
-            (tiny_project / "data/world" / split / name).mkdir(parents=True)
-    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/world", "data/captions",
+    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
                        "metrics/eval/baseline.json")
-    assert_user_error(result, "no images", "data/world/val")
+    assert_user_error(result, "evaluation set 'test' not found", "dvc repro data")
     assert_absent(tiny_project, "metrics/eval/baseline.json")
 
 
 def test_evaluate_stage_with_corrupt_png(tiny_project):
-    write_captions(tiny_project)
-    write_image_root(tiny_project / "data/world")
-    (tiny_project / "data/world/val/dax/0000.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/world", "data/captions",
+    prepare_eval(tiny_project)
+    (tiny_project / "images/val/dax/0000.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
                        "metrics/eval/baseline.json")
-    assert_user_error(result, "cannot read image", "data/world/val/dax/0000.png")
+    assert_user_error(result, "cannot read image", "images/val/dax/0000.png")
     assert_absent(tiny_project, "metrics/eval/baseline.json")
 
 
 def test_failed_evaluate_run_leaves_the_previous_result_intact(tiny_project):
-    """The test split fails after the val split was scored: the old JSON must survive as it was."""
-    write_captions(tiny_project)
-    write_image_root(tiny_project / "data/world")
-    args = ("baseline", "base", "data/world", "data/captions", "metrics/eval/baseline.json")
+    """The test set fails after the val set was scored: the old JSON must survive as it was."""
+    prepare_eval(tiny_project)
+    args = ("baseline", "base", "data/eval", "data/captions", "metrics/eval/baseline.json")
     assert run_stage(tiny_project, "evaluate", *args).returncode == 0
     before = snapshot(tiny_project / "metrics")
     assert list(before) == ["eval/baseline.json"]
-    (tiny_project / "data/world/test/wug/0000.png").write_bytes(b"garbage")
+    (tiny_project / "images/test/wug/0000.png").write_bytes(b"garbage")
     assert_user_error(run_stage(tiny_project, "evaluate", *args), "cannot read image", "test/wug/0000.png")
     assert snapshot(tiny_project / "metrics") == before

@@ -6,18 +6,42 @@ import pytest
 
 import ktpipe.captions as captions_module
 from ktpipe.captions import (
+    GENERATED_HEADER,
     CaptionsError,
     ConceptText,
     finetune_caption,
     load_captions,
+    load_generated,
     read_concept_file,
     run_captions,
     select_concepts,
     write_concept_files,
+    write_generated,
 )
 from ktpipe.world import Attributes, describe, load_world
 
-DEMO_CAPTIONS = Path(__file__).resolve().parents[1] / "captions" / "demo.yaml"
+CAPTIONS_DIR = Path(__file__).resolve().parents[1] / "captions"
+DEMO_CAPTIONS = CAPTIONS_DIR / "demo.yaml"
+COCO_CLASSES = [  # MSCOCO's 80 object categories, in category-id order
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+]
+# captions file -> (paper table, its concepts in order)
+PAPER_CAPTIONS = {
+    "rare_concepts": (12, ["moongate", "tonometer", "gyroscope"]),
+    "rare_concepts_vilt": (13, ["moongate", "tonometer", "gyroscope"]),
+    "jsrt": (14, ["benign_nodule", "lung_cancer"]),
+    "chexpert_5x200c": (15, ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion"]),
+    "segmentation": (16, ["lung_nodules", "breast_tumor", "pneumothorax", "brain_tumor"]),
+    "mscoco": (17, [c.replace(" ", "_") for c in COCO_CLASSES]),
+}
 
 
 @pytest.mark.parametrize(
@@ -33,6 +57,15 @@ DEMO_CAPTIONS = Path(__file__).resolve().parents[1] / "captions" / "demo.yaml"
 )
 def test_finetune_caption(name, description, caption):
     assert finetune_caption(ConceptText(name, description)) == caption
+
+
+@pytest.mark.parametrize("concept, caption", [
+    (ConceptText("lung_cancer", "a dense and irregular mass"), "A lung cancer is a dense and irregular mass."),
+    (ConceptText("hair_drier", "a handheld device", label="hair dryer"), "A hair dryer is a handheld device."),
+    (ConceptText("tv", "a rectangular screen", label="TV set"), "A TV set is a rectangular screen."),
+])
+def test_finetune_caption_uses_the_label(concept, caption):
+    assert finetune_caption(concept) == caption
 
 
 def test_finetune_caption_without_name_prefix():
@@ -71,8 +104,12 @@ def write(tmp_path: Path, text: str) -> Path:
         ("concepts: {blicket: [unclosed\n", "cannot parse"),
         ("source: somewhere\n", "'concepts'"),
         ("concepts: {}\n", "'concepts'"),
-        ("concepts: {blicket: {role: novel}}\n", "'blicket' has no description"),
         ("concepts: {blicket: {description: '  '}}\n", "'blicket' has no description"),
+        ("concepts: {blicket: {description: 3}}\n", "'blicket' has no description"),
+        ("concepts: {lung cancer: a mass}\n", "'lung cancer' is not an identifier.*'label'"),
+        ("concepts: {blicket: {description: a ring, label: ''}}\n", "'blicket': label must be a non-empty string"),
+        ("concepts: {blicket: {description: a ring, source: [x]}}\n", "'blicket': source must be"),
+        ("concepts: {blicket: [a ring]}\n", "'blicket' must be a mapping"),
         ("concepts: {blicket: {description: a ring, role: new}}\n", "'blicket' has role 'new'"),
         ("concepts: {blicket: {description: a ring, typo: x}}\n", r"'blicket' has unknown key\(s\) \['typo'\]"),
         ("concepts: {blicket: {description: a ring, aliases: bli}}\n", "'blicket': aliases"),
@@ -93,6 +130,19 @@ def test_description_string_shorthand(tmp_path):
     assert concepts["blicket"] == ConceptText("blicket", "a striped orange ring", "novel")
 
 
+@pytest.mark.parametrize("entry", ["null", "{}", "{role: known, label: Blicket}"])
+def test_concepts_without_description_are_left_to_generate(tmp_path, entry):
+    concepts = load_captions(write(tmp_path, f"concepts:\n  blicket: {entry}\n  dax: a pink triangle\n"))
+    assert not concepts["blicket"].described and concepts["dax"].described
+    with pytest.raises(CaptionsError, match="concept 'blicket' has no description.*'captions.generator'"):
+        select_concepts(concepts, ["dax", "blicket"])
+
+
+def test_label_is_read(tmp_path):
+    concepts = load_captions(write(tmp_path, "concepts: {hair_drier: {description: a device, label: hair dryer}}\n"))
+    assert concepts["hair_drier"].text_name == "hair dryer"
+
+
 def test_select_concepts_names_the_undescribed_one():
     concepts = load_captions(DEMO_CAPTIONS)
     assert [c.name for c in select_concepts(concepts, ["wug", "blicket"])] == ["wug", "blicket"]
@@ -101,15 +151,19 @@ def test_select_concepts_names_the_undescribed_one():
 
 
 def test_run_captions_writes_one_file_per_concept(tmp_path):
-    out = tmp_path / "captions"
-    run_captions(DEMO_CAPTIONS, ("blicket", "lantern"), out)
+    out, generated = tmp_path / "captions", tmp_path / "generated.yaml"
+    run_captions(DEMO_CAPTIONS, generated, ("blicket", "lantern"), out)
     assert sorted(p.name for p in out.iterdir()) == ["blicket.json", "lantern.json"]
     assert read_concept_file(out / "lantern.json").role == "known"
+    # nothing needed generating: the generated file is its header with no entries
+    assert generated.read_text() == GENERATED_HEADER and load_generated(generated) == {}
 
 
 def test_run_captions_leaves_nothing_on_error(tmp_path, monkeypatch):
-    with pytest.raises(CaptionsError):
-        run_captions(DEMO_CAPTIONS, ("blicket", "gazorp"), tmp_path / "captions")
+    generated = tmp_path / "cache" / "generated.yaml"
+    with pytest.raises(CaptionsError, match="concept 'gazorp' has no description"):
+        run_captions(DEMO_CAPTIONS, generated, ("blicket", "gazorp"), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # the generated file is not written either
 
     def write_then_fail(concepts, out_dir):
         write_concept_files(concepts[:1], out_dir)
@@ -117,13 +171,105 @@ def test_run_captions_leaves_nothing_on_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(captions_module, "write_concept_files", write_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):
-        run_captions(DEMO_CAPTIONS, ("blicket", "dax"), tmp_path / "captions")
-    assert list(tmp_path.iterdir()) == []  # no output folder and no temporary leftovers
+        run_captions(DEMO_CAPTIONS, generated, ("blicket", "dax"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no output folder, no temporary leftovers
+
+
+def test_run_captions_rejects_bad_names(tmp_path):
+    with pytest.raises(CaptionsError, match="params 'concepts': concept name 'lung cancer' is not an identifier"):
+        run_captions(DEMO_CAPTIONS, tmp_path / "generated.yaml", ("blicket", "lung cancer"), tmp_path / "out")
+    with pytest.raises(CaptionsError, match="params 'concepts' is empty"):
+        run_captions(DEMO_CAPTIONS, tmp_path / "generated.yaml", (), tmp_path / "out")
+
+
+def test_generated_entries_fill_undescribed_concepts_without_a_generator(tmp_path):
+    captions = write(tmp_path, "concepts:\n  blicket: a striped orange ring\n  moongate: {label: moon gate}\n")
+    generated = tmp_path / "generated.yaml"
+    write_generated(generated, [ConceptText("moongate", "a round arch", source="by hand"),
+                                ConceptText("blicket", "not used: the captions file wins", source="x"),
+                                ConceptText("gyroscope", "silver rings", source="y")])
+    before = generated.read_text()
+    concepts = run_captions(captions, generated, ("blicket", "moongate", "gyroscope"), tmp_path / "out")
+    assert [c.description for c in concepts] == ["a striped orange ring", "a round arch", "silver rings"]
+    assert concepts[1] == ConceptText("moongate", "a round arch", source="by hand", label="moon gate")
+    assert generated.read_text() == before  # nothing generated: the file is not rewritten
+
+
+def test_write_generated_keeps_user_comments_and_entries(tmp_path):
+    generated = tmp_path / "generated.yaml"
+    generated.write_text(GENERATED_HEADER.replace("concepts: {}", "concepts:  # my note\n  dax: a pink thing"))
+    write_generated(generated, [ConceptText("wug", "a purple crescent", source="generated with m")])
+    text = generated.read_text()
+    assert "# my note" in text and text.startswith(GENERATED_HEADER.split("concepts:")[0])
+    assert {n: c.description for n, c in load_generated(generated).items()} == {
+        "dax": "a pink thing", "wug": "a purple crescent"}
 
 
 def test_concept_file_round_trip(tmp_path):
-    concept = ConceptText("wug", "a solid purple crescent", "novel", ("moon", "wuggy"), "a wug.", "test")
+    concept = ConceptText("wug", "a solid purple crescent", "novel", ("moon", "wuggy"), "a wug.", "test", "Wug")
     write_concept_files([concept], tmp_path)
     assert read_concept_file(tmp_path / "wug.json") == concept
     with pytest.raises(CaptionsError, match="captions stage"):
         read_concept_file(tmp_path / "dax.json")
+
+
+# --- the paper's descriptions (supplementary Tables 12 to 17) --------------------------------
+
+
+def test_every_captions_file_loads():
+    for path in sorted(CAPTIONS_DIR.glob("*.yaml")):
+        loaded = load_generated(path) if path.name == "generated.yaml" else load_captions(path)
+        assert all(c.described for c in loaded.values()), path.name
+    assert set(PAPER_CAPTIONS) <= {p.stem for p in CAPTIONS_DIR.glob("*.yaml")}
+
+
+def test_repo_generated_file_is_empty_and_documented():
+    path = CAPTIONS_DIR / "generated.yaml"
+    assert load_generated(path) == {} and "Edit freely" in path.read_text()
+
+
+@pytest.mark.parametrize("stem", sorted(PAPER_CAPTIONS))
+def test_paper_captions_file(stem):
+    table, names = PAPER_CAPTIONS[stem]
+    path = CAPTIONS_DIR / f"{stem}.yaml"
+    concepts = load_captions(path)
+    assert list(concepts) == names
+    assert all(c.source.startswith(f"Barbano et al., Table {table}: ") for c in concepts.values())
+    assert all(c.role == "novel" and c.described and not c.label for c in concepts.values())
+    assert f"Table {table}" in path.read_text().split("source:")[0]  # the header comment names it too
+
+
+def test_paper_descriptions_are_verbatim():
+    rare = load_captions(CAPTIONS_DIR / "rare_concepts.yaml")
+    assert rare["moongate"].description.startswith("A perfectly circular archway built from uniformly cut stones")
+    assert "Llama-3-8B-Instruct" in rare["moongate"].source
+    vilt = load_captions(CAPTIONS_DIR / "rare_concepts_vilt.yaml")
+    assert vilt["gyroscope"].description == ("A series of rings each nested within the next, surrounds a central "
+                                             "disk that spins. The rings are connected by intersecting axes allowing "
+                                             "the disk to rotate freely.")
+    jsrt = load_captions(CAPTIONS_DIR / "jsrt.yaml")
+    assert jsrt["benign_nodule"].description.startswith("A small, round spots appearing in Chest X-Ray")
+    assert finetune_caption(jsrt["lung_cancer"]).startswith("A lung cancer is a dense and irregular mass on Chest")
+    coco = load_captions(CAPTIONS_DIR / "mscoco.yaml")
+    assert coco["stop_sign"].description == (
+        'A red, octagonal sign with the word "STOP" in white, used to indicate where vehicles must halt.')
+    assert coco["toothbrush"].description == "A small brush with a handle, used for cleaning teeth."
+    assert [c.text_name for c in coco.values()] == COCO_CLASSES
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def test_cli_generated_file_defaults_to_params_beside_the_params_file(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import make_project
+    from ktpipe.cli import main as cli
+
+    project = make_project(tmp_path / "project", tmp_path / "no-checkpoint", concepts=["blicket", "dax"])
+    args = ["captions", "--params", str(project / "params.yaml"), str(DEMO_CAPTIONS), str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (project / "captions/generated.yaml").read_text() == GENERATED_HEADER
+    result = CliRunner().invoke(cli, [*args[:1], "--generated", str(tmp_path / "gen.yaml"), *args[1:]])
+    assert result.exit_code == 0 and (tmp_path / "gen.yaml").is_file()

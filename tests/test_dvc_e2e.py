@@ -32,7 +32,7 @@ REDUCED = {
     "invert": {"steps": 3, "samples": 2},
     "finetune": {"epochs": 1},
 }
-ALL_STAGES = {"world", "pretrain", "captions", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
+ALL_STAGES = {"data", "base_model", "captions", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
               "finetune@full", "evaluate_baseline", "evaluate@paper", "evaluate@full", "report"}
 LR_STAGES = {"finetune@paper", "finetune@full", "evaluate@paper", "evaluate@full", "report"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
@@ -116,7 +116,7 @@ def test_dvc_pipeline_end_to_end(repo):
     timings["repro"] = time.monotonic() - start
     assert ran == ALL_STAGES
     reports = repo.root / "reports"
-    assert "| blicket | novel |" in (reports / "results.md").read_text()
+    assert "| blicket | target |" in (reports / "results.md").read_text()
     metrics = json.loads((reports / "metrics.json").read_text())
     default_lr = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())["lr"]
     assert metrics["lr"] == pytest.approx(default_lr) and 0 <= metrics["test"]["paper"]["target"] <= 1
@@ -155,7 +155,7 @@ def test_dvc_pipeline_end_to_end(repo):
     ran, skipped = ran_and_skipped(repo.dvc("repro", "--dry"))
     assert {s for s in ran if s.startswith("invert@")} == {"invert@dax"}
     assert {f"invert@{c}" for c in CONCEPTS if c != "dax"} <= skipped
-    assert {"world", "pretrain", "captions"} <= skipped
+    assert {"data", "base_model", "captions"} <= skipped
 
     timings["total"] = time.monotonic() - start
     print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})

@@ -8,19 +8,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import ktpipe.invert as invert_module
+from conftest import tiny_params
+from ktpipe.captions import ConceptText, write_concept_files
 from ktpipe.invert import (
     AffineDraw,
     affine_theta,
+    check_progressive,
+    clip_pixel_grad,
     cosine_lr,
+    fresh_pixels,
     inversion_loss,
     invert_text,
     load_inversion,
+    resolution_at,
+    resolution_schedule,
+    run_invert,
     sample_affine,
     save_inversion,
     total_variation,
 )
 from ktpipe.models import OpenClipModel
-from ktpipe.params import InvertParams
+from ktpipe.params import InvertParams, Params, build_section, validate
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -211,3 +220,138 @@ def test_save_and_load_inversion_round_trip(tmp_path, inverted):
     assert summary["similarity"] == pytest.approx(sims.tolist(), abs=1e-5)
     with pytest.raises(FileNotFoundError, match="invert stage"):
         load_inversion(tmp_path / "missing")
+
+
+# --- progressive resolution (authors' code: 64, 128 at step 900, the model's size at 1800) --
+
+AUTHORS = InvertParams(progressive=True)  # sizes (64, 128), steps (900, 1800)
+
+
+@pytest.mark.parametrize("step, side", [(0, 64), (899, 64), (900, 128), (1799, 128), (1800, 224), (4999, 224)])
+def test_resolution_at_follows_the_authors_schedule(step, side):
+    assert resolution_at(step, AUTHORS, model_size=224) == side
+
+
+@pytest.mark.parametrize("step, side", [(0, 4), (2, 4), (3, 8), (6, 8), (7, 12), (100, 12)])
+def test_resolution_at_custom_schedule_ends_at_image_size(step, side):
+    cfg = InvertParams(progressive=True, progressive_sizes=(4, 8), progressive_steps=(3, 7), image_size=12)
+    assert resolution_at(step, cfg, model_size=16) == side
+
+
+@pytest.mark.parametrize("image_size, side", [(None, 224), (96, 96)])
+def test_resolution_at_without_progressive_is_the_final_side(image_size, side):
+    cfg = InvertParams(image_size=image_size)  # progressive_sizes are ignored when progressive is off
+    assert {resolution_at(s, cfg, 224) for s in (0, 900, 1800, 4999)} == {side}
+
+
+@pytest.mark.parametrize("steps, schedule", [
+    (5000, [[0, 64], [900, 128], [1800, 224]]),
+    (1800, [[0, 64], [900, 128]]),
+    (300, [[0, 64]]),
+])
+def test_resolution_schedule_lists_the_sides_a_run_visits(steps, schedule):
+    cfg = InvertParams(steps=steps, progressive=True)
+    assert resolution_schedule(cfg, 224) == schedule
+    assert resolution_schedule(InvertParams(steps=steps), 224) == [[0, 224]]
+
+
+def test_check_progressive_rejects_sizes_above_the_final_side():
+    check_progressive(AUTHORS, 224)
+    check_progressive(InvertParams(), 32)  # progressive off: sizes do not matter
+    with pytest.raises(ValueError, match="progressive_sizes"):
+        check_progressive(AUTHORS, 32)
+
+
+def test_fresh_pixels_upsamples_bilinearly_into_a_new_leaf_with_a_new_optimizer():
+    small = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    leaf, optimizer = fresh_pixels(small, 8, lr=0.3)
+    expected = F.interpolate(small, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(leaf, expected)
+    assert leaf.is_leaf and leaf.requires_grad and leaf.min() >= 0 and leaf.max() <= 1
+    assert optimizer.param_groups[0]["params"] == [leaf] and optimizer.param_groups[0]["lr"] == 0.3
+    assert not optimizer.state  # no moments carried over
+
+
+def test_progressive_run_goes_through_the_sizes(tiny_model, monkeypatch):
+    """Sides 4, 8 (from step 2), then the model's 16 (from step 4); lr cosine over all 6 steps."""
+    sides, lr_calls, upsizes = [], [], []
+    affine, cosine, fresh = invert_module.random_affine, invert_module.cosine_lr, invert_module.fresh_pixels
+
+    def spy_affine(pixels, cfg, generator):
+        sides.append(pixels.shape[-1])
+        return affine(pixels, cfg, generator)
+
+    def spy_cosine(step, total, peak):
+        lr_calls.append((step, total))
+        return cosine(step, total, peak)
+
+    def spy_fresh(pixels, size, lr):
+        upsizes.append((pixels.shape[-1], size))
+        return fresh(pixels, size, lr)
+
+    monkeypatch.setattr(invert_module, "random_affine", spy_affine)
+    monkeypatch.setattr(invert_module, "cosine_lr", spy_cosine)
+    monkeypatch.setattr(invert_module, "fresh_pixels", spy_fresh)
+    cfg = InvertParams(steps=6, samples=2, progressive=True, progressive_sizes=(4, 8), progressive_steps=(2, 4))
+    pixels, sims = invert_text(tiny_model, TEXT, cfg, seed=0, progress=False)
+    assert sides == [4, 4, 8, 8, 16, 16]
+    assert upsizes == [(4, 4), (4, 8), (8, 16)]  # the start, then one fresh Adam per upsize
+    assert lr_calls == [(s, 6) for s in range(6)]
+    assert pixels.shape == (2, 3, 16, 16) and sims.shape == (2,)
+    assert pixels.min() >= 0.0 and pixels.max() <= 1.0
+
+
+def test_progressive_run_stopped_early_still_returns_model_size(tiny_model):
+    cfg = InvertParams(steps=2, samples=2, progressive=True, progressive_sizes=(4, 8), progressive_steps=(2, 4))
+    pixels, _ = invert_text(tiny_model, TEXT, cfg, seed=0, progress=False)
+    assert pixels.shape == (2, 3, 16, 16) and pixels.min() >= 0.0 and pixels.max() <= 1.0
+
+
+# --- gradient clipping -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_pixel_grad_matches_by_hand(max_norm):
+    pixels = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    grad = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    pixels.grad = grad.clone()
+    norm = sum(float(g) ** 2 for g in grad.flatten()) ** 0.5  # total norm over every sample
+    assert clip_pixel_grad(pixels, max_norm) == pytest.approx(norm, rel=1e-5)
+    factor = min(1.0, max_norm / norm)
+    torch.testing.assert_close(pixels.grad, grad * factor, rtol=1e-5, atol=1e-6)
+    assert pixels.grad.norm().item() <= max_norm * (1 + 1e-5)
+
+
+def test_tiny_grad_clip_nearly_freezes_the_first_adam_step(tiny_model):
+    """Adam divides by |g| + 1e-8: a gradient clipped far below eps barely moves the pixels."""
+    start = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))  # invert_text's first draw
+    clipped, _ = invert_text(tiny_model, TEXT, InvertParams(steps=1, samples=2, grad_clip=1e-12), 5, False)
+    free, _ = invert_text(tiny_model, TEXT, InvertParams(steps=1, samples=2), 5, False)
+    assert (clipped - start).abs().max() < 0.1 * 1e-3  # lr * |g| / eps, |g| <= 1e-12
+    assert (free - start).abs().max() > 0.05  # unclipped, Adam's first step is about lr per pixel
+
+
+def test_grad_clip_is_applied_once_per_step(tiny_model, monkeypatch):
+    calls = []
+    clip = invert_module.clip_pixel_grad
+    monkeypatch.setattr(invert_module, "clip_pixel_grad", lambda p, m: calls.append(m) or clip(p, m))
+    invert_text(tiny_model, TEXT, InvertParams(steps=3, samples=2), 0, False)
+    assert calls == []
+    invert_text(tiny_model, TEXT, InvertParams(steps=3, samples=2, grad_clip=1.0), 0, False)
+    assert calls == [1.0, 1.0, 1.0]
+
+
+# --- the stage's library call records the schedule ------------------------------------------
+
+
+def test_run_invert_records_resolutions_in_the_summary(tmp_path, tiny_checkpoint):
+    raw = tiny_params(tiny_checkpoint)
+    raw["invert"] = {"steps": 3, "samples": 2, "progressive": True, "progressive_sizes": [8],
+                     "progressive_steps": [2], "grad_clip": 1.0}
+    params = validate(build_section(Params, raw))
+    write_concept_files([ConceptText("blicket", TEXT)], tmp_path / "captions")
+    meta = run_invert(params, tmp_path / "captions" / "blicket.json", tmp_path / "blicket")
+    summary = json.loads((tmp_path / "blicket" / "summary.json").read_text())
+    assert meta["resolutions"] == summary["resolutions"] == [[0, 8], [2, 16]]
+    assert summary["grad_clip"] == 1.0
+    assert load_inversion(tmp_path / "blicket").shape == (2, 3, 16, 16)

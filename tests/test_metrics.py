@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from ktpipe.captions import ConceptText
-from ktpipe.eval.classification import description_prompts, name_prompts, score
+from ktpipe.datasets import Manifest
+from ktpipe.eval.classification import (
+    build_candidates, candidate_classes, description_prompts, metric_key, name_prompts, normalize, score,
+)
 from ktpipe.eval.metrics import accuracy, per_class_accuracy, topk_predictions
 
 CONCEPTS = [
@@ -36,11 +39,15 @@ def test_topk_predictions():
     assert topk_predictions(logits, k=2).tolist() == [[1, 2], [0, 2]]
 
 
+TEMPLATES = ["a photo of a {}."]
+CANDIDATES = build_candidates([c.name for c in CONCEPTS], CONCEPTS, TEMPLATES)
+
+
 def test_score_groups_and_classes():
     # labels: blicket x2, lantern x2, dax x1; clover has no images.
     labels = torch.tensor([0, 0, 1, 1, 2])
     pred = torch.tensor([0, 1, 1, 1, 0])
-    assert score(pred, labels, CONCEPTS, "name") == {
+    assert score(pred, labels, CANDIDATES, "name") == {
         "name_overall_acc": pytest.approx(3 / 5),
         "name_target_acc": pytest.approx(1 / 3),  # blicket 1/2 right, dax 0/1
         "name_retention_acc": 1.0,  # lantern 2/2
@@ -51,7 +58,7 @@ def test_score_groups_and_classes():
 
 
 def test_score_without_known_concepts_has_no_retention_key():
-    novel = [c for c in CONCEPTS if c.role == "novel"]
+    novel = build_candidates(["blicket", "dax"], CONCEPTS, TEMPLATES)
     out = score(torch.tensor([0, 1]), torch.tensor([0, 0]), novel, "description")
     assert out == {"description_overall_acc": 0.5, "description_target_acc": 0.5,
                    "description_class_blicket_acc": 0.5}
@@ -68,3 +75,30 @@ def test_name_prompts_with_aliases_and_override():
 def test_description_prompts_end_with_one_period():
     assert description_prompts(CONCEPTS[0]) == ["a striped orange ring."]
     assert description_prompts(ConceptText("x", "a red dot.")) == ["a red dot."]
+
+
+def test_score_without_per_class_keeps_concept_classes_only():
+    candidates = build_candidates(["blicket", "goldfish", "tench"], CONCEPTS, TEMPLATES)
+    out = score(torch.tensor([0, 2, 2]), torch.tensor([0, 1, 2]), candidates, "name", per_class=False)
+    assert out == {"name_overall_acc": pytest.approx(2 / 3), "name_target_acc": 1.0, "name_retention_acc": 0.5,
+                   "name_class_blicket_acc": 1.0}
+
+
+def test_candidates_match_dataset_classes_to_concepts():
+    lung = ConceptText("lung_cancer", "a dense and irregular mass", role="novel")
+    got = build_candidates(["Lung Cancer", "Pleural Effusion"], [lung], ["a chest x-ray showing {}."])
+    assert [(c.key, c.group, c.description) for c in got] == [
+        ("lung_cancer", "target", "a dense and irregular mass"), ("pleural_effusion", "retention", None)]
+    assert got[0].prompts == ("a chest x-ray showing lung cancer.",)
+    assert got[1].prompts == ("a chest x-ray showing Pleural Effusion.",)
+
+
+def test_normalize_and_metric_key():
+    assert normalize(" Pleural_Effusion ") == normalize("pleural-effusion") == "pleural effusion"
+    assert metric_key("Pleural Effusion") == "pleural_effusion" and metric_key("hen-of-the-woods") == "hen_of_the_woods"
+
+
+def test_candidate_classes_append_extra_classes_once():
+    manifest = Manifest("rare", ("moongate", "tonometer"), ("a.png", "b.png"), (0, 1))
+    names, label_map = candidate_classes(manifest, ["tench", "Moongate", "goldfish"])
+    assert names == ["moongate", "tonometer", "tench", "goldfish"] and label_map == [0, 1]

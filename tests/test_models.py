@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from ktpipe.models import BACKENDS, ModelLoadError, OpenClipModel, build_demo_model, load_model
 from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
+from archs import EMBED_DIMS, save_random_checkpoint
 
 TINY = {
     "embed_dim": 16,
@@ -76,6 +77,39 @@ def test_vit_b32_architecture_shapes_and_towers():
     assert visual and text_params and not visual & text_params
     assert visual == {id(p) for p in model.module.visual.parameters()}
     assert id(model.module.logit_scale) not in visual | text_params
+
+
+# ViT-L/14 (428M parameters) takes about 11 s on one thread to build, save, load and run once.
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-L-14", "biomedclip"])
+def test_real_architecture_loads_offline_from_its_folder(arch, tmp_path):
+    """Random-init real architectures at 224 px: local-dir load, unit embeddings, tower split."""
+    folder = save_random_checkpoint(arch, tmp_path / arch)
+    model = OpenClipModel.load(f"local-dir:{folder}")
+    assert model.image_size == 224
+    with torch.no_grad():
+        images = model.encode_images(torch.rand(2, 3, 224, 224))  # (2, D)
+        texts = model.encode_texts(["a chest x ray", "a photo of a lung"])  # (2, D)
+    dim = EMBED_DIMS[arch]
+    assert images.shape == (2, dim) and texts.shape == (2, dim)
+    torch.testing.assert_close(images.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(texts.norm(dim=-1), torch.ones(2))
+    visual = {id(p) for p in model.tower_parameters("visual")}
+    text = {id(p) for p in model.tower_parameters("text")}
+    assert visual and text and not visual & text
+    assert visual == {id(p) for p in model.module.visual.parameters()}
+
+
+def test_biomedclip_layout_uses_hf_text_tower_and_tokenizer(tmp_path):
+    """CustomTextCLIP: BERT word-piece tokens, text params under `text.`, timm blocks selectable."""
+    model = OpenClipModel.load(f"local-dir:{save_random_checkpoint('biomedclip', tmp_path / 'bmc')}")
+    assert isinstance(model.module, open_clip.CustomTextCLIP)
+    tokens = model.tokenize(["a chest x ray"])
+    assert tokens.shape == (1, 256) and tokens[0, 0].item() == 2 and 1 not in tokens[0, :6].tolist()  # [CLS], no [UNK]
+    names = {id(p): n for n, p in model.module.named_parameters()}
+    assert all(names[id(p)].startswith("text.") for p in model.tower_parameters("text"))
+    top = [names[id(p)] for p in model.tower_parameters("visual", last_blocks=2)]
+    assert {n.split(".")[3] for n in top if ".blocks." in n} == {"10", "11"}
+    assert "visual.head.proj.weight" in top and not any("patch_embed" in n or "pos_embed" in n for n in top)
 
 
 def test_demo_model_preprocess_gives_unit_range_pixels():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ktpipe.params import FinetuneParams, ParamsError, load_params
+from ktpipe.params import FinetuneParams, InvertParams, ParamsError, load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 LR_LINE = next(line for line in REPO_PARAMS.read_text().splitlines() if line.startswith("lr:"))
@@ -88,3 +88,47 @@ def test_bad_recipe_towers_names_the_recipe(tmp_path):
 def test_non_mapping_recipe_is_a_params_error(tmp_path):
     with pytest.raises(ParamsError, match=r"recipes\.full"):
         load_params(edited(tmp_path, "full: {rehearsal: true}", "full: [rehearsal]"))
+
+
+def test_demo_evaluation_sets_and_report_keys_load():
+    params = load_params(REPO_PARAMS)
+    assert list(params.evaluate.sets) == ["val", "test"]
+    assert params.evaluate.sets["val"].format == "demo" and params.evaluate.sets["test"].split == "test"
+    assert params.report.target_set == params.report.retention_set == "test"
+
+
+def test_dataclass_defaults_are_the_papers_inversion():
+    cfg = InvertParams()
+    assert (cfg.steps, cfg.tv_weight, cfg.samples, cfg.affine_p, cfg.rotation, cfg.translate) == (
+        5000, 0.005, 10, 0.5, 30.0, 0.1)
+    assert (cfg.scale_min, cfg.scale_max, cfg.progressive, cfg.grad_clip) == (0.7, 1.0, False, None)
+
+
+SETS_LINE = "    test: {format: demo, split: test}"
+
+
+@pytest.mark.parametrize(
+    "old, new, needles",
+    [
+        (SETS_LINE, "    test: {format: pictures, split: test}", ["evaluate.sets.test.format", "pictures"]),
+        (SETS_LINE, "    test: {format: folder}", ["evaluate.sets.test.root"]),
+        (SETS_LINE, "    test: {format: demo, split: train}", ["evaluate.sets.test.split"]),
+        (SETS_LINE, "    test: {format: demo, split: test, subset: 0}", ["evaluate.sets.test.subset"]),
+        (SETS_LINE, "    test: {format: demo, split: test, extra_classes: [imagenet]}", ["extra_classes", "imagenet"]),
+        (SETS_LINE, "    test: {format: demo, split: test, sise: 3}", ["sise", "evaluate.sets.test"]),
+        (SETS_LINE, "    test-set: {format: demo, split: test}", ["test-set"]),
+        ("  target_set: test", "  target_set: imagenet", ["report.target_set", "imagenet"]),
+        ("full: {rehearsal: true}", "full: {concepts: [moongate]}", ["recipes.full.concepts", "moongate"]),
+        ("full: {rehearsal: true}", "full: {images: photos}", ["recipes.full.images"]),
+        ("full: {rehearsal: true}", "full: {lr_multiplier: 0}", ["recipes.full.lr_multiplier"]),
+        ("  scale_max: 1.0", "  scale_max: 1.0\n  progressive_sizes: [64]", ["progressive_sizes"]),
+        ("  scale_max: 1.0", "  scale_max: 1.0\n  grad_clip: -1", ["invert.grad_clip"]),
+        ("  file: captions/demo.yaml", "  file: captions/demo.yaml\n  generator: {max_new_tokens: 10}",
+         ["captions.generator.model"]),
+    ],
+)
+def test_bad_new_keys_are_named(tmp_path, old, new, needles):
+    with pytest.raises(ParamsError) as err:
+        load_params(edited(tmp_path, old, new))
+    for needle in needles:
+        assert needle in str(err.value)

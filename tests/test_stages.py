@@ -34,12 +34,12 @@ def check(result) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
-    """Run world -> captions -> invert -> finetune -> evaluate -> report in one tiny project."""
+    """Run data -> captions -> invert -> finetune -> evaluate -> report in one tiny project."""
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_checkpoint)
     runs = {}
-    runs["world"] = run_stage(project, "world", "data/world")
-    check(runs["world"])
-    runs["captions"] = run_stage(project, "captions", "captions/demo.yaml", "data/captions")
+    runs["data"] = run_stage(project, "data", "data/eval")
+    check(runs["data"])
+    runs["captions"] = run_stage(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions")
     check(runs["captions"])
     for name in STAGE_INVERTED:
         runs[f"invert@{name}"] = run_stage(project, "invert", f"data/captions/{name}.json", f"data/inverted/{name}")
@@ -55,17 +55,17 @@ def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
         )
         check(runs[f"finetune@{recipe}"])
     runs["evaluate_baseline"] = run_stage(
-        project, "evaluate", "baseline", "base", "data/world", "data/captions", "metrics/eval/baseline.json")
+        project, "evaluate", "baseline", "base", "data/eval", "data/captions", "metrics/eval/baseline.json")
     check(runs["evaluate_baseline"])
     runs["evaluate@paper"] = run_stage(
-        project, "evaluate", "paper", "models/finetuned/paper", "data/world", "data/captions",
+        project, "evaluate", "paper", "models/finetuned/paper", "data/eval", "data/captions",
         "metrics/eval/paper.json",
     )
     check(runs["evaluate@paper"])
     # evaluate@full through the click CLI in-process (same library call, no interpreter start-up)
     runs["cli_evaluate@full"] = CliRunner().invoke(cli, [
         "evaluate", "--params", str(project / "params.yaml"), "--checkpoint", str(project / "models/finetuned/full"),
-        str(project / "data/world"), str(project / "data/captions"), str(project / "metrics/eval/full.json"),
+        str(project / "data/eval"), str(project / "data/captions"), str(project / "metrics/eval/full.json"),
     ])
     runs["report"] = run_stage(project, "report", "metrics/eval", "data/captions", "data/inverted", "reports")
     check(runs["report"])
@@ -75,9 +75,11 @@ def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
 # --- world, captions, invert ----------------------------------------------------------------
 
 
-def test_world_writes_val_and_test_folders(pipeline):
-    world = pipeline["project"] / "data/world"
-    assert sorted(p.name for p in world.iterdir()) == ["test", "val"]
+def test_data_renders_demo_sets_and_writes_manifests(pipeline):
+    world = pipeline["project"] / "data/eval"
+    assert sorted(p.name for p in world.iterdir()) == ["sets.json", "test", "test.parquet", "val", "val.parquet"]
+    sets = json.loads((world / "sets.json").read_text())
+    assert sets["val"]["n_images"] == sets["test"]["n_images"] == 2 * len(DEMO_CONCEPTS)
     for split in ("val", "test"):
         folders = sorted(p.name for p in (world / split).iterdir())
         assert folders == sorted(DEMO_CONCEPTS)
@@ -198,7 +200,7 @@ def test_evaluate_records_the_checkpoint(pipeline):
     project = pipeline["project"]
     paper = json.loads((project / "metrics/eval/paper.json").read_text())
     assert paper["params"]["checkpoint"] == "models/finetuned/paper"
-    assert "paper: test target" in pipeline["runs"]["evaluate@paper"].stdout
+    assert "paper on test: target" in pipeline["runs"]["evaluate@paper"].stdout
 
 
 def test_cli_evaluate_matches_the_stage_schema(pipeline):
@@ -214,14 +216,17 @@ def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
     assert sorted(p.name for p in reports.iterdir()) == ["inverted.png", "lr_curve.json", "metrics.json", "results.md"]
     markdown = (reports / "results.md").read_text()
     for name in NOVEL:
-        # one row per split (test and val) for each novel concept
-        assert markdown.count(f"| {name} | novel |") == 2, name
-    assert markdown.count("| lantern | known |") == 2
+        # one row per set (test and val) for each novel concept
+        assert markdown.count(f"| {name} | target |") == 2, name
+    assert markdown.count("| lantern | retention |") == 2
+    assert "## Headline (target on `test`, retention on `test`)" in markdown
     metrics = json.loads((reports / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["full"]["target"] <= 1.0
     assert metrics["lr"] == pytest.approx(1e-4)
     evaluated = json.loads((pipeline["project"] / "metrics/eval/full.json").read_text())["metrics"]
     assert metrics["test"]["full"]["target"] == evaluated["test_name_target_acc"]
+    assert metrics["headline"]["full"]["target"] == evaluated["test_name_target_acc"]
+    assert metrics["headline"]["full"]["retention"] == evaluated["test_name_retention_acc"]
     curve = json.loads((reports / "lr_curve.json").read_text())
     assert isinstance(curve, list) and len(curve) == 1 and curve[0]["lr"] == pytest.approx(1e-4)
     assert set(curve[0]) >= {"paper_val_target", "full_val_retention"}
@@ -230,10 +235,19 @@ def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
         assert figure.width > 100 and figure.height > 100
 
 
-# --- pretrain (demo backend) ----------------------------------------------------------------
+# --- base model -----------------------------------------------------------------------------
 
 
-def test_pretrain_stage_writes_demo_checkpoint_and_log(tmp_path, tiny_checkpoint):
+def test_base_model_stage_records_a_real_backend_model(tiny_project, tiny_checkpoint):
+    check(run_stage(tiny_project, "base_model", "models/base", "metrics/base_model.json"))
+    record = json.loads((tiny_project / "models/base/model.json").read_text())
+    assert record["backend"] == "open_clip" and record["name"] == f"local-dir:{tiny_checkpoint}"
+    assert record["image_size"] == SIZE and record["kind"] == "dual_encoder"
+    assert record["n_parameters"] == sum(v.numel() for v in load_file(str(tiny_checkpoint / WEIGHTS_FILE)).values())
+    assert json.loads((tiny_project / "metrics/base_model.json").read_text()) == record
+
+
+def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
     project = make_project(tmp_path / "project", tiny_checkpoint)
     out = tmp_path / "pretrained"
     write_params(
@@ -242,7 +256,7 @@ def test_pretrain_stage_writes_demo_checkpoint_and_log(tmp_path, tiny_checkpoint
         pretrain={"steps": 2, "batch_size": 16, "name_batch": 8},
         world={"image_size": 32},
     )
-    check(run_stage(project, "pretrain", out, "metrics/pretrain.json"))
+    check(run_stage(project, "base_model", out, "metrics/pretrain.json"))
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     log = json.loads((project / "metrics/pretrain.json").read_text())
     assert [r["step"] for r in log["log"]] == [0, 1]
@@ -258,7 +272,7 @@ def test_pretrain_stage_writes_demo_checkpoint_and_log(tmp_path, tiny_checkpoint
 
 # --- command line ---------------------------------------------------------------------------
 
-COMMANDS = ["world", "pretrain", "captions", "invert", "finetune", "evaluate", "report"]
+COMMANDS = ["data", "base_model", "captions", "invert", "finetune", "evaluate", "report"]
 
 
 def test_cli_lists_every_command():

@@ -1,6 +1,7 @@
 """Evaluation tasks: one module each, same signature, dispatched through `TASKS`.
 
-Each task is `evaluate(model, data, concepts, params, progress) -> dict[str, float]`.
+Each task is `evaluate(model, manifest, extra_classes, concepts, templates, params, progress)`
+and returns a flat `dict[str, float]`; `run_evaluate` writes them in one JSON schema.
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Callable
 
 from ktpipe.captions import read_concepts
 from ktpipe.eval import classification
+from ktpipe.evalsets import load_eval_set
 from ktpipe.io import write_json
 from ktpipe.models import load_base_model, load_checkpoint
 from ktpipe.params import Params
-
-SPLITS = ("val", "test")  # val picks the learning rate; test is only reported
+from ktpipe.templates import load_templates
 
 TASKS: dict[str, Callable[..., dict[str, float]]] = {
     "zeroshot_classification": classification.evaluate,
@@ -34,19 +35,22 @@ def write_result(path: Path, task: str, dataset: str, model: str, params: dict, 
     write_json(path, record)
 
 
-def run_evaluate(params: Params, tag: str, checkpoint: Path | None, data_root: Path,
+def run_evaluate(params: Params, tag: str, checkpoint: Path | None, eval_dir: Path,
                  captions_dir: Path, out_path: Path) -> dict[str, float]:
-    """Zero-shot classification on data_root/val and data_root/test; one JSON in the shared schema.
+    """Zero-shot classification on every evaluation set; one JSON with `<set>_<metric>` keys.
 
     `checkpoint` None evaluates the model before transfer (params.model).
     """
     concepts = read_concepts(captions_dir, params.concepts)
+    sets = {name: load_eval_set(eval_dir, name) for name in params.evaluate.sets}
     model = load_base_model(params.model) if checkpoint is None else load_checkpoint(params.model, checkpoint)
     metrics: dict[str, float] = {}
-    for split in SPLITS:
-        found = run_task("zeroshot_classification", model, Path(data_root) / split, concepts, params.evaluate)
-        metrics.update({f"{split}_{k}": v for k, v in found.items()})
+    for name, spec in params.evaluate.sets.items():
+        extra = [c for other in spec.extra_classes for c in sets[other].classes]
+        templates = load_templates(spec.templates or params.evaluate.templates)
+        found = run_task("zeroshot_classification", model, sets[name], extra, concepts, templates, params.evaluate)
+        metrics.update({f"{name}_{k}": v for k, v in found.items()})
     run_params = {**dataclasses.asdict(params.evaluate), **dataclasses.asdict(params.model),
                   "checkpoint": str(checkpoint) if checkpoint else None}
-    write_result(out_path, "zeroshot_classification", str(data_root), tag, run_params, metrics)
+    write_result(out_path, "zeroshot_classification", str(eval_dir), tag, run_params, metrics)
     return metrics

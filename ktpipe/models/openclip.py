@@ -1,11 +1,14 @@
 """open_clip backend: CLIP, CoCa and BiomedCLIP-style models behind `ImageTextModel`.
 
 Checkpoints are written as an open_clip 'local-dir' folder (`open_clip_config.json` plus
-`open_clip_model.safetensors`), so plain open_clip loads them again with
-`open_clip.create_model_and_transforms("local-dir:<folder>")`.
+`open_clip_model.safetensors`, and the tokenizer files for hf text towers). Plain open_clip
+loads them with `open_clip.create_model_and_transforms("local-dir:<folder>")`; when the
+architecture is built into open_clip, the config's "arch" entry names it, and
+`create_model_and_transforms(arch, pretrained="<folder>/open_clip_model.safetensors")` works too.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any, Iterable
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.tokenizer import HFTokenizer
 from PIL import Image
 from safetensors.torch import save_file
 from torchvision.transforms import v2 as T
@@ -30,23 +34,82 @@ class ModelLoadError(ValueError):
     """A model name, pretrained tag or checkpoint cannot be resolved."""
 
 
-def resolve_model_config(name: str) -> dict[str, Any]:
-    """The open_clip architecture config for a model name, or a clear error."""
+def read_config_file(name: str) -> dict[str, Any]:
+    """The whole `open_clip_config.json` of a 'local-dir:' folder or an 'hf-hub:' id."""
     if name.startswith(LOCAL_DIR):
         config_path = Path(name[len(LOCAL_DIR):]) / CONFIG_FILE
         if not config_path.is_file():
             raise ModelLoadError(f"checkpoint folder has no {CONFIG_FILE}: {config_path.parent}")
-        return json.loads(config_path.read_text())["model_cfg"]
-    if name.startswith(HF_HUB):
-        from huggingface_hub import hf_hub_download  # only reached at sites with hub access
+        return json.loads(config_path.read_text())
+    from huggingface_hub import hf_hub_download  # only reached at sites with hub access
 
-        path = hf_hub_download(name[len(HF_HUB):], CONFIG_FILE)
-        return json.loads(Path(path).read_text())["model_cfg"]
+    return json.loads(Path(hf_hub_download(name[len(HF_HUB):], CONFIG_FILE)).read_text())
+
+
+def resolve_model_config(name: str) -> dict[str, Any]:
+    """The open_clip architecture config for a model name, or a clear error."""
+    if name.startswith((LOCAL_DIR, HF_HUB)):
+        return read_config_file(name)["model_cfg"]
     config = open_clip.get_model_config(name.replace("/", "-"))
     if config is None:
         close = [m for m in open_clip.list_models() if name.lower()[:5] in m.lower()][:8]
         raise ModelLoadError(f"unknown open_clip model name {name!r}; similar known names: {close}")
     return config
+
+
+def builtin_arch(model_cfg: dict[str, Any], hint: str | None = None) -> str | None:
+    """The built-in open_clip architecture name whose config is `model_cfg` (None if none is):
+    the `name` that `create_model_and_transforms(name, pretrained=<file>)` needs."""
+    candidates = [hint.replace("/", "-")] if hint else []
+    for name in candidates + open_clip.list_models():
+        if open_clip.get_model_config(name) == model_cfg:
+            return name
+    return None
+
+
+def model_class(model_cfg: dict[str, Any]) -> type[torch.nn.Module]:
+    """The class `open_clip.create_model` builds for a config: CoCa, CustomTextCLIP or CLIP."""
+    if "multimodal_cfg" in model_cfg:
+        return open_clip.CoCa
+    if model_cfg.get("custom_text") or "hf_model_name" in model_cfg["text_cfg"]:
+        return open_clip.CustomTextCLIP
+    return open_clip.CLIP
+
+
+def build_tokenizer(model_cfg: dict[str, Any]) -> Any:
+    """The tokenizer `open_clip.get_tokenizer` picks for a config: HFTokenizer for hf text
+    towers, SimpleTokenizer otherwise."""
+    text_cfg = model_cfg["text_cfg"]
+    context = text_cfg.get("context_length", 77)
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context,
+                           tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+    return open_clip.SimpleTokenizer(context_length=context, **kwargs)
+
+
+def random_init_module(model_cfg: dict[str, Any]) -> torch.nn.Module:
+    """A random-init network for a config; timm and hf towers are built without downloading
+    weights (an hf text tower still reads its config from `hf_model_name`)."""
+    cfg = copy.deepcopy(model_cfg)
+    cls = model_class(cfg)
+    cfg.pop("custom_text", None)
+    if "timm_model_name" in cfg["vision_cfg"]:
+        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    if "hf_model_name" in cfg["text_cfg"]:
+        cfg["text_cfg"]["hf_model_pretrained"] = False
+    return cls(**cfg)
+
+
+def state_for_saving(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; tied weights are copied, as safetensors refuses shared storage."""
+    state, seen = {}, set()
+    for key, value in module.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        state[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return state
 
 
 def check_pretrained(name: str, pretrained: str | None) -> None:
@@ -62,6 +125,25 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
         raise ModelLoadError(
             f"pretrained {pretrained!r} for {name!r} is neither a known tag {tags} nor an existing checkpoint file"
         )
+
+
+def needs_quick_gelu(name: str, pretrained: str | None, model_cfg: dict[str, Any]) -> bool:
+    """True when a pretrained tag was trained with QuickGELU but the named config lacks it."""
+    if pretrained is None or name.startswith((LOCAL_DIR, HF_HUB)) or model_cfg.get("quick_gelu"):
+        return False
+    return bool(open_clip.get_pretrained_cfg(name.replace("/", "-"), pretrained).get("quick_gelu"))
+
+
+def describe_source(name: str, pretrained: str | None, model_cfg: dict[str, Any]) -> tuple[str | None, str]:
+    """(built-in architecture name or None, what the weights started from) for a loaded model;
+    a ktpipe checkpoint folder passes on what its own config recorded."""
+    base_model = name if pretrained is None else f"{name} pretrained={pretrained}"
+    if name.startswith(LOCAL_DIR):
+        saved = read_config_file(name)
+        if "arch" in saved:
+            return saved["arch"], saved.get("base_model") or base_model
+    hint = None if name.startswith((LOCAL_DIR, HF_HUB)) else name
+    return builtin_arch(model_cfg, hint), base_model
 
 
 BLOCK_RE = re.compile(r"\.(?:resblocks|blocks)\.(\d+)\.")
@@ -94,10 +176,13 @@ class OpenClipModel:
 
     kind = DUAL_ENCODER
 
-    def __init__(self, module: torch.nn.Module, tokenizer: Any, model_cfg: dict[str, Any], device: str = "cpu"):
+    def __init__(self, module: torch.nn.Module, tokenizer: Any, model_cfg: dict[str, Any], device: str = "cpu",
+                 arch: str | None = None, base_model: str | None = None):
         self.module = module.to(device)
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
+        self.arch = arch  # built-in open_clip name of the architecture (None: not built in)
+        self.base_model = base_model  # what the weights started from, as the user named it
         self.device = device
         pp = open_clip.get_model_preprocess_cfg(module)
         size = pp.get("size", 224)
@@ -114,23 +199,34 @@ class OpenClipModel:
 
     @classmethod
     def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "OpenClipModel":
-        """Build from an open_clip name plus tag/file, a 'local-dir:' folder or an 'hf-hub:' id."""
+        """Build from an open_clip name plus tag/file, a 'local-dir:' folder or an 'hf-hub:' id.
+
+        A tag trained with QuickGELU (OpenAI's) gets it even under the plain name: open_clip 3
+        only warns about the mismatch, and GELU on those weights loses accuracy.
+        """
         model_cfg = resolve_model_config(name)
         check_pretrained(name, pretrained)
-        module = open_clip.create_model(name, pretrained=pretrained, device=device)
-        return cls(module, open_clip.get_tokenizer(name), model_cfg, device)
+        quick_gelu = needs_quick_gelu(name, pretrained, model_cfg)
+        if quick_gelu:
+            model_cfg["quick_gelu"] = True
+        module = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
+        arch, base_model = describe_source(name, pretrained, model_cfg)
+        return cls(module, open_clip.get_tokenizer(name), model_cfg, device, arch, base_model)
 
     @classmethod
-    def from_config(cls, model_cfg: dict[str, Any], device: str = "cpu") -> "OpenClipModel":
-        """A random-init model from an architecture config dict (tests, demo pretraining)."""
-        module = open_clip.CoCa(**model_cfg) if "multimodal_cfg" in model_cfg else open_clip.CLIP(**model_cfg)
-        context = model_cfg["text_cfg"].get("context_length", 77)
+    def from_config(cls, model_cfg: dict[str, Any], device: str = "cpu", name: str | None = None) -> "OpenClipModel":
+        """A random-init model from an architecture config dict (tests, demo pretraining,
+        benchmarks); `name` is its built-in open_clip name when known (else looked up)."""
+        model_cfg = copy.deepcopy(model_cfg)
+        module = random_init_module(model_cfg)
         open_clip.set_model_preprocess_cfg(module, {
-            "size": model_cfg["vision_cfg"]["image_size"],
+            "size": module.visual.image_size,
             "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
             "interpolation": "bicubic", "resize_mode": "shortest",
         })
-        return cls(module, open_clip.SimpleTokenizer(context_length=context), model_cfg, device)
+        arch = builtin_arch(model_cfg, name)
+        base_model = f"random init ({arch or name or 'custom config'})"
+        return cls(module, build_tokenizer(model_cfg), model_cfg, device, arch, base_model)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._to_pixels(image.convert("RGB"))
@@ -168,9 +264,17 @@ class OpenClipModel:
                 yield param
 
     def save(self, out_dir: Path) -> None:
+        """Write a local-dir folder; its weights file also loads under the built-in name
+        recorded as "arch" (`create_model_and_transforms(arch, pretrained=<file>)`)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"model_cfg": self.model_cfg, "preprocess_cfg": open_clip.get_model_preprocess_cfg(self.module)}
-        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=list))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
-        save_file(state, str(out_dir / WEIGHTS_FILE))
+        config = {
+            "model_cfg": self.model_cfg,
+            "preprocess_cfg": open_clip.get_model_preprocess_cfg(self.module),
+            "arch": self.arch,
+            "base_model": self.base_model,
+        }
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=list) + "\n")
+        save_file(state_for_saving(self.module), str(out_dir / WEIGHTS_FILE))
+        if isinstance(self.tokenizer, HFTokenizer):  # get_tokenizer("local-dir:") reads it from the folder
+            self.tokenizer.save_pretrained(out_dir)

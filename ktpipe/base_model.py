@@ -1,0 +1,59 @@
+"""The model before transfer, as a DVC output every later stage depends on.
+
+For the demo backend this is the tiny CLIP pretrained here on the demo world. For a real
+backend (open_clip weights from a hub or a file) it is `model.json`: what was loaded, its input
+size and parameter count, and the checksum of a local weights file, so a changed model reruns
+exactly the stages downstream of it while the weights themselves stay in the hub cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from ktpipe.io import atomic_dir, write_json
+from ktpipe.models import load_base_model
+from ktpipe.params import Params
+
+REFERENCE_FILE = "model.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_model(params: Params) -> dict:
+    """Load the base model once (validating name and weights) and describe it."""
+    start = time.time()
+    model = load_base_model(params.model)
+    pretrained = params.model.pretrained
+    record = {
+        "backend": params.model.backend, "name": params.model.name, "pretrained": pretrained,
+        "image_size": model.image_size, "kind": model.kind,
+        "n_parameters": sum(p.numel() for p in model.module.parameters()),
+        "seconds": round(time.time() - start, 1),
+    }
+    if pretrained and Path(pretrained).is_file():
+        record["sha256"] = sha256_file(Path(pretrained))
+    return record
+
+
+def run_base_model(params: Params, out_dir: Path, log_path: Path) -> dict:
+    """Pretrain the demo model into out_dir, or record the real model that params name."""
+    if params.model.backend == "demo":
+        from ktpipe.pretrain import run_pretrain  # the demo world is only needed here
+
+        if Path(params.model.pretrained or "") != Path(out_dir):
+            raise ValueError(f"for the demo backend, params key 'model.pretrained' must be {str(out_dir)!r} "
+                             f"(the base_model stage's output), got {params.model.pretrained!r}")
+        return run_pretrain(params, Path(out_dir), Path(log_path))
+    record = describe_model(params)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / REFERENCE_FILE, record)
+    write_json(log_path, record)
+    return record

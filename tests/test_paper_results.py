@@ -1,0 +1,86 @@
+"""The paper's published numbers (Tables 1 to 3) kept in ktpipe/data/paper_results.csv."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+CSV = Path(__file__).resolve().parents[1] / "ktpipe" / "data" / "paper_results.csv"
+LRS = {1e-5, 2e-5, 3e-5, 4e-5, 5e-5}
+LUNG_CANCER_LRS = {1e-4, 2e-4, 3e-4, 4e-4, 5e-4}  # Table 2: base lr 1e-4 times 1 to 5
+
+
+@pytest.fixture(scope="module")
+def results() -> pd.DataFrame:
+    return pd.read_csv(CSV, dtype={"lr": str})
+
+
+def value(results: pd.DataFrame, experiment: str, recipe: str, metric: str, lr: str) -> float:
+    """The one value of a cell; lr is 'baseline' or a number written any way ('4e-5', '0.00004')."""
+    rows = results[(results.experiment == experiment) & (results.recipe == recipe) & (results.metric == metric)]
+    rows = rows[rows.lr == "baseline"] if lr == "baseline" else rows[rows.lr != "baseline"]
+    if lr != "baseline":
+        rows = rows[rows.lr.astype(float).sub(float(lr)).abs() < 1e-12]
+    assert len(rows) == 1, (experiment, recipe, metric, lr, len(rows))
+    return float(rows.value.iloc[0])
+
+
+def test_schema(results):
+    assert list(results.columns) == ["experiment", "recipe", "metric", "lr", "value", "note"]
+    assert results.notna().all().all()
+    assert results.value.between(0.0, 1.0).all()
+    numeric = results.lr[results.lr != "baseline"].astype(float)
+    assert (numeric > 0).all() and (numeric < 1e-3).all()
+    assert not results.duplicated(["experiment", "recipe", "metric", "lr"]).any()
+    assert results.note.str.match(r"Table [123], ").all()
+
+
+def test_experiments_and_their_grids(results):
+    assert set(results.experiment) == {
+        "table1_vit_b32", "table1_vit_l14", "table1_vilt", "table2_medclip",
+        "table3_vit_b32", "table3_vit_l14", "table3_medclip_reference"}
+    for experiment, rows in results.groupby("experiment"):
+        assert (rows.lr == "baseline").any(), f"{experiment} has no baseline"
+    table1 = results[results.experiment.str.startswith("table1_")]
+    assert set(table1.recipe) == {"moongate", "tonometer", "gyroscope"} and len(table1) == 3 * 3 * 2 * 6
+    assert {float(lr) for lr in table1.lr if lr != "baseline"} == LRS
+    table2 = results[results.experiment == "table2_medclip"]
+    assert len(table2) == 2 * 2 * 6
+    assert {float(lr) for lr in table2[table2.recipe == "benign_nodule"].lr if lr != "baseline"} == LRS
+    assert {float(lr) for lr in table2[table2.recipe == "lung_cancer"].lr if lr != "baseline"} == LUNG_CANCER_LRS
+    table3 = results[results.experiment.str.startswith("table3_")]
+    assert set(table3.recipe) == {"all"} and len(table3) == 6 * 5
+    assert set(table3.metric) == {"top1", *(f"class_{c}" for c in (
+        "atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion"))}
+
+
+@pytest.mark.parametrize("experiment, recipe, metric, lr, expected", [
+    ("table1_vit_b32", "moongate", "target", "4e-5", 1.0),
+    ("table1_vit_b32", "moongate", "retention", "4e-5", 0.5037),
+    ("table1_vit_b32", "moongate", "retention", "baseline", 0.581),
+    ("table1_vit_b32", "tonometer", "retention", "5e-5", 0.2373),
+    ("table1_vit_l14", "tonometer", "target", "baseline", 0.3158),
+    ("table1_vit_l14", "gyroscope", "retention", "5e-5", 0.6835),
+    ("table1_vilt", "gyroscope", "target", "5e-5", 0.3),
+    ("table1_vilt", "tonometer", "retention", "4e-5", 0.2422),
+    ("table2_medclip", "lung_cancer", "target", "2e-4", 0.9286),
+    ("table2_medclip", "lung_cancer", "target", "3e-4", 0.9464),
+    ("table2_medclip", "lung_cancer", "retention", "5e-4", 0.445),
+    ("table2_medclip", "benign_nodule", "retention", "4e-5", 0.62),
+    ("table2_medclip", "benign_nodule", "target", "baseline", 0.5455),
+    ("table3_vit_b32", "all", "top1", "baseline", 0.194),
+    ("table3_vit_b32", "all", "class_cardiomegaly", "5e-5", 0.215),
+    ("table3_vit_l14", "all", "top1", "1e-5", 0.259),
+    ("table3_vit_l14", "all", "class_atelectasis", "baseline", 0.595),
+    ("table3_medclip_reference", "all", "class_pleural_effusion", "baseline", 0.84),
+])
+def test_cells_match_the_paper(results, experiment, recipe, metric, lr, expected):
+    assert value(results, experiment, recipe, metric, lr) == pytest.approx(expected, abs=1e-9)
+
+
+def test_medclip_baseline_agrees_across_tables(results):
+    """Table 2's CheXpert-5x200c baseline is Table 3's MedCLIP reference top-1 (62.10%)."""
+    reference = value(results, "table3_medclip_reference", "all", "top1", "baseline")
+    for recipe in ("benign_nodule", "lung_cancer"):
+        assert value(results, "table2_medclip", recipe, "retention", "baseline") == reference

@@ -1,0 +1,180 @@
+"""The paper presets: each validates against the typed params, and each runs its stages on a
+random-init model of its real architecture at its real input size, on generated datasets in
+the layouts the presets expect (README "Datasets").
+
+The short runs shrink what only repeats work (one concept, one recipe, 2 inverted images,
+2 inversion steps, 3 ImageNet classes, the first prompt template of each set) and keep
+everything else as the preset has it.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from ruamel.yaml import YAML
+from safetensors.torch import load_file
+
+from archs import save_random_checkpoint
+from conftest import REPO, deep_merge
+from ktpipe.base_model import run_base_model
+from ktpipe.captions import load_captions, run_captions
+from ktpipe.eval import run_evaluate
+from ktpipe.evalsets import run_data
+from ktpipe.finetune import run_finetune
+from ktpipe.invert import run_invert
+from ktpipe.params import load_params
+from ktpipe.report import load_paper_results, run_report
+from ktpipe.templates import load_templates
+
+PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
+ARCH = {"ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "biomedclip"}
+CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+
+
+def read_preset(name: str) -> dict:
+    return YAML(typ="safe", pure=True).load((REPO / "presets" / f"{name}.yaml").read_text())
+
+
+def test_every_paper_experiment_has_a_preset():
+    assert set(PRESETS) >= {"table1_vit_b32", "table1_vit_l14", "table2_biomedclip", "table3_vit_b32",
+                            "table3_vit_l14", "fig4_towers", "fig5_name_prefix", "noise_baseline"}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_validates_and_its_references_exist(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    params = load_params(REPO / "presets" / f"{name}.yaml")
+    assert params.model.backend == "open_clip" and params.model.name in ARCH
+    captions = load_captions(REPO / params.captions.file)
+    assert set(params.concepts) <= set(captions)
+    assert params.invert.steps == 5000 and params.invert.tv_weight == 0.005 and params.invert.samples == 10
+    for recipe in params.recipes:
+        cfg = params.recipe(recipe)
+        assert cfg.optimizer == "adam" and cfg.weight_decay == 0.2
+    for spec in params.evaluate.sets.values():
+        assert spec.root and spec.root.startswith("$KTPIPE_DATASETS")
+        assert load_templates(spec.templates or params.evaluate.templates)
+    if params.report.paper:
+        assert not load_paper_results(params.report.paper).empty
+
+
+# --- generated datasets in the presets' layouts ----------------------------------------------
+
+
+def write_png(path: Path, rng: np.random.Generator, size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def write_datasets(root: Path) -> Path:
+    """$KTPIPE_DATASETS with rare_concepts, imagenet/val, chexpert and jsrt, 1-2 images per class."""
+    rng = np.random.default_rng(0)
+    for concept in ("moongate", "tonometer", "gyroscope"):
+        write_png(root / "rare_concepts" / concept / "0.jpg", rng)
+    wnids = [w for w in (REPO / "ktpipe/data/imagenet/wnids.txt").read_text().split() if w.startswith("n")]
+    for wnid in wnids:
+        write_png(root / "imagenet/val" / wnid / "ILSVRC2012_val_0.JPEG", rng, 4)
+    rows = []
+    for k, name in enumerate(CHEXPERT):
+        path = f"CheXpert-v1.0/valid/patient{k}/view1_frontal.jpg"
+        write_png(root / "chexpert" / path, rng)
+        rows.append({"Path": path, **{c: float(c == name) for c in CHEXPERT}})
+    pd.DataFrame(rows).to_csv(root / "chexpert/chexpert_5x200.csv", index=False)
+    lines = ["JPCLN001.IMG\t3\t15\t56\tfemale\t1634\t692\tmalignant\tl.upper lobe\tlung cancer",
+             "JPCLN002.IMG\t4\t20\t61\tmale\t1200\t900\tbenign\tr.lower lobe\thamartoma"]
+    (root / "jsrt").mkdir(parents=True)
+    (root / "jsrt/CLNDAT_EN.txt").write_text("\n".join(lines) + "\n")
+    for stem in ("JPCLN001", "JPCLN002"):
+        write_png(root / "jsrt" / f"{stem}.png", rng)
+    return root
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> Path:
+    return write_datasets(tmp_path_factory.mktemp("datasets"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """arch -> random-init checkpoint folder, built once per module and architecture."""
+    root, built = tmp_path_factory.mktemp("archs"), {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = save_random_checkpoint(arch, root / arch)
+        return built[arch]
+
+    yield get
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def first_template(name: str, folder: Path) -> str:
+    """A one-line template file holding the first template of a packaged set."""
+    path = folder / f"{name}-first.txt"
+    path.write_text(load_templates(name)[0] + "\n")
+    return str(path)
+
+
+def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
+    """The preset with only repeated work cut down (see the module docstring)."""
+    recipe, overrides = next(iter(preset["recipes"].items()))
+    concepts = list(overrides.get("concepts") or preset["concepts"][:1])
+    default = preset["evaluate"]["templates"]
+    sets = {}
+    for name, spec in preset["evaluate"]["sets"].items():
+        sets[name] = {**spec, "templates": first_template(spec.get("templates") or default, folder)}
+        if spec["format"] == "imagenet":
+            sets[name]["classes"] = ["tench", "goldfish", "great white shark"]
+    out = deep_merge(preset, {
+        "concepts": concepts,
+        "model": {"name": f"local-dir:{checkpoint}", "pretrained": None, "device": "cpu"},
+        "invert": {"steps": 2, "samples": 2, "progressive_sizes": [64], "progressive_steps": [1]},
+        "finetune": {"epochs": 1},
+        "evaluate": {"batch_size": 8, "workers": 0, "sets": sets},
+    })
+    out["recipes"] = {recipe: overrides}  # replaced, not merged: the others name other concepts
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_runs_every_stage_at_real_size(name, datasets, checkpoints, tmp_path, monkeypatch):
+    preset = read_preset(name)
+    arch = ARCH[preset["model"]["name"]]
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "captions", project / "captions")
+    with (project / "params.yaml").open("w") as fh:
+        YAML(typ="safe", pure=True).dump(shrink(preset, checkpoints(arch), project), fh)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("KTPIPE_DATASETS", str(datasets))
+    params = load_params("params.yaml")
+    recipe = next(iter(params.recipes))
+
+    sets = run_data(params, Path("data/eval"))
+    assert set(sets) == set(params.evaluate.sets) and all(s["n_images"] > 0 for s in sets.values())
+    assert run_base_model(params, Path("models/base"), Path("metrics/base_model.json"))["image_size"] == 224
+    run_captions(Path(params.captions.file), Path(params.captions.generated), params.concepts, Path("data/captions"),
+                 params.captions.generator)
+    for concept in params.concepts:
+        meta = run_invert(params, Path(f"data/captions/{concept}.json"), Path(f"data/inverted/{concept}"))
+        assert meta["concept"] == concept
+        pixels = load_file(f"data/inverted/{concept}/images.safetensors")["pixels"]
+        assert pixels.shape == (2, 3, 224, 224) and 0 <= pixels.min() and pixels.max() <= 1
+    summary = run_finetune(params, recipe, Path("data/captions"), Path("data/inverted"),
+                           Path(f"models/finetuned/{recipe}"), Path(f"metrics/finetune/{recipe}.json"))
+    assert summary["n_images"] == 2 * len(params.recipe(recipe).concepts or params.concepts)
+    assert summary["lr"] == pytest.approx(params.lr * params.recipe(recipe).lr_multiplier)
+    for tag, checkpoint in (("baseline", None), (recipe, Path(f"models/finetuned/{recipe}"))):
+        metrics = run_evaluate(params, tag, checkpoint, Path("data/eval"), Path("data/captions"),
+                               Path(f"metrics/eval/{tag}.json"))
+        for set_name in params.evaluate.sets:
+            assert 0 <= metrics[f"{set_name}_name_overall_acc"] <= 1
+    report = run_report(params, Path("metrics/eval"), Path("data/captions"), Path("data/inverted"), Path("reports"))
+    head = report["headline"][recipe]
+    assert head["target"] is not None and head["retention"] is not None
+    if params.report.paper:
+        assert "(paper " in Path("reports/results.md").read_text()
