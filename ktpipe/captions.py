@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import asdict, dataclass, replace
 from io import StringIO
 from pathlib import Path
@@ -72,6 +73,11 @@ def lower_first(text: str) -> str:
     if len(first) > 1 and first[:2].isupper():
         return text
     return text[:1].lower() + text[1:]
+
+
+def concept_seed(seed: int, name: str) -> int:
+    """A per-concept seed that does not change when other concepts are added."""
+    return seed * 1_000_003 + zlib.crc32(name.encode())
 
 
 def finetune_caption(concept: ConceptText, name_prefix: bool = True) -> str:

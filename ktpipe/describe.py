@@ -9,7 +9,6 @@ captions file nor the generated file describes, and caches the result in the gen
 from __future__ import annotations
 
 import warnings
-import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ktpipe.captions import CaptionsError, ConceptText
+from ktpipe.captions import concept_seed as shared_concept_seed
 from ktpipe.params import GeneratorParams
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, concept: ConceptText, prom
 
 def concept_seed(cfg: GeneratorParams, name: str) -> int:
     """Sampling seed of one concept, so each description is reproducible on its own."""
-    return cfg.seed + zlib.crc32(name.encode())
+    return shared_concept_seed(cfg.seed, name)
 
 
 def generation_kwargs(cfg: GeneratorParams, tokenizer: PreTrainedTokenizerBase) -> dict:

@@ -9,7 +9,6 @@ import bisect
 import json
 import math
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ktpipe.captions import read_concept_file
+from ktpipe.captions import concept_seed, read_concept_file
 from ktpipe.images import save_grid
 from ktpipe.io import atomic_dir
 from ktpipe.models import CROSS_ENCODER, ImageTextModel, load_base_model
@@ -225,11 +224,6 @@ def load_inversion(folder: Path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"no inverted images at {path}; run the invert stage for this concept")
     return load_file(str(path))["pixels"]
-
-
-def concept_seed(seed: int, name: str) -> int:
-    """A per-concept seed that does not change when other concepts are added."""
-    return seed * 1_000_003 + zlib.crc32(name.encode())
 
 
 def run_invert(params: Params, concept_file: Path, out_dir: Path) -> dict:

@@ -65,7 +65,7 @@ class GeneratorParams:
     do_sample: bool = False  # false: greedy decoding; true: sampling seeded with `seed`
     temperature: float = 0.7  # sampling only
     top_p: float = 0.9  # sampling only
-    seed: int = 0  # sampling seed (per concept: seed + crc32 of its name)
+    seed: int = 0  # sampling seed (per concept, as captions.concept_seed derives it)
     device: str = "auto"  # auto picks cuda when available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     trust_remote_code: bool = False  # never on by default: it runs code from the model repository

@@ -51,12 +51,6 @@ def pct(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
 
-def recipe_concepts(params: Params, recipe: str, concepts: list[ConceptText]) -> list[str] | None:
-    """The novel concepts a recipe learns (None: all of them, pooled)."""
-    chosen = params.recipe(recipe).concepts
-    return list(chosen) if chosen else None
-
-
 def target_of(metrics: dict[str, float], set_name: str, names: list[str] | None, prompt: str = "name") -> float | None:
     """Pooled target accuracy, or the mean class accuracy of the named concepts."""
     if names is None:
@@ -66,16 +60,17 @@ def target_of(metrics: dict[str, float], set_name: str, names: list[str] | None,
     return sum(values) / len(values) if values else None
 
 
-def headline(params: Params, results: dict, concepts: list[ConceptText]) -> dict[str, dict]:
+def headline(params: Params, results: dict) -> dict[str, dict]:
     """recipe -> target and retention before and after transfer, on the report's sets."""
     sets = list(params.evaluate.sets)
     target_set = params.report.target_set or sets[0]
     retention_set = params.report.retention_set or sets[-1]
     out = {}
     for recipe in params.recipes:
-        names = recipe_concepts(params, recipe, concepts)
+        cfg = params.recipe(recipe)
+        names = list(cfg.concepts) if cfg.concepts else None  # None: all novel concepts, pooled
         out[recipe] = {
-            "lr": params.lr * params.recipe(recipe).lr_multiplier,
+            "lr": params.lr * cfg.lr_multiplier,
             "baseline_target": target_of(results[BASELINE], target_set, names),
             "target": target_of(results[recipe], target_set, names),
             "baseline_retention": results[BASELINE].get(f"{retention_set}_name_retention_acc"),
@@ -88,7 +83,7 @@ def summary_metrics(params: Params, results: dict, concepts: list[ConceptText]) 
     """Nested metrics for `dvc exp show`: set -> model -> target, retention and each novel concept."""
     novel = [c.name for c in concepts if c.role == "novel"]
     columns = [("description_prompt", BASELINE, "description"), *((t, t, "name") for t in [BASELINE, *params.recipes])]
-    out: dict = {"lr": params.lr, "headline": headline(params, results, concepts)}
+    out: dict = {"lr": params.lr, "headline": headline(params, results)}
     for set_name in params.evaluate.sets:
         out[set_name] = {
             label: {

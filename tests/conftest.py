@@ -121,3 +121,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_project(tmp_path, tiny_checkpoint) -> Path:
     """A fresh project folder on the tiny checkpoint; tweak it with `write_params`."""
     return make_project(tmp_path / "project", tiny_checkpoint)
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Any attempt to reach a model hub fails the test."""
+    import open_clip
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)

@@ -13,13 +13,8 @@ from archs import save_random_checkpoint
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
+def offline(no_downloads):
+    """Every test here runs with downloads blocked."""
 
 
 def test_finetuned_vit_b32_loads_in_plain_open_clip_by_name(tmp_path):

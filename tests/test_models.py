@@ -18,14 +18,8 @@ TINY = {
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Any attempt to reach a model hub fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
+def offline(no_downloads):
+    """Every test here runs with downloads blocked."""
 
 
 def test_registry_lists_backends_and_rejects_unknown():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ktpipe.captions import ConceptText
-from ktpipe.datasets import Manifest
+from ktpipe.datasets import Manifest, normalize_class as normalize
 from ktpipe.eval.metrics import accuracy, per_class_accuracy
 from ktpipe.images import open_image
 from ktpipe.models import ImageTextModel
@@ -34,11 +34,6 @@ class Candidate:
     prompts: tuple[str, ...]  # name prompts, ensembled
     description: str | None  # the concept's description (None for plain dataset classes)
     group: str  # target (novel concept) or retention (everything else)
-
-
-def normalize(name: str) -> str:
-    """Class names compare case-insensitively, with '_' and '-' as spaces."""
-    return " ".join(re.split(r"[\s_-]+", name.strip().lower()))
 
 
 def metric_key(name: str) -> str:
