@@ -29,21 +29,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def describe_model(params: Params) -> dict:
     """Load the base model once (validating name and weights) and describe it."""
-    start = time.time()
     model = load_base_model(params.model)
     pretrained = params.model.pretrained
     record = {
         "backend": params.model.backend, "name": params.model.name, "pretrained": pretrained,
         "image_size": model.image_size, "kind": model.kind,
         "n_parameters": sum(p.numel() for p in model.module.parameters()),
-        "seconds": round(time.time() - start, 1),
     }
     if pretrained and Path(pretrained).is_file():
         record["sha256"] = sha256_file(Path(pretrained))
     return record
 
 
-def run_base_model(params: Params, out_dir: Path, log_path: Path) -> dict:
+def run_base_model(params: Params, out_dir: Path, log_path: Path, world_path: Path | None = None) -> dict:
     """Pretrain the demo model into out_dir, or record the real model that params name."""
     if params.model.backend == "demo":
         from ktpipe.pretrain import run_pretrain  # the demo world is only needed here
@@ -51,9 +49,11 @@ def run_base_model(params: Params, out_dir: Path, log_path: Path) -> dict:
         if Path(params.model.pretrained or "") != Path(out_dir):
             raise ValueError(f"for the demo backend, params key 'model.pretrained' must be {str(out_dir)!r} "
                              f"(the base_model stage's output), got {params.model.pretrained!r}")
-        return run_pretrain(params, Path(out_dir), Path(log_path))
+        return run_pretrain(params, Path(out_dir), Path(log_path), world_path)
+    start = time.time()
     record = describe_model(params)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:  # only what the params determine: a rerun writes the same bytes
         write_json(tmp / REFERENCE_FILE, record)
-    write_json(log_path, record)
-    return record
+    summary = {**record, "seconds": round(time.time() - start, 1)}
+    write_json(log_path, summary)
+    return summary

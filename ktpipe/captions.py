@@ -12,14 +12,20 @@ import zlib
 from dataclasses import asdict, dataclass, replace
 from io import StringIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ruamel.yaml import YAML
 
-from ktpipe.io import atomic_dir, write_text
+from ktpipe.errors import warn
+from ktpipe.io import atomic_dir, write_json, write_text
 from ktpipe.params import GeneratorParams
 
+if TYPE_CHECKING:
+    from ktpipe.models import TextBudget
+
 ROLES = ("novel", "known")
-CONCEPT_KEYS = ("description", "role", "aliases", "prompt", "source", "label")  # keys of a captions entry
+CONCEPT_KEYS = ("description", "role", "aliases", "prompt", "source", "label", "render")  # keys of a captions entry
+RENDER_KEYS = ("shape", "color", "fill")  # a demo-world concept's `render` entry
 GENERATED_KEYS = ("description", "source")  # keys of a generated entry (the rest belongs in the captions file)
 
 # Top of a new generated file; the stage keeps whatever a user writes below it.
@@ -50,6 +56,8 @@ class ConceptText:
     prompt: str | None = None  # class prompt override for zero-shot classification
     source: str = ""  # where the description comes from (paper table, hand-written, LLM)
     label: str = ""  # the name as written in prompts and captions ("" : name with '_' as spaces)
+    render: dict | None = None  # demo world only: {shape, color, fill} it is drawn with (None: not drawn)
+    truncated: dict | None = None  # text -> what the text tower keeps, when captions.truncate cut it
 
     @property
     def described(self) -> bool:
@@ -134,7 +142,17 @@ def _parse_concept(name: object, raw: object, source: str, path: Path,
         prompt=_string(raw, "prompt", name, path, None),
         source=_string(raw, "source", name, path, source),
         label=_string(raw, "label", name, path, "").strip(),
+        render=_render(raw.get("render"), name, path),
     )
+
+
+def _render(raw: object, name: str, path: Path) -> dict | None:
+    """A `render` entry: exactly shape, color and fill, as strings (the world checks the values)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or sorted(raw) != sorted(RENDER_KEYS) or not all(isinstance(v, str) for v in raw.values()):
+        raise CaptionsError(f"{path}: concept {name!r}: render must map exactly {list(RENDER_KEYS)} to names, got {raw!r}")
+    return {k: raw[k] for k in RENDER_KEYS}
 
 
 def _read_mapping(path: Path, what: str) -> dict:
@@ -265,22 +283,65 @@ def read_concept_file(path: str | Path) -> ConceptText:
         raise CaptionsError(f"{path}: malformed concept file ({err}); rerun the captions stage") from err
 
 
+def concept_texts(concept: ConceptText) -> dict[str, str]:
+    """The texts of a concept that reach the text tower: the description (inversion, description
+    prompt), the fine-tuning caption and a class-prompt override."""
+    texts = {"description": concept.description, "caption": finetune_caption(concept)}
+    if concept.prompt:
+        texts["prompt"] = concept.prompt
+    return texts
+
+
+def check_text_lengths(concepts: list[ConceptText], budget: "TextBudget", truncate: bool) -> list[ConceptText]:
+    """Stop on a text longer than the text tower's context, which its tokenizer would cut without
+    a word; with `truncate`, warn instead and record what the tower keeps (`truncated`)."""
+    out = []
+    for concept in concepts:
+        texts = concept_texts(concept)
+        long = {kind: n for kind, text in texts.items() if (n := budget.count(text)) > budget.context_length}
+        if long and not truncate:
+            found = ", ".join(f"its {kind} has {n} tokens" for kind, n in long.items())
+            raise CaptionsError(
+                f"concept {concept.name!r}: {found}, over the text tower's context of {budget.context_length}; "
+                "shorten the description, or set params 'captions.truncate: true' to cut it (with a warning)")
+        if long:
+            kept = {kind: budget.kept(texts[kind]) for kind in long}
+            warn(f"concept {concept.name!r}: {', '.join(long)} cut to {budget.context_length} tokens: "
+                 + "; ".join(f"{kind} used as {text!r}" for kind, text in kept.items()))
+            concept = replace(concept, truncated=kept)
+        out.append(concept)
+    return out
+
+
+def world_concepts(captions: dict[str, ConceptText]) -> dict[str, dict[str, str]]:
+    """name -> {shape, color, fill, role} of every captions entry that the demo world draws."""
+    return {c.name: {**c.render, "role": c.role} for c in captions.values() if c.render is not None}
+
+
 def run_captions(captions_file: Path, generated_file: Path, concept_names: tuple[str, ...], out_dir: Path,
-                 generator: GeneratorParams | None = None) -> list[ConceptText]:
+                 generator: GeneratorParams | None = None, budget: "TextBudget | None" = None,
+                 truncate: bool = False, world_path: Path | None = None) -> list[ConceptText]:
     """Describe every params concept and split the descriptions into one file per concept.
 
     Concepts `captions_file` leaves undescribed take the entry of `generated_file`, or a new one
     from the `generator` LLM, which is added there. `generated_file` always exists afterwards
-    (a DVC output), untouched when nothing new was generated.
+    (a DVC output), untouched when nothing new was generated. With a `budget` every text must fit
+    the text tower (see check_text_lengths). `world_path` receives the demo world's concepts
+    (world_concepts), a file of its own so that editing a description does not rerun pretraining.
     """
     captions_file, generated_file = Path(captions_file), Path(generated_file)
-    wanted = wanted_concepts(load_captions(captions_file), tuple(concept_names))
+    captions = load_captions(captions_file)
+    wanted = wanted_concepts(captions, tuple(concept_names))
     generated = load_generated(generated_file)
     concepts, new = complete_concepts(wanted, generated, generator, captions_file, generated_file)
+    if budget is not None:
+        concepts = check_text_lengths(concepts, budget, truncate)
     if new or not generated_file.exists():
         write_generated(generated_file, new)
     with atomic_dir(out_dir) as tmp:
         write_concept_files(concepts, tmp)
+    if world_path is not None:
+        write_json(world_path, world_concepts(captions))
     return concepts
 
 

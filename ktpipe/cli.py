@@ -1,6 +1,7 @@
 """`ktpipe` command line: the pipeline's steps without DVC, on the same library functions."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -45,27 +46,34 @@ def main() -> None:
     """
 
 
+WORLD_OPTION = click.option(
+    "--world", "world_path", default="data/world.json", show_default=True, type=click.Path(dir_okay=False),
+    help="Demo world concepts, as `ktpipe captions` writes them (demo sets and pretraining only).")
+
+
 @main.command()
 @PARAMS_OPTION
+@WORLD_OPTION
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def data(params_path: str, out_dir: str) -> None:
+def data(params_path: str, world_path: str, out_dir: str) -> None:
     """Write one manifest per evaluation set (params `evaluate.sets`) into OUT_DIR."""
     from ktpipe.evalsets import run_data
 
-    summary = _run(run_data, load_params(params_path), Path(out_dir))
+    summary = _run(run_data, load_params(params_path), Path(out_dir), Path(world_path))
     for name, info in summary.items():
         click.echo(f"{name}: {info['n_images']} images of {len(info['classes'])} classes ({info['format']})")
 
 
 @main.command("base_model")
 @PARAMS_OPTION
+@WORLD_OPTION
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--log", "log_path", default="metrics/base_model.json", show_default=True, help="Log (JSON).")
-def base_model(params_path: str, out_dir: str, log_path: str) -> None:
+def base_model(params_path: str, world_path: str, out_dir: str, log_path: str) -> None:
     """Pretrain the demo model into OUT_DIR, or record the real model params name there."""
     from ktpipe.base_model import run_base_model
 
-    summary = _run(run_base_model, load_params(params_path), Path(out_dir), Path(log_path))
+    summary = _run(run_base_model, load_params(params_path), Path(out_dir), Path(log_path), Path(world_path))
     click.echo(f"base model ready in {summary['seconds']} s -> {out_dir}")
 
 
@@ -73,20 +81,25 @@ def base_model(params_path: str, out_dir: str, log_path: str) -> None:
 @PARAMS_OPTION
 @click.option("--generated", "generated_file", default=None, type=click.Path(dir_okay=False),
               help="Generated descriptions file (default: params `captions.generated`, relative to the params file).")
+@click.option("--world", "world_path", default="data/world.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Where to write the demo world's concepts.")
 @click.argument("captions_file", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def captions(params_path: str, generated_file: str | None, captions_file: str, out_dir: str) -> None:
+def captions(params_path: str, generated_file: str | None, world_path: str, captions_file: str, out_dir: str) -> None:
     """Describe every params concept from CAPTIONS_FILE; write one JSON per concept into OUT_DIR.
 
     Concepts CAPTIONS_FILE leaves undescribed take their entry in the generated file, or a new
-    one that the LLM of params `captions.generator` writes there.
+    one that the LLM of params `captions.generator` writes there. A text longer than the text
+    tower's context is an error unless params `captions.truncate` is true.
     """
     from ktpipe.captions import run_captions
+    from ktpipe.models import load_base_text_budget
 
     params = load_params(params_path)
     generated = Path(generated_file) if generated_file else Path(params_path).parent / params.captions.generated
+    budget = _run(load_base_text_budget, params.model)
     concepts = _run(run_captions, Path(captions_file), generated, params.concepts, Path(out_dir),
-                    params.captions.generator)
+                    params.captions.generator, budget, params.captions.truncate, Path(world_path))
     click.echo(f"wrote {len(concepts)} concept files to {out_dir}")
 
 
@@ -94,14 +107,17 @@ def captions(params_path: str, generated_file: str | None, captions_file: str, o
 @PARAMS_OPTION
 @click.argument("concept_file", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def invert(params_path: str, concept_file: str, out_dir: str) -> None:
+@click.option("--timing", "timing_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the wall time to this JSON file (kept out of OUT_DIR so it stays cacheable).")
+def invert(params_path: str, concept_file: str, out_dir: str, timing_path: str | None) -> None:
     """Synthesize images of one concept (CONCEPT_FILE from `captions`) into OUT_DIR.
 
-    Writes images.safetensors, grid.png and summary.json (final similarities).
+    Writes images.safetensors, grid.png and summary.json (final similarities and settings).
     """
     from ktpipe.invert import run_invert
 
-    meta = _run(run_invert, load_params(params_path), Path(concept_file), Path(out_dir))
+    timing = Path(timing_path) if timing_path else None
+    meta = _run(run_invert, load_params(params_path), Path(concept_file), Path(out_dir), timing)
     click.echo(f"inverted {meta['concept']!r} in {meta['seconds']} s -> {out_dir}")
 
 
@@ -122,8 +138,8 @@ def finetune(params_path: str, recipe: str, lr: float | None, captions_dir: str,
 
     params = load_params(params_path)
     if lr is not None:
-        if not lr > 0:
-            raise UserError(f"--lr must be a positive number, got {lr}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lr must be a finite positive number, got {lr}")
         params = dataclasses.replace(params, lr=lr)
     log = Path(log_path) if log_path else Path(f"{out_dir.rstrip('/')}.json")
     summary = _run(run_finetune, params, recipe, Path(captions_dir), Path(inverted_dir), Path(out_dir), log)

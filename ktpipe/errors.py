@@ -1,8 +1,27 @@
 """Turn expected user errors into one clear line and a non-zero exit."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Callable
+
+
+class NonFiniteError(ValueError):
+    """A loss or gradient became NaN or infinite: the run stops rather than write broken weights."""
+
+
+def check_finite(value: Any, what: str, where: str, step: int) -> None:
+    """`value` is a float or a one-element tensor. Raise NonFiniteError naming `what` (loss, gradient), `where` (concept, recipe) and the step."""
+    number = float(value.detach()) if hasattr(value, "detach") else float(value)
+    if not math.isfinite(number):
+        raise NonFiniteError(f"{where}: the {what} is {number} at step {step}; nothing was written. "
+                             "Lower the learning rate, or check the model weights and input images")
+
+
+def warn(message: str) -> None:
+    """A warning in the stage output (stderr), one line."""
+    print(f"ktpipe: warning: {message}", file=sys.stderr)
+
 
 # ParamsError, CaptionsError, ModelLoadError and DatasetError all derive from ValueError.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)

@@ -16,7 +16,7 @@ from ktpipe.datasets import Manifest, load_dataset, read_manifest, write_manifes
 from ktpipe.images import DatasetError
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.params import DatasetParams, Params
-from ktpipe.world import load_world, write_split
+from ktpipe.world import World, load_demo_world, load_world, write_split
 
 SETS_FILE = "sets.json"
 DEMO_SEED_OFFSET = {"val": 10_000, "test": 20_000}  # disjoint render streams per split
@@ -40,32 +40,39 @@ def resolve_spec(name: str, spec: DatasetParams) -> DatasetParams:
     return dataclasses.replace(spec, root=root, labels=labels)
 
 
-def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Path) -> Manifest:
+def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World) -> Manifest:
     """Render a demo-world split into out_dir/<name>/ and list it relative to out_dir."""
+    if not world.concepts:
+        raise DatasetError(f"evaluation set {name!r} renders the demo world, but no concept of the captions file "
+                           "has a 'render' entry (shape, color, fill) to draw")
     n = params.world.val_per_concept if spec.split == "val" else params.world.test_per_concept
     seed = DEMO_SEED_OFFSET[spec.split] + params.seed
-    write_split(load_world(), out_dir / name, n, seed, params.world.image_size)
+    write_split(world, out_dir / name, n, seed, params.world.image_size)
     folder_spec = dataclasses.replace(spec, format="folder", root=str(out_dir / name))
     manifest = load_dataset(name, folder_spec, params.seed)
     paths = tuple(str(Path(p).relative_to(out_dir)) for p in manifest.paths)
     return dataclasses.replace(manifest, paths=paths)
 
 
-def build_set(name: str, spec: DatasetParams, params: Params, out_dir: Path) -> Manifest:
-    """One evaluation set's manifest (rendering it first for the demo world)."""
+def build_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World | None = None) -> Manifest:
+    """One evaluation set's manifest (rendering `world` first for the demo format)."""
     if spec.format == "demo":
-        return render_demo_set(name, spec, params, out_dir)
+        return render_demo_set(name, spec, params, out_dir, world or load_world())
     return load_dataset(name, resolve_spec(name, spec), params.seed)
 
 
-def run_data(params: Params, out_dir: Path) -> dict[str, dict]:
-    """Write one manifest per evaluation set and a summary; all or nothing."""
+def run_data(params: Params, out_dir: Path, world_path: Path | None = None) -> dict[str, dict]:
+    """Write one manifest per evaluation set and a summary; all or nothing.
+
+    Demo sets draw the concepts of `world_path` (written by the captions stage)."""
     if not params.evaluate.sets:
         raise DatasetError("params 'evaluate.sets' is empty: name at least one evaluation set")
+    renders = any(spec.format == "demo" for spec in params.evaluate.sets.values())
+    world = load_demo_world(world_path) if renders and world_path is not None else None
     summary = {}
     with atomic_dir(out_dir) as tmp:
         for name, spec in params.evaluate.sets.items():
-            manifest = build_set(name, spec, params, tmp)
+            manifest = build_set(name, spec, params, tmp, world)
             write_manifest(manifest, tmp / f"{name}.parquet")
             counts = [manifest.labels.count(k) for k in range(len(manifest.classes))]
             summary[name] = {"format": spec.format, "n_images": len(manifest), "classes": list(manifest.classes),

@@ -1,6 +1,7 @@
-"""Fine-tuning on (inverted image, "A <name> is <description>.") pairs with InfoNCE."""
+"""Fine-tuning on (inverted image, "A <name> is <description>.") pairs with a contrastive objective."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ from tqdm.auto import tqdm
 
 from ktpipe.captions import CaptionsError, ConceptText, finetune_caption, read_concepts
 from ktpipe.invert import concept_seed, load_inversion
+from ktpipe.errors import check_finite
 from ktpipe.io import atomic_dir, write_json
-from ktpipe.losses import info_nce
+from ktpipe.losses import FINETUNE_LOSSES, distillation_loss
 from ktpipe.models import ImageTextModel, load_base_model
 from ktpipe.params import FinetuneParams, Params
 
@@ -28,9 +30,50 @@ def set_trainable(model: ImageTextModel, towers: str, visual_layers: int | None 
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: FinetuneParams, lr: float) -> torch.optim.Optimizer:
-    """Adam with L2 decay or AdamW with decoupled decay (CLIP's choice)."""
+    """Adam with L2 decay or AdamW with decoupled decay (CLIP's choice), with the recipe's betas and eps."""
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(params, lr=lr, weight_decay=cfg.weight_decay)
+    return opt(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def check_objective(cfg: FinetuneParams, captions: list[str], recipe: str) -> None:
+    """Eq. 2 contrasts an image only against the recipe's captions: with a single distinct caption
+    its logits are (B, 1), the loss is 0 and nothing is learned, so refuse to start."""
+    if cfg.loss == "eq2" and len(set(captions)) < 2:
+        raise ValueError(
+            f"recipe {recipe!r}: finetune.loss 'eq2' needs at least two distinct captions, the recipe has "
+            f"{len(set(captions))} ({captions[:1]}); its loss and gradient would be 0 at every step. "
+            "Use loss 'authors' (contrasts the batch's images and captions), or learn more concepts together")
+
+
+def frozen_copy(model: ImageTextModel) -> ImageTextModel:
+    """An eval-mode copy of the model with no trainable parameter (the distillation teacher)."""
+    teacher = copy.deepcopy(model)
+    teacher.module.eval()
+    for p in teacher.module.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def text_targets(model: ImageTextModel, captions: list[str], text_trains: bool) -> torch.Tensor | None:
+    """The frozen captions' embeddings (K, D), computed in eval mode (no text dropout), or None
+    when the text tower trains and embeds them anew every step."""
+    if text_trains:
+        return None
+    model.module.eval()
+    with torch.no_grad():
+        return model.encode_texts(captions)
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+                  recipe: str, step: int) -> None:
+    """Backpropagate and step, stopping on a non-finite loss or gradient before the weights change."""
+    check_finite(loss, "loss", f"fine-tuning recipe {recipe!r}", step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad.norm() for p in trainable if p.grad is not None]
+    if grads:
+        check_finite(torch.stack(grads).sum(), "gradient norm", f"fine-tuning recipe {recipe!r}", step)
+    optimizer.step()
 
 
 def finetune(
@@ -42,34 +85,43 @@ def finetune(
     lr: float,
     seed: int = 0,
     progress: bool = True,
+    recipe: str = "finetune",
 ) -> list[dict]:
     """Train `cfg.towers` for `cfg.epochs` on pixels (N, 3, S, S) whose labels (N,) index captions.
 
-    Every step contrasts the batch's images against all captions (Eq. 2), so even a batch
-    that holds a single concept still gets a gradient. Returns the per-step log.
+    The objective is `cfg.loss` (losses.FINETUNE_LOSSES) at `cfg.temperature` (None: the model's
+    own), plus `cfg.kd_weight` times the distillation MSE to the frozen model. Returns the per-step log.
     """
     if pixels.shape[0] == 0:
-        raise ValueError("no images to fine-tune on")
+        raise ValueError(f"recipe {recipe!r}: no images to fine-tune on")
+    check_objective(cfg, captions, recipe)
+    loss_fn = FINETUNE_LOSSES[cfg.loss]
+    teacher = frozen_copy(model) if cfg.kd_weight > 0 else None
     trainable = set_trainable(model, cfg.towers, cfg.visual_layers)
     optimizer = build_optimizer(trainable, cfg, lr)
     generator = torch.Generator().manual_seed(seed)
     text_trains = cfg.towers in ("text", "both")
+    frozen_text = text_targets(model, captions, text_trains)  # (K, D) or None
+    temperature = cfg.temperature if cfg.temperature is not None else 1.0 / model.logit_scale().detach()
     model.module.train()
-    with torch.no_grad():
-        frozen_text = None if text_trains else model.encode_texts(captions)  # (K, D)
-    scale = cfg.logit_scale if cfg.logit_scale is not None else model.logit_scale().detach()
     log, step = [], 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(pixels.shape[0], generator=generator)
         batches = order.split(cfg.batch_size)
-        for batch in tqdm(batches, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=f"finetune {recipe} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                          leave=False):
             text_emb = model.encode_texts(captions) if text_trains else frozen_text
             image_emb = model.encode_images(pixels[batch])
-            loss = info_nce(image_emb, text_emb, labels[batch].to(image_emb.device), scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            log.append({"step": step, "epoch": epoch, "loss": round(loss.item(), 6)})
+            loss = loss_fn(image_emb, text_emb, labels[batch].to(image_emb.device), temperature)
+            record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6)}
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_emb = teacher.encode_images(pixels[batch])
+                kd = distillation_loss(image_emb, teacher_emb)
+                loss = loss + cfg.kd_weight * kd
+                record["kd_loss"] = round(kd.item(), 8)
+            backward_step(loss, optimizer, trainable, recipe, step)
+            log.append(record)
             step += 1
     model.module.eval()
     return log
@@ -106,11 +158,22 @@ def noise_images(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def minmax_png(pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) -> each image min-max scaled to [0, 1] and quantized to 8 bits, as the authors'
+    inverted PNGs (torchvision `save_image(normalize=True, scale_each=True)`) hand them to fine-tuning."""
+    low = pixels.amin(dim=(1, 2, 3), keepdim=True)
+    high = pixels.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = (pixels - low) / (high - low).clamp(min=1e-5)
+    return (scaled * 255 + 0.5).clamp(0, 255).floor() / 255
+
+
 def concept_images(params: Params, cfg: FinetuneParams, name: str, inverted_dir: Path,
                    image_size: int | None) -> torch.Tensor:
-    """A concept's inverted images, or (images: noise) as many seeded uniform-noise images."""
+    """A concept's inverted images (raw, or as the authors' min-max PNGs), or (images: noise) as
+    many seeded uniform-noise images."""
     if cfg.images == "inverted":
-        return load_inversion(Path(inverted_dir) / name)
+        pixels = load_inversion(Path(inverted_dir) / name)
+        return minmax_png(pixels) if cfg.pixels == "minmax_png" else pixels
     if image_size is None:
         raise ValueError("noise images need the model's input size (training_set image_size)")
     return noise_images(params.invert.samples, image_size, concept_seed(params.seed, f"noise/{name}"))
@@ -135,11 +198,11 @@ def run_finetune(params: Params, recipe: str, captions_dir: Path, inverted_dir: 
     data = training_set(params, recipe, captions_dir, inverted_dir, model.image_size)
     lr = params.lr * cfg.lr_multiplier
     start = time.time()
-    log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed)
+    log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed, recipe=recipe)
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
     summary = {"recipe": recipe, "lr": lr, "base_lr": params.lr, "lr_multiplier": cfg.lr_multiplier,
-               "images": cfg.images, "concepts": data.concepts, "config": dataclasses.asdict(cfg),
+               "images": cfg.images, "loss": cfg.loss, "concepts": data.concepts, "config": dataclasses.asdict(cfg),
                "captions": data.captions, "n_images": int(data.pixels.shape[0]),
                "seconds": round(time.time() - start, 2), "log": log}
     write_json(log_path, summary)

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ktpipe.captions import concept_seed, read_concept_file
 from ktpipe.images import save_grid
-from ktpipe.io import atomic_dir
+from ktpipe.errors import check_finite
+from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import CROSS_ENCODER, ImageTextModel, load_base_model
 from ktpipe.params import InvertParams, Params
 
@@ -64,10 +65,11 @@ def affine_theta(draw: AffineDraw) -> torch.Tensor:
 
 
 def random_affine(pixels: torch.Tensor, cfg: InvertParams, generator: torch.Generator) -> torch.Tensor:
-    """Differentiable per-sample random affine of a (N, 3, S, S) batch (zero fill outside)."""
+    """Differentiable per-sample random affine of a (N, 3, S, S) batch; outside the moved image
+    `cfg.padding` fills zeros (black) or repeats the border (the authors' kornia setting)."""
     theta = affine_theta(sample_affine(pixels.shape[0], cfg, generator)).to(pixels)
     grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode=cfg.padding, align_corners=False)
 
 
 def total_variation(pixels: torch.Tensor) -> torch.Tensor:
@@ -85,12 +87,14 @@ def total_variation(pixels: torch.Tensor) -> torch.Tensor:
     return sum(d.flatten(2).norm(dim=-1).mean(dim=1) for d in diffs)
 
 
-def inversion_loss(sims: torch.Tensor, pixels: torch.Tensor, tv_weight: float) -> torch.Tensor:
-    """Negative Eq. 3 objective, summed over samples so each image gets its own gradient.
+def inversion_loss(sims: torch.Tensor, pixels: torch.Tensor, tv_weight: float, reduction: str = "sum") -> torch.Tensor:
+    """Negative Eq. 3 objective per sample, summed (each image gets its own full gradient) or
+    averaged over samples (the authors' code, where each image's gradient is 1/N of that).
 
     sims (N,) are the similarities of the augmented views to the text; pixels (N, 3, S, S).
     """
-    return (-sims + tv_weight * total_variation(pixels)).sum()
+    per_sample = -sims + tv_weight * total_variation(pixels)  # (N,)
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
 def cosine_lr(step: int, total: int, peak: float) -> float:
@@ -98,11 +102,11 @@ def cosine_lr(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * step / total))
 
 
-def to_model_size(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize to the model's input side (a no-op when it already matches)."""
+def to_model_size(pixels: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize to side `size` (bilinear or bicubic), clamped to [0, 1]; a no-op when it already matches."""
     if pixels.shape[-1] == size:
         return pixels
-    return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return F.interpolate(pixels, size=(size, size), mode=mode, align_corners=False).clamp(0, 1)
 
 
 def resolution_at(step: int, cfg: InvertParams, model_size: int) -> int:
@@ -143,17 +147,30 @@ def clip_pixel_grad(pixels: torch.Tensor, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_([pixels], max_norm))
 
 
-def fresh_pixels(pixels: torch.Tensor, size: int, lr: float) -> tuple[torch.Tensor, torch.optim.Adam]:
-    """A new leaf tensor of `pixels` at side `size` (bilinear) and an Adam optimizer with fresh state."""
-    leaf = to_model_size(pixels.detach(), size).clone().requires_grad_(True)
+def fresh_pixels(pixels: torch.Tensor, size: int, lr: float, mode: str = "bilinear") -> tuple[torch.Tensor, torch.optim.Adam]:
+    """A new leaf tensor of `pixels` resized to side `size` and an Adam optimizer with fresh state."""
+    leaf = to_model_size(pixels.detach(), size, mode).clone().requires_grad_(True)
     return leaf, torch.optim.Adam([leaf], lr=lr)
 
 
-def _similarity(model: ImageTextModel, views: torch.Tensor, text: str, text_emb: torch.Tensor | None):
-    """(N,) similarity of each view to the text: cosine for dual encoders, match score otherwise."""
+def text_target(model: ImageTextModel, text: str, similarity: str) -> torch.Tensor | None:
+    """(D,) the text embedding inversion moves towards: normalized for cosine, raw for l2;
+    None for a cross-encoder, which scores the pair instead."""
+    if model.kind == CROSS_ENCODER:
+        return None
+    with torch.no_grad():
+        return model.encode_texts([text], normalize=similarity == "cosine").reshape(-1)
+
+
+def _similarity(model: ImageTextModel, views: torch.Tensor, text: str, text_emb: torch.Tensor | None,
+                similarity: str = "cosine") -> torch.Tensor:
+    """(N,) similarity of each view to the text: cosine, or minus the L2 distance of the raw
+    embeddings (the authors' BiomedCLIP inversion); a cross-encoder's match score."""
     if model.kind == CROSS_ENCODER:
         return model.score_pairs(views, [text] * views.shape[0])
-    return model.encode_images(views) @ text_emb.reshape(-1)
+    if similarity == "l2":
+        return -(model.encode_images(views, normalize=False) - text_emb).norm(dim=-1)
+    return model.encode_images(views) @ text_emb
 
 
 def _freeze(model: ImageTextModel) -> None:
@@ -163,13 +180,19 @@ def _freeze(model: ImageTextModel) -> None:
 
 
 def _optimize_step(model: ImageTextModel, pixels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   cfg: InvertParams, generator: torch.Generator, text: str, text_emb: torch.Tensor | None):
-    """One Adam step on pixels (N, 3, s, s): augment, resize views to the model, Eq. 3, clip, clamp."""
-    views = to_model_size(random_affine(pixels, cfg, generator), model.image_size)
-    sims = _similarity(model, views, text, text_emb)
-    loss = inversion_loss(sims, pixels, cfg.tv_weight)
+                   cfg: InvertParams, generator: torch.Generator, text: str, text_emb: torch.Tensor | None,
+                   where: str, step: int):
+    """One Adam step on pixels (N, 3, s, s): augment, resize views to the model, Eq. 3, clip, clamp.
+
+    A non-finite loss or pixel gradient stops the run (NonFiniteError naming `where` and the step).
+    """
+    views = to_model_size(random_affine(pixels, cfg, generator), model.image_size, cfg.interpolation)
+    sims = _similarity(model, views, text, text_emb, cfg.similarity)
+    loss = inversion_loss(sims, pixels, cfg.tv_weight, cfg.reduction)
+    check_finite(loss, "inversion loss", where, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    check_finite(pixels.grad.norm(), "pixel gradient norm", where, step)
     if cfg.grad_clip is not None:
         clip_pixel_grad(pixels, cfg.grad_clip)
     optimizer.step()
@@ -179,9 +202,10 @@ def _optimize_step(model: ImageTextModel, pixels: torch.Tensor, optimizer: torch
 
 
 def invert_text(
-    model: ImageTextModel, text: str, cfg: InvertParams, seed: int = 0, progress: bool = True
+    model: ImageTextModel, text: str, cfg: InvertParams, seed: int = 0, progress: bool = True, name: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimize `cfg.samples` images for `text`; returns model-size pixels (N, 3, S, S) and sims (N,).
+    """Optimize `cfg.samples` images for `text` (of concept `name`, for messages); returns
+    model-size pixels (N, 3, S, S) and final similarities (N,) as `cfg.similarity` measures them.
 
     With `cfg.progressive` the pixels grow along `resolution_at`; each upsize starts a fresh Adam,
     while the cosine learning-rate schedule runs over the whole `cfg.steps`.
@@ -190,22 +214,23 @@ def invert_text(
     size = resolution_at(0, cfg, model.image_size)
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.rand(cfg.samples, 3, size, size, generator=generator).to(next(model.module.parameters()))
-    pixels, optimizer = fresh_pixels(pixels, size, cfg.lr)
+    pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
     _freeze(model)
-    text_emb = None if model.kind == CROSS_ENCODER else model.encode_texts([text]).detach()
-    bar = tqdm(range(cfg.steps), desc=f"invert {text[:30]!r}", disable=not progress, leave=False)
+    text_emb = text_target(model, text, cfg.similarity)
+    where = f"inversion of concept {name!r}" if name else f"inversion of {text[:40]!r}"
+    bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress, leave=False)
     for step in bar:
         size = resolution_at(step, cfg, model.image_size)
         if size != pixels.shape[-1]:
-            pixels, optimizer = fresh_pixels(pixels, size, cfg.lr)
+            pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
-        sims = _optimize_step(model, pixels, optimizer, cfg, generator, text, text_emb)
+        sims = _optimize_step(model, pixels, optimizer, cfg, generator, text, text_emb, where, step)
         if step % 25 == 0:
             bar.set_postfix(sim=f"{sims.mean().item():.3f}", side=size)
     with torch.no_grad():
-        final = to_model_size(pixels, model.image_size)
-        sims = _similarity(model, final, text, text_emb)
+        final = to_model_size(pixels, model.image_size, cfg.interpolation)
+        sims = _similarity(model, final, text, text_emb, cfg.similarity)
     return final.detach().cpu(), sims.detach().cpu()
 
 
@@ -226,16 +251,29 @@ def load_inversion(folder: Path) -> torch.Tensor:
     return load_file(str(path))["pixels"]
 
 
-def run_invert(params: Params, concept_file: Path, out_dir: Path) -> dict:
-    """Invert one concept's description with the base model; write its folder atomically."""
+def inversion_choices(cfg: InvertParams, model: ImageTextModel) -> dict:
+    """The settings where the paper's text and the authors' code differ, as this run used them."""
+    return {"image_size": model.image_size, "similarity": cfg.similarity, "reduction": cfg.reduction,
+            "padding": cfg.padding, "interpolation": cfg.interpolation, "grad_clip": cfg.grad_clip,
+            "resolutions": resolution_schedule(cfg, model.image_size)}  # [first step, side]
+
+
+def run_invert(params: Params, concept_file: Path, out_dir: Path, timing_path: Path | None = None) -> dict:
+    """Invert one concept's description with the base model; write its folder atomically.
+
+    The folder holds only what the inputs determine (a rerun writes the same bytes); the wall
+    time goes to `timing_path`, a metrics file no stage depends on.
+    """
     concept = read_concept_file(concept_file)
     model = load_base_model(params.model)
     start = time.time()
     seed = concept_seed(params.seed, concept.name)
-    pixels, sims = invert_text(model, concept.description, params.invert, seed)
+    pixels, sims = invert_text(model, concept.description, params.invert, seed, name=concept.name)
     meta = {"concept": concept.name, "text": concept.description, "seed": seed,
-            "resolutions": resolution_schedule(params.invert, model.image_size),  # [first step, side]
-            "grad_clip": params.invert.grad_clip, "seconds": round(time.time() - start, 2)}
+            **inversion_choices(params.invert, model)}
     with atomic_dir(out_dir) as tmp:
         save_inversion(tmp, pixels, sims, meta)
-    return meta
+    timing = {"concept": concept.name, "seconds": round(time.time() - start, 2), "steps": params.invert.steps}
+    if timing_path is not None:
+        write_json(timing_path, timing)
+    return {**meta, **timing}

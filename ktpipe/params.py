@@ -6,6 +6,7 @@ and rejects unknown keys and wrong types with a message that names the offending
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class CaptionParams:
     file: str = "captions/demo.yaml"  # concept descriptions of this experiment
     generated: str = "captions/generated.yaml"  # LLM descriptions of concepts `file` leaves undescribed
     generator: GeneratorParams | None = None  # null: every concept needs a description in `file`
+    truncate: bool = False  # false: a text longer than the text tower's context is an error; true: warn and cut
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class InvertParams:
     progressive: bool = False  # optimize at low resolution first, then upsize (authors' code)
     progressive_sizes: tuple[int, ...] = (64, 128)  # sides before the model's own size is reached
     progressive_steps: tuple[int, ...] = (900, 1800)  # step at which each next size starts
+    similarity: str = "cosine"  # cosine (paper Eq. 3) or l2: minus the L2 distance of raw embeddings (authors' BiomedCLIP code)
+    reduction: str = "sum"  # sum or mean of the per-sample objective over the batch (authors' code: mean)
+    padding: str = "zeros"  # fill outside an affine-moved image: zeros, or border (authors' code)
+    interpolation: str = "bilinear"  # resizing to the model and between progressive sizes: bilinear or bicubic (authors')
 
 
 @dataclass(frozen=True)
@@ -102,11 +108,16 @@ class FinetuneParams:
     batch_size: int = 4  # images per step (paper: 4)
     weight_decay: float = 0.2  # paper: 0.2 for CLIP models
     optimizer: str = "adamw"  # adamw (decoupled decay, as CLIP) or adam (L2 decay)
+    betas: tuple[float, ...] = (0.9, 0.999)  # Adam betas (torch's default; authors' code: 0.9, 0.98)
+    eps: float = 1.0e-8  # Adam epsilon (torch's default; authors' code: 1e-6)
+    loss: str = "eq2"  # eq2: each image against the recipe's captions (needs >= 2); authors: image+caption batch InfoNCE
     towers: str = "visual"  # which towers train: visual, text or both (paper Fig. 4)
     visual_layers: int | None = None  # train only the last N visual blocks + head (None: whole tower)
     rehearsal: bool = False  # also fine-tune on inverted images of known concepts (beyond the paper)
     name_prefix: bool = True  # caption "A <name> is <description>." (False: description only, Fig. 5)
-    logit_scale: float | None = None  # InfoNCE temperature multiplier; None: the model's own
+    temperature: float | None = None  # InfoNCE temperature (logits = cosine / temperature); None: the model's own
+    kd_weight: float = 0.0  # weight of the MSE between fine-tuned and frozen base image embeddings (authors' code)
+    pixels: str = "raw"  # inverted images as optimized (raw floats), or minmax_png: per-image min-max scaled 8-bit (authors')
     concepts: tuple[str, ...] | None = None  # learn only these novel concepts (None: every novel one)
     images: str = "inverted"  # inverted, or noise: uniform random images (ablation baseline)
     lr_multiplier: float = 1.0  # this recipe trains at lr * lr_multiplier (paper Table 2's base lrs)
@@ -168,6 +179,32 @@ class Params:
         return build_section(FinetuneParams, merged, f"recipes.{name}")
 
 
+# Keys that an older params file may still hold: section class -> old key -> what to write instead.
+RENAMED: dict[str, dict[str, str]] = {
+    "FinetuneParams": {"logit_scale": "use 'temperature' (its inverse: logit_scale 3 is temperature 0.3333)"},
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {  # string params with a fixed set of values
+    "towers": ("visual", "text", "both"),
+    "optimizer": ("adam", "adamw"),
+    "images": ("inverted", "noise"),
+    "loss": ("eq2", "authors"),
+    "pixels": ("raw", "minmax_png"),
+    "similarity": ("cosine", "l2"),
+    "reduction": ("sum", "mean"),
+    "padding": ("zeros", "border"),
+    "interpolation": ("bilinear", "bicubic"),
+}
+
+
+def check_choices(section: Any, prefix: str) -> None:
+    """Every string field named in CHOICES holds one of its allowed values."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ParamsError(f"params key '{prefix}.{f.name}' must be one of {list(CHOICES[f.name])}, got {value!r}")
+
+
 def _check_value(value: Any, hint: Any, key: str) -> Any:
     """Return `value` coerced to `hint` or raise ParamsError naming `key`."""
     origin = typing.get_origin(hint)
@@ -202,6 +239,8 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"params key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ParamsError(f"params key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -218,6 +257,9 @@ def build_section(cls: type, raw: Any, prefix: str = "") -> Any:
         raise ParamsError(f"params section '{prefix or cls.__name__}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for old in sorted(set(raw) & set(RENAMED.get(cls.__name__, {}))):
+        where = f"{prefix}.{old}" if prefix else old
+        raise ParamsError(f"params key '{where}' was renamed: {RENAMED[cls.__name__][old]}")
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"in section '{prefix}'" if prefix else "at top level"
@@ -251,16 +293,18 @@ def validate(params: Params) -> Params:
         raise ParamsError(f"params key 'concepts' lists a concept twice: {list(params.concepts)}")
     sections = [("finetune", params.finetune), *((f"recipes.{n}", params.recipe(n)) for n in params.recipes)]
     for prefix, section in sections:
-        if section.towers not in ("visual", "text", "both"):
-            raise ParamsError(f"params key '{prefix}.towers' must be visual, text or both, got {section.towers!r}")
+        check_choices(section, prefix)
         if section.visual_layers is not None and section.visual_layers < 1:
             raise ParamsError(f"params key '{prefix}.visual_layers' must be a positive integer or null")
-        if section.logit_scale is not None and not section.logit_scale > 0:
-            raise ParamsError(f"params key '{prefix}.logit_scale' must be a positive number or null")
-        if section.optimizer not in ("adam", "adamw"):
-            raise ParamsError(f"params key '{prefix}.optimizer' must be adam or adamw, got {section.optimizer!r}")
-        if section.images not in ("inverted", "noise"):
-            raise ParamsError(f"params key '{prefix}.images' must be inverted or noise, got {section.images!r}")
+        if section.temperature is not None and not section.temperature > 0:
+            raise ParamsError(f"params key '{prefix}.temperature' must be a positive number or null")
+        if len(section.betas) != 2 or not all(0 <= b < 1 for b in section.betas):
+            raise ParamsError(f"params key '{prefix}.betas' must be two numbers in [0, 1), got {list(section.betas)}")
+        if not section.eps > 0:
+            raise ParamsError(f"params key '{prefix}.eps' must be a positive number, got {section.eps!r}")
+        for key in ("kd_weight", "weight_decay"):
+            if getattr(section, key) < 0:
+                raise ParamsError(f"params key '{prefix}.{key}' must be zero or positive, got {getattr(section, key)!r}")
         if not section.lr_multiplier > 0:
             raise ParamsError(f"params key '{prefix}.lr_multiplier' must be a positive number")
         unknown = sorted(set(section.concepts or ()) - set(params.concepts))
@@ -278,7 +322,11 @@ def validate(params: Params) -> Params:
 
 
 def validate_invert(cfg: InvertParams) -> None:
-    """The optional gradient clip and the progressive-resolution schedule."""
+    """Choices, the optional gradient clip and the progressive-resolution schedule."""
+    check_choices(cfg, "invert")
+    for key in ("tv_weight", "rotation", "translate"):
+        if getattr(cfg, key) < 0:
+            raise ParamsError(f"params key 'invert.{key}' must be zero or positive, got {getattr(cfg, key)!r}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise ParamsError("params key 'invert.grad_clip' must be a positive number or null")
     if len(cfg.progressive_sizes) != len(cfg.progressive_steps):

@@ -23,7 +23,8 @@ from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import OpenClipModel, build_demo_model
 from ktpipe.params import Params, PretrainParams
 from ktpipe.templates import load_templates
-from ktpipe.world import World, concept_attributes, describe, load_world, render_batch, sample_attributes
+from ktpipe.world import (World, concept_attributes, describe, load_demo_world, load_world, render_batch,
+                          sample_attributes)
 
 SYLLABLE_ONSETS = "b c d f g h j k l m n p r s t v z br dr gl kr pl st tr sk".split()
 SYLLABLE_VOWELS = "a e i o u ai ou".split()
@@ -171,8 +172,9 @@ def pretrain(
     return PretrainResult(model, log)
 
 
-def run_pretrain(params: Params, out_dir: Path, log_path: Path) -> dict:
-    """Pretrain the demo model; save an open_clip checkpoint folder and a loss log."""
+def run_pretrain(params: Params, out_dir: Path, log_path: Path, world_path: Path | None = None) -> dict:
+    """Pretrain the demo model on the world of `world_path` (the concepts the captions stage wrote;
+    None: the packaged world without named concepts); save a checkpoint folder and a loss log."""
     if params.model.backend != "demo":
         raise ValueError(
             f"the pretrain stage builds the demo model only; model.backend is {params.model.backend!r}. "
@@ -180,7 +182,8 @@ def run_pretrain(params: Params, out_dir: Path, log_path: Path) -> dict:
         )
     start = time.time()
     templates = load_templates(params.evaluate.templates)
-    result = pretrain(load_world(), templates, params.pretrain, params.seed, params.world.image_size)
+    world = load_demo_world(world_path) if world_path is not None else load_world()
+    result = pretrain(world, templates, params.pretrain, params.seed, params.world.image_size)
     with atomic_dir(out_dir) as tmp:
         result.model.save(tmp)
     summary = {"seconds": round(time.time() - start, 1), "final": result.log[-1], "log": result.log}

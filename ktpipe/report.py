@@ -106,6 +106,21 @@ def lr_point(summary: dict, params: Params) -> list[dict]:
     return [row]
 
 
+def not_evaluated(results: dict, concepts: list[ConceptText]) -> list[str]:
+    """Concepts with no accuracy in any set: no evaluation set holds images of them."""
+    scored = {k.split("_class_", 1)[1].rsplit("_acc", 1)[0] for k in results[BASELINE] if "_name_class_" in k}
+    return [c.name for c in concepts if c.name not in scored]
+
+
+def recipe_line(params: Params, recipe: str) -> str:
+    """A recipe's overrides and the objective it trained with."""
+    cfg = params.recipe(recipe)
+    temperature = "the model's own" if cfg.temperature is None else f"{cfg.temperature:.4g}"
+    kd = f", distillation weight {cfg.kd_weight:g}" if cfg.kd_weight else ""
+    return (f"- `{recipe}`: loss `{cfg.loss}`, temperature {temperature}{kd}; overrides "
+            f"{json.dumps(params.recipes[recipe])}")
+
+
 def set_table(results: dict, concepts: list[ConceptText], recipes: list[str], set_name: str) -> list[str]:
     """Per-concept accuracy, then pooled target, retention and overall, baseline vs transfer."""
     cols = ["Baseline", "Description prompt", *[f"Transfer ({r})" for r in recipes]]
@@ -116,9 +131,12 @@ def set_table(results: dict, concepts: list[ConceptText], recipes: list[str], se
         values += [results[r].get(key.format("name")) for r in recipes]
         return f"| {label} | {group} | " + " | ".join(pct(v) for v in values) + " |"
 
+    missing = set(not_evaluated(results, concepts))
     for role, group in (("novel", "target"), ("known", "retention")):
         present = [c for c in concepts if c.role == role and f"{set_name}_name_class_{c.name}_acc" in results[BASELINE]]
         lines += [row(c.name, group, f"{set_name}_{{}}_class_{c.name}_acc") for c in present]
+        lines += [f"| {c.name} | {group} | " + " | ".join(["not evaluated"] * len(cols)) + " |"
+                  for c in concepts if c.role == role and c.name in missing]
         if f"{set_name}_name_{group}_acc" in results[BASELINE]:
             lines.append(row(f"**{group} (pooled)**", group, f"{set_name}_{{}}_{group}_acc"))
     lines.append(row("**overall**", "all", f"{set_name}_{{}}_overall_acc"))
@@ -169,8 +187,8 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
         "(only where every class is a described concept); *Transfer*: after fine-tuning on inverted images. "
         "*Target* pools the novel concepts' images, *retention* every other class.",
         "",
-        "Recipes (overrides of the `finetune` section):",
-        *[f"- `{r}`: {json.dumps(params.recipes[r])}" for r in recipes],
+        "Recipes (the objective each trained with, and its overrides of the `finetune` section):",
+        *[recipe_line(params, r) for r in recipes],
         "",
         f"## Headline (target on `{params.report.target_set or sets[0]}`, "
         f"retention on `{params.report.retention_set or sets[-1]}`)",
@@ -180,6 +198,10 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
     ]
     if params.report.paper:
         parts += [f"Paper numbers: `{params.report.paper}` in ktpipe/data/paper_results.csv, at the same lr.", ""]
+    missing = not_evaluated(results, concepts)
+    if missing:
+        parts += [f"**Not evaluated**: {', '.join(f'`{m}`' for m in missing)}: inverted and trained on, but no "
+                  "evaluation set holds images of them, so they have no accuracy anywhere below.", ""]
     for set_name in sets:
         parts += [f"## Set `{set_name}` ({params.evaluate.sets[set_name].format})", "",
                   *set_table(results, concepts, recipes, set_name), ""]

@@ -8,6 +8,7 @@ concepts' combinations never reach pretraining, so later stages can teach them b
 import dataclasses
 import functools
 import itertools
+import json
 import re
 import zlib
 from collections.abc import Callable
@@ -163,13 +164,18 @@ SHAPES: dict[str, ShapeSpec] = {
 # --- loading ------------------------------------------------------------------------------
 
 
-def load_world(path: str | Path | None = None) -> World:
-    """Read and validate a world YAML; default is the packaged demo world."""
+def load_world(path: str | Path | None = None, concepts: dict | None = None) -> World:
+    """Read and validate a world YAML (default: the packaged demo world's vocabularies).
+
+    The named concepts come from `concepts` (name -> {shape, color, fill, role}; the pipeline
+    passes the `render` entries of the captions file) or else from the YAML's optional
+    `concepts` mapping; a world without concepts renders nothing named.
+    """
     source = Path(path) if path is not None else files("ktpipe") / "data" / "demo_world.yaml"
     raw = YAML(typ="safe").load(source.read_text())
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a mapping at the top level")
-    check_keys(raw, {"shapes", "colors", "fills", "backgrounds", "concepts"}, "world")
+    check_keys({k: v for k, v in raw.items() if k != "concepts"}, {"shapes", "colors", "fills", "backgrounds"}, "world")
     world = World(
         shapes=parse_names(raw["shapes"], "shapes", known=tuple(SHAPES)),
         colors=parse_palette(raw["colors"], "colors"),
@@ -177,7 +183,17 @@ def load_world(path: str | Path | None = None) -> World:
         backgrounds=parse_palette(raw["backgrounds"], "backgrounds"),
         concepts={},
     )
-    return dataclasses.replace(world, concepts=parse_concepts(raw["concepts"], world))
+    named = concepts if concepts is not None else raw.get("concepts") or {}
+    return dataclasses.replace(world, concepts=parse_concepts(named, world) if named else {})
+
+
+def load_demo_world(concepts_path: str | Path) -> World:
+    """The packaged demo world with the concepts of a JSON file (name -> {shape, color, fill,
+    role}), as the captions stage writes it from the captions file's `render` entries."""
+    path = Path(concepts_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo world concepts not found at {path}; run the captions stage first")
+    return load_world(concepts=json.loads(path.read_text()))
 
 
 def check_keys(raw: dict, expected: set[str], where: str) -> None:

@@ -7,10 +7,10 @@ from ktpipe.params import load_params
 from ktpipe.invert import run_invert
 
 
-def main(concept_file: str, out_dir: str) -> None:
-    meta = run_invert(load_params(), Path(concept_file), Path(out_dir))
+def main(concept_file: str, out_dir: str, timing_path: str) -> None:
+    meta = run_invert(load_params(), Path(concept_file), Path(out_dir), Path(timing_path))
     print(f"inverted {meta['concept']!r} in {meta['seconds']} s -> {out_dir}")
 
 
 if __name__ == "__main__":
-    run_or_exit(main, *stage_args(sys.argv[1:], ["concept_file", "out_dir"]))
+    run_or_exit(main, *stage_args(sys.argv[1:], ["concept_file", "out_dir", "timing_path"]))

@@ -12,8 +12,8 @@ from PIL import Image
 from conftest import DEMO_CONCEPTS, run_stage, write_params
 from ktpipe.captions import run_captions
 
-CAPTIONS_ARGS = ("captions/demo.yaml", "captions/generated.yaml", "data/captions")
-INVERT_ARGS = ("data/captions/blicket.json", "data/inverted/blicket")
+CAPTIONS_ARGS = ("captions/demo.yaml", "captions/generated.yaml", "data/captions", "data/world.json")
+INVERT_ARGS = ("data/captions/blicket.json", "data/inverted/blicket", "metrics/invert/blicket.json")
 FINETUNE_ARGS = ("paper", "data/captions", "data/inverted", "models/finetuned/paper", "metrics/finetune/paper.json")
 
 
@@ -48,7 +48,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def write_captions(project: Path) -> None:
     """data/captions/*.json, as the captions stage writes them (in-process: no torch needed)."""
     run_captions(project / "captions/demo.yaml", project / "captions/generated.yaml", tuple(DEMO_CONCEPTS),
-                 project / "data/captions")
+                 project / "data/captions", world_path=project / "data/world.json")
 
 
 def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
@@ -65,7 +65,7 @@ def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
 def test_wrong_argument_count_prints_usage(tiny_project):
     result = run_stage(tiny_project, "captions", "captions/demo.yaml")
     assert result.returncode == 2 and result.stderr.startswith("usage: ")
-    assert "CAPTIONS_FILE GENERATED_FILE OUT_DIR" in result.stderr
+    assert "CAPTIONS_FILE GENERATED_FILE OUT_DIR WORLD_PATH" in result.stderr
 
 
 # --- captions stage -------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def unknown_top_level_key(project):
 
 @pytest.mark.parametrize("setup, args, needles", [
     (undescribed_concept, CAPTIONS_ARGS, ["moongate", "no description"]),
-    (None, ("captions/nope.yaml", "captions/generated.yaml", "data/captions"),
+    (None, ("captions/nope.yaml", "captions/generated.yaml", "data/captions", "data/world.json"),
      ["captions file not found", "captions/nope.yaml"]),
     (malformed_yaml, CAPTIONS_ARGS, ["cannot parse captions file", "captions/demo.yaml"]),
     (concept_without_description, CAPTIONS_ARGS, ["'dax'", "has no description"]),
@@ -112,7 +112,7 @@ def test_captions_stage_rejects(tiny_project, setup, args, needles):
 def test_failed_captions_run_leaves_the_previous_output_intact(tiny_project):
     assert run_stage(tiny_project, "captions", *CAPTIONS_ARGS).returncode == 0
     before = snapshot(tiny_project / "data")
-    assert len(before) == len(DEMO_CONCEPTS)
+    assert len(before) == len(DEMO_CONCEPTS) + 1  # one file per concept, and world.json
     text = (tiny_project / "captions/demo.yaml").read_text()
     (tiny_project / "captions/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
     assert_user_error(run_stage(tiny_project, "captions", *CAPTIONS_ARGS), "'dax'", "has no description")
@@ -171,7 +171,7 @@ def prepare_eval(project: Path) -> None:
     write_captions(project)
     write_image_root(project / "images")
     use_image_root(project, project / "images")
-    result = run_stage(project, "data", "data/eval")
+    result = run_stage(project, "data", "data/world.json", "data/eval")
     assert result.returncode == 0, result.stderr
 
 
@@ -180,19 +180,20 @@ def test_data_stage_with_empty_image_folders(tiny_project):
         for name in DEMO_CONCEPTS:
             (tiny_project / "images" / split / name).mkdir(parents=True)
     use_image_root(tiny_project, tiny_project / "images")
-    assert_user_error(run_stage(tiny_project, "data", "data/eval"), "images/", "empty")
+    assert_user_error(run_stage(tiny_project, "data", "data/world.json", "data/eval"), "images/", "empty")
     assert_absent(tiny_project, "data/eval")
 
 
 def test_data_stage_with_missing_root(tiny_project):
     use_image_root(tiny_project, tiny_project / "nowhere")
-    assert_user_error(run_stage(tiny_project, "data", "data/eval"), "nowhere/")
+    assert_user_error(run_stage(tiny_project, "data", "data/world.json", "data/eval"), "nowhere/")
     assert_absent(tiny_project, "data/eval")
 
 
 def test_data_stage_with_unset_environment_variable(tiny_project):
+    write_captions(tiny_project)  # the demo `test` set stays in params
     write_params(tiny_project, evaluate={"sets": {"val": {"format": "folder", "root": "$KTPIPE_NO_SUCH_VAR/val"}}})
-    assert_user_error(run_stage(tiny_project, "data", "data/eval"), "KTPIPE_NO_SUCH_VAR", "evaluate.sets.val.root")
+    assert_user_error(run_stage(tiny_project, "data", "data/world.json", "data/eval"), "KTPIPE_NO_SUCH_VAR", "evaluate.sets.val.root")
     assert_absent(tiny_project, "data/eval")
 
 

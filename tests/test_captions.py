@@ -1,5 +1,6 @@
 """Concept descriptions: fine-tuning captions, the captions file format, per-concept files."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from ktpipe.captions import (
     load_generated,
     read_concept_file,
     run_captions,
+    world_concepts,
     select_concepts,
     write_concept_files,
     write_generated,
@@ -83,8 +85,10 @@ def test_load_demo_captions():
 
 
 def test_demo_captions_agree_with_the_world():
-    world = load_world()
-    for name, text in load_captions(DEMO_CAPTIONS).items():
+    captions = load_captions(DEMO_CAPTIONS)
+    world = load_world(concepts=world_concepts(captions))
+    assert not load_world().concepts  # the packaged world holds vocabularies only
+    for name, text in captions.items():
         assert name in world.concepts, name
         concept = world.concepts[name]
         assert text.role == concept.role, name
@@ -260,16 +264,35 @@ def test_paper_descriptions_are_verbatim():
 # --- command line ----------------------------------------------------------------------------
 
 
-def test_cli_generated_file_defaults_to_params_beside_the_params_file(tmp_path):
+def test_cli_generated_file_defaults_to_params_beside_the_params_file(tmp_path, tiny_checkpoint):
     from click.testing import CliRunner
 
     from conftest import make_project
     from ktpipe.cli import main as cli
 
-    project = make_project(tmp_path / "project", tmp_path / "no-checkpoint", concepts=["blicket", "dax"])
-    args = ["captions", "--params", str(project / "params.yaml"), str(DEMO_CAPTIONS), str(tmp_path / "out")]
+    project = make_project(tmp_path / "project", tiny_checkpoint, concepts=["blicket", "dax"])
+    args = ["captions", "--params", str(project / "params.yaml"), "--world", str(tmp_path / "world.json"),
+            str(DEMO_CAPTIONS), str(tmp_path / "out")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert (project / "captions/generated.yaml").read_text() == GENERATED_HEADER
     result = CliRunner().invoke(cli, [*args[:1], "--generated", str(tmp_path / "gen.yaml"), *args[1:]])
     assert result.exit_code == 0 and (tmp_path / "gen.yaml").is_file()
+
+
+def test_render_entries_must_name_shape_color_and_fill(tmp_path):
+    path = write(tmp_path, "concepts:\n  zork: {description: a red star, render: {shape: star, color: red}}\n")
+    with pytest.raises(CaptionsError, match="zork.*render"):
+        load_captions(path)
+
+
+def test_world_file_lists_every_rendered_concept(tmp_path):
+    path = write(tmp_path, "concepts:\n"
+                           "  zork: {description: a red star, role: novel, render: {shape: star, color: red, fill: solid}}\n"
+                           "  plain: {description: a thing}\n")
+    world_path = tmp_path / "world.json"
+    run_captions(path, tmp_path / "generated.yaml", ("plain",), tmp_path / "out", world_path=world_path)
+    # every rendered entry of the file, not only the params concepts: the world must keep a novel
+    # concept out of pretraining even in a run that does not learn it
+    assert json.loads(world_path.read_text()) == {"zork": {"shape": "star", "color": "red", "fill": "solid",
+                                                           "role": "novel"}}

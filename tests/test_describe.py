@@ -188,15 +188,18 @@ def test_device_and_dtype():
 
 # --- captions stage with a generator ---------------------------------------------------------
 
-STAGE_ARGS = ("captions/exp.yaml", "captions/generated.yaml", "data/captions")
+STAGE_ARGS = ("captions/exp.yaml", "captions/generated.yaml", "data/captions", "data/world.json")
+# The demo backend's text budget needs no checkpoint; a random tiny LLM's text may run past its
+# 24-token context, which `truncate` turns into a warning.
+DEMO_MODEL = {"backend": "demo", "name": "ktpipe-demo", "pretrained": "models/base"}
 
 
 @pytest.fixture
 def project(tmp_path, tiny_lm) -> Path:
     """A project whose captions file describes blicket only; moongate and gyroscope are generated."""
-    folder = make_project(tmp_path / "project", tmp_path / "no-checkpoint", concepts=CONCEPTS, captions={
-        "file": "captions/exp.yaml", "generated": "captions/generated.yaml",
-        "generator": {"model": str(tiny_lm), "max_new_tokens": 8, "device": "cpu"}})
+    folder = make_project(tmp_path / "project", tmp_path / "no-checkpoint", concepts=CONCEPTS, model=DEMO_MODEL,
+                          captions={"file": "captions/exp.yaml", "generated": "captions/generated.yaml", "truncate": True,
+                                    "generator": {"model": str(tiny_lm), "max_new_tokens": 8, "device": "cpu"}})
     (folder / "captions/exp.yaml").write_text(CAPTIONS)
     return folder
 

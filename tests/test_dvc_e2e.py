@@ -127,6 +127,13 @@ def test_dvc_pipeline_end_to_end(repo):
     assert not ran and skipped == ALL_STAGES
     assert "Data and pipelines are up to date." in repo.dvc("status")
 
+    # 2b. an inversion rerun on its own writes the same bytes (its wall time goes to an uncached
+    # metrics file no stage reads), so nothing downstream goes stale
+    ran, _ = ran_and_skipped(repo.dvc("repro", "-s", "-f", "invert@blicket"))
+    assert ran == {"invert@blicket"}
+    assert "Data and pipelines are up to date." in repo.dvc("status")
+    assert json.loads((repo.root / "metrics/invert/blicket.json").read_text())["seconds"] > 0
+
     # 3. an lr sweep point reruns exactly the stages that read lr or a fine-tuned model
     mark = time.monotonic()
     output = repo.dvc("exp", "run", "-S", "lr=2e-5")

@@ -141,7 +141,7 @@ def test_lr_multiplier_reaches_the_optimizer_and_the_summary(tiny_checkpoint, ca
         return optimizer
 
     monkeypatch.setattr(finetune_module, "build_optimizer", spy)
-    recipe = {"images": "noise", "concepts": ["dax"], "lr_multiplier": 10.0}
+    recipe = {"images": "noise", "concepts": ["dax"], "lr_multiplier": 10.0, "loss": "authors"}
     params = make_params(tiny_checkpoint, recipes={"fast": recipe})
     log_path = tmp_path / "fast.json"
     summary = run_finetune(params, "fast", captions_dir, tmp_path / "missing", tmp_path / "model", log_path)

@@ -285,9 +285,9 @@ def test_progressive_run_goes_through_the_sizes(tiny_model, monkeypatch):
         lr_calls.append((step, total))
         return cosine(step, total, peak)
 
-    def spy_fresh(pixels, size, lr):
+    def spy_fresh(pixels, size, lr, mode):
         upsizes.append((pixels.shape[-1], size))
-        return fresh(pixels, size, lr)
+        return fresh(pixels, size, lr, mode)
 
     monkeypatch.setattr(invert_module, "random_affine", spy_affine)
     monkeypatch.setattr(invert_module, "cosine_lr", spy_cosine)

@@ -37,12 +37,14 @@ def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
     """Run data -> captions -> invert -> finetune -> evaluate -> report in one tiny project."""
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_checkpoint)
     runs = {}
-    runs["data"] = run_stage(project, "data", "data/eval")
-    check(runs["data"])
-    runs["captions"] = run_stage(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions")
+    runs["captions"] = run_stage(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions",
+                                 "data/world.json")
     check(runs["captions"])
+    runs["data"] = run_stage(project, "data", "data/world.json", "data/eval")
+    check(runs["data"])
     for name in STAGE_INVERTED:
-        runs[f"invert@{name}"] = run_stage(project, "invert", f"data/captions/{name}.json", f"data/inverted/{name}")
+        runs[f"invert@{name}"] = run_stage(project, "invert", f"data/captions/{name}.json", f"data/inverted/{name}",
+                                           f"metrics/invert/{name}.json")
         check(runs[f"invert@{name}"])
     params = load_params(project / "params.yaml")
     for name in DEMO_CONCEPTS:
@@ -93,6 +95,9 @@ def test_data_renders_demo_sets_and_writes_manifests(pipeline):
 def test_captions_writes_one_json_per_concept(pipeline):
     folder = pipeline["project"] / "data/captions"
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.json" for n in DEMO_CONCEPTS)
+    world = json.loads((pipeline["project"] / "data/world.json").read_text())
+    assert world["blicket"] == {"shape": "ring", "color": "orange", "fill": "striped", "role": "novel"}
+    assert sorted(world) == sorted(DEMO_CONCEPTS)
     blicket = json.loads((folder / "blicket.json").read_text())
     assert blicket["description"] == "a striped orange ring" and blicket["role"] == "novel"
     assert json.loads((folder / "lantern.json").read_text())["role"] == "known"
@@ -110,6 +115,10 @@ def test_invert_writes_images_grid_and_summary(pipeline, name):
         assert grid.mode == "RGB" and grid.width > SIZE
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["concept"] == name and len(summary["similarity"]) == SAMPLES
+    assert "seconds" not in summary  # a cached output holds only what its inputs determine
+    assert {"similarity", "reduction", "padding", "interpolation"} <= set(summary)
+    timing = json.loads((pipeline["project"] / "metrics/invert" / f"{name}.json").read_text())
+    assert timing["concept"] == name and timing["seconds"] > 0
     assert -1.0 <= summary["mean_similarity"] <= 1.0
     assert f"inverted {name!r}" in pipeline["runs"][f"invert@{name}"].stdout
     assert not list(folder.parent.glob(".*tmp*")), "temporary folders left behind"
@@ -239,12 +248,13 @@ def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
 
 
 def test_base_model_stage_records_a_real_backend_model(tiny_project, tiny_checkpoint):
-    check(run_stage(tiny_project, "base_model", "models/base", "metrics/base_model.json"))
+    check(run_stage(tiny_project, "base_model", "data/world.json", "models/base", "metrics/base_model.json"))
     record = json.loads((tiny_project / "models/base/model.json").read_text())
     assert record["backend"] == "open_clip" and record["name"] == f"local-dir:{tiny_checkpoint}"
     assert record["image_size"] == SIZE and record["kind"] == "dual_encoder"
     assert record["n_parameters"] == sum(v.numel() for v in load_file(str(tiny_checkpoint / WEIGHTS_FILE)).values())
-    assert json.loads((tiny_project / "metrics/base_model.json").read_text()) == record
+    log = json.loads((tiny_project / "metrics/base_model.json").read_text())
+    assert log.pop("seconds") >= 0 and log == record  # the wall time stays out of the cached record
 
 
 def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
@@ -256,7 +266,9 @@ def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
         pretrain={"steps": 2, "batch_size": 16, "name_batch": 8},
         world={"image_size": 32},
     )
-    check(run_stage(project, "base_model", out, "metrics/pretrain.json"))
+    check(run_stage(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions",
+                    "data/world.json"))
+    check(run_stage(project, "base_model", "data/world.json", out, "metrics/pretrain.json"))
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     log = json.loads((project / "metrics/pretrain.json").read_text())
     assert [r["step"] for r in log["log"]] == [0, 1]
@@ -292,7 +304,8 @@ def test_cli_command_help(command):
 def test_cli_captions_writes_concept_files(tiny_project):
     out = tiny_project / "out"
     result = CliRunner().invoke(cli, [
-        "captions", "--params", str(tiny_project / "params.yaml"), str(tiny_project / "captions/demo.yaml"), str(out),
+        "captions", "--params", str(tiny_project / "params.yaml"), "--world", str(tiny_project / "world.json"),
+        str(tiny_project / "captions/demo.yaml"), str(out),
     ])
     assert result.exit_code == 0, result.output
     assert f"wrote {len(DEMO_CONCEPTS)} concept files" in result.output
@@ -304,7 +317,8 @@ def test_cli_user_error_exits_2_with_one_line(tiny_project):
     write_params(tiny_project, concepts=["blicket", "moongate"])
     out = tiny_project / "out"
     result = CliRunner().invoke(cli, [
-        "captions", "--params", str(tiny_project / "params.yaml"), str(tiny_project / "captions/demo.yaml"), str(out),
+        "captions", "--params", str(tiny_project / "params.yaml"), "--world", str(tiny_project / "world.json"),
+        str(tiny_project / "captions/demo.yaml"), str(out),
     ])
     assert result.exit_code == 2
     assert "moongate" in result.output and "Traceback" not in result.output
@@ -316,5 +330,5 @@ def test_cli_finetune_rejects_non_positive_lr(tiny_project):
         "finetune", "--params", str(tiny_project / "params.yaml"), "--recipe", "paper", "--lr", "0",
         "captions", "inverted", str(tiny_project / "out"),
     ])
-    assert result.exit_code == 2 and "--lr must be a positive number" in result.output
+    assert result.exit_code == 2 and "--lr must be a finite positive number" in result.output
     assert not (tiny_project / "out").exists()

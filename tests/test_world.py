@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 import ktpipe.world as world_module
+from conftest import DEMO_CAPTIONS
+from ktpipe.captions import load_captions, world_concepts
 from ktpipe.world import (
     Attributes,
     World,
@@ -34,7 +36,8 @@ concepts:
 
 @pytest.fixture(scope="module")
 def world() -> World:
-    return load_world()
+    """The packaged vocabularies with the demo captions file's concepts, as the pipeline builds it."""
+    return load_world(concepts=world_concepts(load_captions(DEMO_CAPTIONS)))
 
 
 def write_yaml(tmp_path: Path, text: str) -> Path:

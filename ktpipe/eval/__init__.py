@@ -9,7 +9,9 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from ktpipe.captions import read_concepts
+from ktpipe.captions import ConceptText, read_concepts
+from ktpipe.datasets import Manifest, normalize_class
+from ktpipe.errors import warn
 from ktpipe.eval import classification
 from ktpipe.evalsets import load_eval_set
 from ktpipe.io import write_json
@@ -35,6 +37,12 @@ def write_result(path: Path, task: str, dataset: str, model: str, params: dict, 
     write_json(path, record)
 
 
+def unevaluated_concepts(concepts: list[ConceptText], sets: dict[str, Manifest]) -> list[str]:
+    """Concepts that no evaluation set holds images of: trained on, never scored."""
+    classes = {normalize_class(c) for manifest in sets.values() for c in manifest.classes}
+    return [c.name for c in concepts if not {normalize_class(c.name), normalize_class(c.text_name)} & classes]
+
+
 def run_evaluate(params: Params, tag: str, checkpoint: Path | None, eval_dir: Path,
                  captions_dir: Path, out_path: Path) -> dict[str, float]:
     """Zero-shot classification on every evaluation set; one JSON with `<set>_<metric>` keys.
@@ -43,6 +51,9 @@ def run_evaluate(params: Params, tag: str, checkpoint: Path | None, eval_dir: Pa
     """
     concepts = read_concepts(captions_dir, params.concepts)
     sets = {name: load_eval_set(eval_dir, name) for name in params.evaluate.sets}
+    for name in unevaluated_concepts(concepts, sets):
+        warn(f"concept {name!r} is in no evaluation set (evaluate.sets): it is inverted and trained on but "
+             "never scored; the report lists it as not evaluated")
     model = load_base_model(params.model) if checkpoint is None else load_checkpoint(params.model, checkpoint)
     metrics: dict[str, float] = {}
     for name, spec in params.evaluate.sets.items():

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ktpipe.models.base import CROSS_ENCODER, DUAL_ENCODER, ImageTextModel
-from ktpipe.models.demo import build_demo_model, load_demo_model
-from ktpipe.models.openclip import LOCAL_DIR, ModelLoadError, OpenClipModel
+from ktpipe.models.demo import build_demo_model, load_demo_model, load_demo_text_budget
+from ktpipe.models.openclip import LOCAL_DIR, ModelLoadError, OpenClipModel, TextBudget, load_text_budget
 
 if TYPE_CHECKING:
     from ktpipe.params import ModelParams
@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, Callable[[str, str | None, str], ImageTextModel]] = {
     "open_clip": OpenClipModel.load,
     "demo": load_demo_model,
+}
+# backend name -> text budget loader(name, pretrained): the tokenizer alone, for length checks
+TEXT_BUDGETS: dict[str, Callable[[str, str | None], TextBudget]] = {
+    "open_clip": load_text_budget,
+    "demo": load_demo_text_budget,
 }
 
 
@@ -34,6 +39,13 @@ def load_model(backend: str, name: str, pretrained: str | None = None, device: s
     return BACKENDS[backend](name, pretrained, pick_device(device))
 
 
+def load_base_text_budget(params: "ModelParams") -> TextBudget:
+    """The base model's text budget (context length, token counts), without loading weights."""
+    if params.backend not in TEXT_BUDGETS:
+        raise ModelLoadError(f"unknown model backend {params.backend!r}; known backends: {sorted(TEXT_BUDGETS)}")
+    return TEXT_BUDGETS[params.backend](params.name, params.pretrained)
+
+
 def load_base_model(params: "ModelParams") -> ImageTextModel:
     """The model before transfer, as the `model` params section describes it."""
     return load_model(params.backend, params.name, params.pretrained, params.device)
@@ -48,5 +60,5 @@ def load_checkpoint(params: "ModelParams", folder: Path) -> ImageTextModel:
 
 __all__ = [
     "BACKENDS", "CROSS_ENCODER", "DUAL_ENCODER", "ImageTextModel", "ModelLoadError",
-    "OpenClipModel", "build_demo_model", "load_base_model", "load_checkpoint", "load_model", "pick_device",
+    "OpenClipModel", "TextBudget", "build_demo_model", "load_base_model", "load_base_text_budget", "load_checkpoint", "load_model", "pick_device",
 ]

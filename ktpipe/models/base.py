@@ -30,11 +30,11 @@ class ImageTextModel(Protocol):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Texts -> token ids as the backend's text tower expects."""
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels in [0, 1] -> (B, D) L2-normalized embeddings."""
+    def encode_images(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, S, S) pixels in [0, 1] -> (B, D) embeddings, L2-normalized unless `normalize` is False."""
 
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> (T, D) L2-normalized embeddings."""
+    def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """Texts -> (T, D) embeddings, L2-normalized unless `normalize` is False."""
 
     def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """(B, 3, S, S) pixels and B texts -> (B,) match scores, one per aligned pair."""

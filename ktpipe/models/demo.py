@@ -5,7 +5,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from ktpipe.models.openclip import CONFIG_FILE, LOCAL_DIR, ModelLoadError, OpenClipModel
+from ktpipe.models.openclip import CONFIG_FILE, LOCAL_DIR, ModelLoadError, OpenClipModel, TextBudget, build_tokenizer
 
 DEMO_ARCH = "ktpipe-demo"
 
@@ -19,6 +19,11 @@ def demo_config() -> dict:
 def build_demo_model(device: str = "cpu") -> OpenClipModel:
     """A random-init demo model, the starting point of demo pretraining."""
     return OpenClipModel.from_config(demo_config(), device)
+
+
+def load_demo_text_budget(name: str, pretrained: str | None = None) -> TextBudget:
+    """The demo text tower's budget (context 24), from the packaged architecture config."""
+    return TextBudget(build_tokenizer(demo_config()))
 
 
 def load_demo_model(name: str, pretrained: str | None, device: str = "cpu") -> OpenClipModel:

@@ -146,6 +146,38 @@ def describe_source(name: str, pretrained: str | None, model_cfg: dict[str, Any]
     return builtin_arch(model_cfg, hint), base_model
 
 
+class TextBudget:
+    """How many tokens a text tower reads (`context_length`, start and end tokens included), how
+    many a text needs, and what the tokenizer keeps of a longer one (it cuts without a word)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.context_length = int(tokenizer.context_length)
+
+    def _content_ids(self, text: str) -> list[int]:
+        if isinstance(self.tokenizer, HFTokenizer):
+            cleaned = self.tokenizer.clean_fn(text)
+            return self.tokenizer.tokenizer(cleaned, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.encode(text)
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` with the start and end tokens."""
+        return len(self._content_ids(text)) + 2
+
+    def kept(self, text: str) -> str:
+        """The part of `text` that fits the context, decoded back to text."""
+        ids = self._content_ids(text)[: self.context_length - 2]
+        if isinstance(self.tokenizer, HFTokenizer):
+            return self.tokenizer.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids).strip()
+
+
+def load_text_budget(name: str, pretrained: str | None = None) -> TextBudget:
+    """The text budget of an open_clip model, from its tokenizer alone (no weights are loaded)."""
+    resolve_model_config(name)  # a clear error for unknown names
+    return TextBudget(open_clip.get_tokenizer(name))
+
+
 BLOCK_RE = re.compile(r"\.(?:resblocks|blocks)\.(\d+)\.")
 STEM_KEYS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_embed", "cls_token",
              "pos_embed", "norm_pre")
@@ -237,11 +269,13 @@ class OpenClipModel:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.module.encode_image(self.normalize(pixels.to(self.device))), dim=-1)
+    def encode_images(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.module.encode_image(self.normalize(pixels.to(self.device)))
+        return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(self.module.encode_text(self.tokenize(texts)), dim=-1)
+    def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        features = self.module.encode_text(self.tokenize(texts))
+        return F.normalize(features, dim=-1) if normalize else features
 
     def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return (self.encode_images(pixels) * self.encode_texts(texts)).sum(-1)
