@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import load_base_model
-from ktpipe.params import Params
+from ktpipe.params import Params, ParamsError
 
 REFERENCE_FILE = "model.json"
 
@@ -47,7 +47,7 @@ def run_base_model(params: Params, out_dir: Path, log_path: Path, world_path: Pa
         from ktpipe.pretrain import run_pretrain  # the demo world is only needed here
 
         if Path(params.model.pretrained or "") != Path(out_dir):
-            raise ValueError(f"for the demo backend, params key 'model.pretrained' must be {str(out_dir)!r} "
+            raise ParamsError(f"for the demo backend, params key 'model.pretrained' must be {str(out_dir)!r} "
                              f"(the base_model stage's output), got {params.model.pretrained!r}")
         return run_pretrain(params, Path(out_dir), Path(log_path), world_path)
     start = time.time()

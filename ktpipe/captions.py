@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ruamel.yaml import YAML
 
-from ktpipe.errors import warn
+from ktpipe.errors import KtpipeError, warn
 from ktpipe.io import atomic_dir, write_json, write_text
 from ktpipe.params import GeneratorParams
 
@@ -40,7 +40,7 @@ concepts: {}
 """
 
 
-class CaptionsError(ValueError):
+class CaptionsError(KtpipeError):
     """A captions file is missing, malformed, or lacks a concept that params ask for."""
 
 

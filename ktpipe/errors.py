@@ -1,4 +1,6 @@
-"""Turn expected user errors into one clear line and a non-zero exit."""
+"""One base class for every expected user error, and the one place that turns it into a clear
+line and a non-zero exit (stages and the command line both catch `KtpipeError` only, so a
+bug still shows its traceback)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +8,15 @@ import sys
 from typing import Any, Callable
 
 
-class NonFiniteError(ValueError):
+class KtpipeError(ValueError):
+    """An expected error in what the user gave (params, captions, data, model names): one line, exit 2."""
+
+
+class InputMissingError(KtpipeError, FileNotFoundError):
+    """A file or folder a step reads does not exist (often: an earlier stage has not run)."""
+
+
+class NonFiniteError(KtpipeError):
     """A loss or gradient became NaN or infinite: the run stops rather than write broken weights."""
 
 
@@ -23,8 +33,8 @@ def warn(message: str) -> None:
     print(f"ktpipe: warning: {message}", file=sys.stderr)
 
 
-# ParamsError, CaptionsError, ModelLoadError and DatasetError all derive from ValueError.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+# ParamsError, CaptionsError, ModelLoadError, DatasetError and WorldError derive from KtpipeError.
+USER_ERRORS = (KtpipeError,)
 EXIT_USER_ERROR = 2
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ktpipe.errors import KtpipeError
+
 LR = "params.yaml:lr"
 SEED = "seed"
 
@@ -19,10 +21,10 @@ def load_experiments(repo: str | Path = ".") -> pd.DataFrame:
 
     rows = [r for r in dvc.api.exp_show(repo=str(repo)) if r.get("State") in ("Success", None)]
     if not rows:
-        raise ValueError(f"no finished DVC experiments found in {repo}")
+        raise KtpipeError(f"no finished DVC experiments found in {repo}")
     frame = pd.DataFrame(rows)
     if LR not in frame or not any(str(c).startswith("test.") for c in frame.columns):
-        raise ValueError("experiments lack params.yaml:lr or reports/metrics.json: run `dvc repro` first")
+        raise KtpipeError("experiments lack params.yaml:lr or reports/metrics.json: run `dvc repro` first")
     return frame.drop_duplicates(subset=[c for c in frame.columns if c not in ("Experiment", "rev", "typ",
                                                                                "Created", "parent", "Executor")])
 
@@ -44,7 +46,7 @@ def seed_table(frame: pd.DataFrame, lr: float, split: str = "test") -> pd.DataFr
     rows = frame[(frame[LR] - lr).abs() < 1e-12].drop_duplicates(subset=[SEED])
     rows = rows.set_index(rows[SEED].astype(int)).sort_index()
     if rows.empty:
-        raise ValueError(f"no finished experiment has lr = {lr}")
+        raise KtpipeError(f"no finished experiment has lr = {lr}")
     table = rows[metric_columns(rows, split)].astype(float)
     summary = pd.DataFrame({"mean": table.mean(), "std": table.std(ddof=0)}).T
     return pd.concat([table, summary])

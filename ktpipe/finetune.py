@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ktpipe.captions import CaptionsError, ConceptText, finetune_caption, read_concepts
-from ktpipe.invert import concept_seed, load_inversion
-from ktpipe.errors import check_finite
+from ktpipe.captions import CaptionsError, ConceptText, concept_seed, finetune_caption, read_concepts
+from ktpipe.errors import KtpipeError, check_finite
+from ktpipe.images import load_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.losses import FINETUNE_LOSSES, distillation_loss
 from ktpipe.models import ImageTextModel, load_base_model
-from ktpipe.params import FinetuneParams, Params
+from ktpipe.params import FinetuneParams, Params, ParamsError
 
 
 def set_trainable(model: ImageTextModel, towers: str, visual_layers: int | None = None) -> list[torch.nn.Parameter]:
@@ -39,7 +39,7 @@ def check_objective(cfg: FinetuneParams, captions: list[str], recipe: str) -> No
     """Eq. 2 contrasts an image only against the recipe's captions: with a single distinct caption
     its logits are (B, 1), the loss is 0 and nothing is learned, so refuse to start."""
     if cfg.loss == "eq2" and len(set(captions)) < 2:
-        raise ValueError(
+        raise ParamsError(
             f"recipe {recipe!r}: finetune.loss 'eq2' needs at least two distinct captions, the recipe has "
             f"{len(set(captions))} ({captions[:1]}); its loss and gradient would be 0 at every step. "
             "Use loss 'authors' (contrasts the batch's images and captions), or learn more concepts together")
@@ -93,7 +93,7 @@ def finetune(
     own), plus `cfg.kd_weight` times the distillation MSE to the frozen model. Returns the per-step log.
     """
     if pixels.shape[0] == 0:
-        raise ValueError(f"recipe {recipe!r}: no images to fine-tune on")
+        raise KtpipeError(f"recipe {recipe!r}: no images to fine-tune on")
     check_objective(cfg, captions, recipe)
     loss_fn = FINETUNE_LOSSES[cfg.loss]
     teacher = frozen_copy(model) if cfg.kd_weight > 0 else None
@@ -179,10 +179,10 @@ def concept_images(params: Params, cfg: FinetuneParams, name: str, inverted_dir:
     return noise_images(params.invert.samples, image_size, concept_seed(params.seed, f"noise/{name}"))
 
 
-def training_set(params: Params, recipe: str, captions_dir: Path, inverted_dir: Path,
+def training_set(params: Params, cfg: FinetuneParams, captions_dir: Path, inverted_dir: Path,
                  image_size: int | None = None) -> TrainingSet:
-    """Images, labels and captions of a recipe's fine-tuning; `image_size` sizes noise images."""
-    cfg = params.recipe(recipe)
+    """Images, labels and captions of a recipe's fine-tuning (`cfg`, from `params.recipe`);
+    `image_size` sizes noise images."""
     chosen = choose_concepts(read_concepts(captions_dir, params.concepts), cfg)
     images = [concept_images(params, cfg, c.name, inverted_dir, image_size) for c in chosen]
     labels = torch.cat([torch.full((len(x),), k) for k, x in enumerate(images)])
@@ -195,8 +195,8 @@ def run_finetune(params: Params, recipe: str, captions_dir: Path, inverted_dir: 
     """Fine-tune the base model with a recipe; write the checkpoint folder and a training log."""
     cfg = params.recipe(recipe)
     model = load_base_model(params.model)
-    data = training_set(params, recipe, captions_dir, inverted_dir, model.image_size)
-    lr = params.lr * cfg.lr_multiplier
+    data = training_set(params, cfg, captions_dir, inverted_dir, model.image_size)
+    lr = params.recipe_lr(recipe)
     start = time.time()
     log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed, recipe=recipe)
     with atomic_dir(out_dir) as tmp:

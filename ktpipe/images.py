@@ -1,17 +1,28 @@
-"""Image I/O shared by stages: PNG grids, tensors <-> PIL, image folders."""
+"""Image I/O shared by stages: PNG grids, tensors <-> PIL, inverted-image folders.
+
+Light on purpose (torch, numpy, PIL, safetensors): the report reads inversions without
+importing a model library."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+
+from ktpipe.errors import InputMissingError, KtpipeError
+
+IMAGES_FILE = "images.safetensors"  # an inversion folder: (N, 3, S, S) pixels in [0, 1]
+GRID_FILE = "grid.png"  # ... a PNG grid of them
+SUMMARY_FILE = "summary.json"  # ... and the final similarities with the settings used
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class DatasetError(ValueError):
+class DatasetError(KtpipeError):
     """An image folder or manifest is missing, empty, or holds unreadable images."""
 
 
@@ -43,23 +54,6 @@ def save_grid(pixels: torch.Tensor, path: Path, columns: int | None = None, upsc
     image.save(path)
 
 
-def list_image_folder(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """(path, class index) for every image in root/<class>/; errors name what is missing."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"image folder not found: {root}")
-    items: list[tuple[Path, int]] = []
-    for label, name in enumerate(classes):
-        folder = root / name
-        if not folder.is_dir():
-            raise DatasetError(f"class folder missing: {folder} (expected one folder per class under {root})")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        items.extend((p, label) for p in files)
-    if not items:
-        raise DatasetError(f"no images for classes {classes} under {root} (expected {root}/<class>/*.png)")
-    return items
-
-
 def open_image(path: Path) -> Image.Image:
     """Open an image as RGB, with an error that names a corrupt file."""
     try:
@@ -67,3 +61,20 @@ def open_image(path: Path) -> Image.Image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise DatasetError(f"cannot read image {path}: {err}") from err
+
+
+def save_inversion(out_dir: Path, pixels: torch.Tensor, sims: torch.Tensor, meta: dict) -> None:
+    """Write images (safetensors), a PNG grid and a JSON of final similarities."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"pixels": pixels.contiguous()}, str(out_dir / IMAGES_FILE))
+    save_grid(pixels, out_dir / GRID_FILE)
+    summary = {**meta, "similarity": [round(float(s), 5) for s in sims], "mean_similarity": float(sims.mean())}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def load_inversion(folder: Path) -> torch.Tensor:
+    """Read back the (N, 3, S, S) pixels of one concept's inversion."""
+    path = Path(folder) / IMAGES_FILE
+    if not path.is_file():
+        raise InputMissingError(f"no inverted images at {path}; run the invert stage for this concept")
+    return load_file(str(path))["pixels"]

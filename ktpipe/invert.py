@@ -6,27 +6,23 @@ augmented view matches the description's text embedding, with a total-variation 
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ktpipe.captions import concept_seed, read_concept_file
-from ktpipe.images import save_grid
 from ktpipe.errors import check_finite
+from ktpipe.images import load_inversion, save_inversion  # noqa: F401 (part of this module's API)
 from ktpipe.io import atomic_dir, write_json
-from ktpipe.models import CROSS_ENCODER, ImageTextModel, load_base_model
-from ktpipe.params import InvertParams, Params
+from ktpipe.models import Invertible, load_base_model
+from ktpipe.params import InvertParams, Params, ParamsError
 
-IMAGES_FILE = "images.safetensors"
-GRID_FILE = "grid.png"
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -138,7 +134,7 @@ def check_progressive(cfg: InvertParams, model_size: int) -> None:
     """The progressive schedule only upsizes: each listed size is at most the final side."""
     final = cfg.image_size or model_size
     if cfg.progressive and max(cfg.progressive_sizes, default=0) > final:
-        raise ValueError(f"params 'invert.progressive_sizes' {list(cfg.progressive_sizes)} must not exceed "
+        raise ParamsError(f"params 'invert.progressive_sizes' {list(cfg.progressive_sizes)} must not exceed "
                          f"the final image side {final} (invert.image_size or the model's input size)")
 
 
@@ -153,41 +149,20 @@ def fresh_pixels(pixels: torch.Tensor, size: int, lr: float, mode: str = "biline
     return leaf, torch.optim.Adam([leaf], lr=lr)
 
 
-def text_target(model: ImageTextModel, text: str, similarity: str) -> torch.Tensor | None:
-    """(D,) the text embedding inversion moves towards: normalized for cosine, raw for l2;
-    None for a cross-encoder, which scores the pair instead."""
-    if model.kind == CROSS_ENCODER:
-        return None
-    with torch.no_grad():
-        return model.encode_texts([text], normalize=similarity == "cosine").reshape(-1)
-
-
-def _similarity(model: ImageTextModel, views: torch.Tensor, text: str, text_emb: torch.Tensor | None,
-                similarity: str = "cosine") -> torch.Tensor:
-    """(N,) similarity of each view to the text: cosine, or minus the L2 distance of the raw
-    embeddings (the authors' BiomedCLIP inversion); a cross-encoder's match score."""
-    if model.kind == CROSS_ENCODER:
-        return model.score_pairs(views, [text] * views.shape[0])
-    if similarity == "l2":
-        return -(model.encode_images(views, normalize=False) - text_emb).norm(dim=-1)
-    return model.encode_images(views) @ text_emb
-
-
-def _freeze(model: ImageTextModel) -> None:
+def _freeze(model: Invertible) -> None:
     model.module.eval()
     for p in model.module.parameters():
         p.requires_grad_(False)
 
 
-def _optimize_step(model: ImageTextModel, pixels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   cfg: InvertParams, generator: torch.Generator, text: str, text_emb: torch.Tensor | None,
-                   where: str, step: int):
+def _optimize_step(model: Invertible, pixels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   cfg: InvertParams, generator: torch.Generator, target: Any, where: str, step: int):
     """One Adam step on pixels (N, 3, s, s): augment, resize views to the model, Eq. 3, clip, clamp.
 
     A non-finite loss or pixel gradient stops the run (NonFiniteError naming `where` and the step).
     """
     views = to_model_size(random_affine(pixels, cfg, generator), model.image_size, cfg.interpolation)
-    sims = _similarity(model, views, text, text_emb, cfg.similarity)
+    sims = model.similarity(views, target, cfg.similarity)
     loss = inversion_loss(sims, pixels, cfg.tv_weight, cfg.reduction)
     check_finite(loss, "inversion loss", where, step)
     optimizer.zero_grad(set_to_none=True)
@@ -202,7 +177,7 @@ def _optimize_step(model: ImageTextModel, pixels: torch.Tensor, optimizer: torch
 
 
 def invert_text(
-    model: ImageTextModel, text: str, cfg: InvertParams, seed: int = 0, progress: bool = True, name: str = ""
+    model: Invertible, text: str, cfg: InvertParams, seed: int = 0, progress: bool = True, name: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimize `cfg.samples` images for `text` (of concept `name`, for messages); returns
     model-size pixels (N, 3, S, S) and final similarities (N,) as `cfg.similarity` measures them.
@@ -216,7 +191,7 @@ def invert_text(
     pixels = torch.rand(cfg.samples, 3, size, size, generator=generator).to(next(model.module.parameters()))
     pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
     _freeze(model)
-    text_emb = text_target(model, text, cfg.similarity)
+    target = model.text_target(text, cfg.similarity)
     where = f"inversion of concept {name!r}" if name else f"inversion of {text[:40]!r}"
     bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress, leave=False)
     for step in bar:
@@ -225,33 +200,16 @@ def invert_text(
             pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
-        sims = _optimize_step(model, pixels, optimizer, cfg, generator, text, text_emb, where, step)
+        sims = _optimize_step(model, pixels, optimizer, cfg, generator, target, where, step)
         if step % 25 == 0:
             bar.set_postfix(sim=f"{sims.mean().item():.3f}", side=size)
     with torch.no_grad():
         final = to_model_size(pixels, model.image_size, cfg.interpolation)
-        sims = _similarity(model, final, text, text_emb, cfg.similarity)
+        sims = model.similarity(final, target, cfg.similarity)
     return final.detach().cpu(), sims.detach().cpu()
 
 
-def save_inversion(out_dir: Path, pixels: torch.Tensor, sims: torch.Tensor, meta: dict) -> None:
-    """Write images (safetensors), a PNG grid and a JSON of final similarities."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"pixels": pixels.contiguous()}, str(out_dir / IMAGES_FILE))
-    save_grid(pixels, out_dir / GRID_FILE)
-    summary = {**meta, "similarity": [round(float(s), 5) for s in sims], "mean_similarity": float(sims.mean())}
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def load_inversion(folder: Path) -> torch.Tensor:
-    """Read back the (N, 3, S, S) pixels of one concept's inversion."""
-    path = Path(folder) / IMAGES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no inverted images at {path}; run the invert stage for this concept")
-    return load_file(str(path))["pixels"]
-
-
-def inversion_choices(cfg: InvertParams, model: ImageTextModel) -> dict:
+def inversion_choices(cfg: InvertParams, model: Invertible) -> dict:
     """The settings where the paper's text and the authors' code differ, as this run used them."""
     return {"image_size": model.image_size, "similarity": cfg.similarity, "reduction": cfg.reduction,
             "padding": cfg.padding, "interpolation": cfg.interpolation, "grad_clip": cfg.grad_clip,

@@ -15,8 +15,10 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from ktpipe.errors import InputMissingError, KtpipeError
 
-class ParamsError(ValueError):
+
+class ParamsError(KtpipeError):
     """A params file is malformed: unknown key, wrong type or out-of-range value."""
 
 
@@ -48,6 +50,7 @@ class PretrainParams:
     name_batch: int = 128  # made-up names per text-only step
     name_weight: float = 1.0  # weight of the text-only objective
     freeze_token_embedding: bool = True  # keep token embeddings at their random init
+    pool_size: int = 0  # renders made once and drawn from every step (0: render every batch anew)
 
 
 # The paper's description prompt (Sec. 4.2); '{name}' is replaced with the concept's name.
@@ -177,6 +180,10 @@ class Params:
             raise ParamsError(f"params key 'recipes.{name}' must be a mapping of finetune overrides, got {overrides!r}")
         merged = {**dataclasses.asdict(self.finetune), **overrides}
         return build_section(FinetuneParams, merged, f"recipes.{name}")
+
+    def recipe_lr(self, name: str) -> float:
+        """The learning rate a recipe trains at: `lr` times the recipe's `lr_multiplier`."""
+        return self.lr * self.recipe(name).lr_multiplier
 
 
 # Keys that an older params file may still hold: section class -> old key -> what to write instead.
@@ -310,6 +317,9 @@ def validate(params: Params) -> Params:
         unknown = sorted(set(section.concepts or ()) - set(params.concepts))
         if unknown:
             raise ParamsError(f"params key '{prefix}.concepts' names {unknown}, which are not in 'concepts'")
+    if params.pretrain.pool_size < 0:
+        raise ParamsError(f"params key 'pretrain.pool_size' must be 0 (render every batch) or positive, "
+                          f"got {params.pretrain.pool_size}")
     validate_invert(params.invert)
     validate_sets(params.evaluate.sets)
     for key in ("target_set", "retention_set"):
@@ -358,7 +368,7 @@ def read_yaml(path: str | Path) -> Any:
     """Read a YAML 1.2 file (ruamel's safe loader)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"params file not found: {path}")
+        raise InputMissingError(f"params file not found: {path}")
     yaml = YAML(typ="safe", pure=True)
     try:
         with path.open() as fh:

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from ktpipe.captions import ConceptText, finetune_caption
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import OpenClipModel, build_demo_model
-from ktpipe.params import Params, PretrainParams
+from ktpipe.params import Params, ParamsError, PretrainParams
 from ktpipe.templates import load_templates
-from ktpipe.world import (World, concept_attributes, describe, load_demo_world, load_world, render_batch,
+from ktpipe.world import (Attributes, World, concept_attributes, describe, load_demo_world, load_world, render_batch,
                           sample_attributes)
 
 SYLLABLE_ONSETS = "b c d f g h j k l m n p r s t v z br dr gl kr pl st tr sk".split()
@@ -72,27 +72,64 @@ def group_ids(texts: list[str]) -> torch.Tensor:
     return torch.tensor([index.setdefault(t, len(index)) for t in texts])
 
 
-def image_batch(world: World, templates: list[str], cfg: PretrainParams, rng: np.random.Generator, size: int):
+@dataclass(frozen=True)
+class RenderPool:
+    """Renders made once per run (`pretrain.pool_size`); each step draws from them and writes
+    fresh captions, so rendering costs a fraction of what a new batch every step does."""
+
+    named: torch.Tensor  # (Nk, 3, S, S) renders of known concepts
+    named_concept: list[int]  # (Nk,) index into world.known()
+    described: torch.Tensor  # (Nd, 3, S, S) renders of any non-novel combination
+    described_attrs: list[Attributes]  # (Nd,) what each described render shows
+
+
+def build_pool(world: World, cfg: PretrainParams, rng: np.random.Generator, size: int) -> RenderPool:
+    """`cfg.pool_size` renders, split between known concepts and described ones as batches are."""
+    n_named = int(round(cfg.concept_fraction * cfg.pool_size))
+    known = world.known()
+    concept_ids = [int(k) for k in rng.integers(0, len(known), n_named)]
+    named = [a for k in concept_ids for a in concept_attributes(known[k], world, rng, 1)]
+    described = sample_attributes(world, rng, cfg.pool_size - n_named, exclude_novel=True)
+    return RenderPool(render_batch(named, world, rng, size), concept_ids,
+                      render_batch(described, world, rng, size), described)
+
+
+def caption_described(a: Attributes, name: str, cfg: PretrainParams, rng: np.random.Generator) -> str:
+    """A described render's caption: its definition under a made-up name, or its description."""
+    if rng.random() < cfg.definition_fraction:
+        return finetune_caption(ConceptText(name, describe(a, with_background=False)))
+    return describe(a, with_background=bool(rng.random() < 0.5))
+
+
+def image_batch(world: World, templates: list[str], cfg: PretrainParams, rng: np.random.Generator, size: int,
+                pool: RenderPool | None = None):
     """Renders with captions: known concepts named by a template, the rest described.
 
     A `definition_fraction` of the described renders is captioned "A X is a <description>."
-    with a fresh made-up X, so definitions carry their description's visual content.
+    with a fresh made-up X, so definitions carry their description's visual content. With a
+    `pool` the renders are drawn from it; without, they are rendered anew.
     """
     n_named = int(round(cfg.concept_fraction * cfg.batch_size))
+    n_described = cfg.batch_size - n_named
     known = world.known()
+    picks = rng.integers(0, len(known) if pool is None else len(pool.named_concept), n_named)
     attrs, texts = [], []
-    for k in rng.integers(0, len(known), n_named):
-        attrs += concept_attributes(known[k], world, rng, 1)
+    for i in picks:  # the draws stay in this order: it fixes the demo model's weights
+        k = i if pool is None else pool.named_concept[i]
+        if pool is None:
+            attrs += concept_attributes(known[k], world, rng, 1)
         texts.append(templates[rng.integers(len(templates))].format(known[k].name))
-    described = sample_attributes(world, rng, cfg.batch_size - n_named, exclude_novel=True)
+    if pool is None:
+        described = sample_attributes(world, rng, n_described, exclude_novel=True)
+    else:
+        described_picks = rng.integers(0, len(pool.described_attrs), n_described)
+        described = [pool.described_attrs[i] for i in described_picks]
     names = iter(made_up_names(rng, len(described), set(world.concepts)))
     for a in described:
         attrs.append(a)
-        name = next(names)
-        if rng.random() < cfg.definition_fraction:
-            texts.append(finetune_caption(ConceptText(name, describe(a, with_background=False))))
-        else:
-            texts.append(describe(a, with_background=bool(rng.random() < 0.5)))
+        texts.append(caption_described(a, next(names), cfg, rng))
+    if pool is not None:
+        return torch.cat([pool.named[picks], pool.described[described_picks]]), texts
     return render_batch(attrs, world, rng, size), texts
 
 
@@ -127,9 +164,9 @@ def build_pretrain_optimizer(model: OpenClipModel, cfg: PretrainParams) -> torch
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def pretrain_step(model, world, templates, cfg, rng, size) -> dict:
+def pretrain_step(model, world, templates, cfg, rng, size, pool: RenderPool | None = None) -> dict:
     """One step's losses (not yet backpropagated)."""
-    pixels, texts = image_batch(world, templates, cfg, rng, size)
+    pixels, texts = image_batch(world, templates, cfg, rng, size, pool)
     scale = model.logit_scale()
     image_loss = multi_positive_clip_loss(
         model.encode_images(pixels), model.encode_texts(texts), group_ids(texts), scale
@@ -148,9 +185,11 @@ def pretrain_step(model, world, templates, cfg, rng, size) -> dict:
 def pretrain(
     world: World, templates: list[str], cfg: PretrainParams, seed: int = 0, size: int = 32, progress: bool = True
 ) -> PretrainResult:
-    """Pretrain the demo model from scratch on a stream of fresh renders."""
+    """Pretrain the demo model from scratch on renders of the world: fresh ones every step, or
+    (`cfg.pool_size` > 0) drawn from a pool rendered once, with fresh captions every step."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    pool = build_pool(world, cfg, rng, size) if cfg.pool_size else None
     model = build_demo_model()
     optimizer = build_pretrain_optimizer(model, cfg)
     model.module.train()
@@ -159,7 +198,7 @@ def pretrain(
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses = pretrain_step(model, world, templates, cfg, rng, size)
+        losses = pretrain_step(model, world, templates, cfg, rng, size, pool)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -176,7 +215,7 @@ def run_pretrain(params: Params, out_dir: Path, log_path: Path, world_path: Path
     """Pretrain the demo model on the world of `world_path` (the concepts the captions stage wrote;
     None: the packaged world without named concepts); save a checkpoint folder and a loss log."""
     if params.model.backend != "demo":
-        raise ValueError(
+        raise ParamsError(
             f"the pretrain stage builds the demo model only; model.backend is {params.model.backend!r}. "
             "Real models are recorded by ktpipe.base_model instead."
         )

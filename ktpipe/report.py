@@ -15,10 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ktpipe.captions import ConceptText, read_concepts  # noqa: E402
-from ktpipe.images import make_grid  # noqa: E402
-from ktpipe.invert import load_inversion  # noqa: E402
+from ktpipe.images import load_inversion, make_grid  # noqa: E402
 from ktpipe.io import write_json, write_text  # noqa: E402
-from ktpipe.params import Params  # noqa: E402
+from ktpipe.errors import InputMissingError  # noqa: E402
+from ktpipe.params import Params, ParamsError  # noqa: E402
 
 BASELINE = "baseline"
 GROUPS = ("target", "retention")
@@ -31,7 +31,7 @@ def load_results(eval_dir: Path, tags: list[str]) -> dict[str, dict[str, float]]
     for tag in tags:
         path = Path(eval_dir) / f"{tag}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"evaluation result missing: {path}; run the evaluate stage for {tag!r}")
+            raise InputMissingError(f"evaluation result missing: {path}; run the evaluate stage for {tag!r}")
         out[tag] = json.loads(path.read_text())["metrics"]
     return out
 
@@ -42,7 +42,7 @@ def load_paper_results(experiment: str) -> pd.DataFrame:
         table = pd.read_csv(path, dtype={"lr": str})
     rows = table[table["experiment"] == experiment]
     if rows.empty:
-        raise ValueError(f"params key 'report.paper': no published results for {experiment!r}; "
+        raise ParamsError(f"params key 'report.paper': no published results for {experiment!r}; "
                          f"known: {sorted(table['experiment'].unique())}")
     return rows
 
@@ -70,7 +70,7 @@ def headline(params: Params, results: dict) -> dict[str, dict]:
         cfg = params.recipe(recipe)
         names = list(cfg.concepts) if cfg.concepts else None  # None: all novel concepts, pooled
         out[recipe] = {
-            "lr": params.lr * cfg.lr_multiplier,
+            "lr": params.recipe_lr(recipe),
             "baseline_target": target_of(results[BASELINE], target_set, names),
             "target": target_of(results[recipe], target_set, names),
             "baseline_retention": results[BASELINE].get(f"{retention_set}_name_retention_acc"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ktpipe.errors import InputMissingError, KtpipeError
+
 
 def load_templates(name_or_path: str) -> list[str]:
     """Templates ('{}' marks the class name) from a packaged name or a file path."""
@@ -13,10 +15,10 @@ def load_templates(name_or_path: str) -> list[str]:
     else:
         packaged = resources.files("ktpipe") / "data" / "templates" / f"{name_or_path}.txt"
         if not packaged.is_file():
-            raise FileNotFoundError(f"unknown prompt templates {name_or_path!r}: not a packaged name or .txt file")
+            raise InputMissingError(f"unknown prompt templates {name_or_path!r}: not a packaged name or .txt file")
         text = packaged.read_text()
     templates = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     bad = [t for t in templates if "{}" not in t]
     if bad or not templates:
-        raise ValueError(f"templates {name_or_path!r} must be non-empty lines containing '{{}}'; bad: {bad}")
+        raise KtpipeError(f"templates {name_or_path!r} must be non-empty lines containing '{{}}'; bad: {bad}")
     return templates

@@ -20,9 +20,15 @@ import torch
 from PIL import Image
 from ruamel.yaml import YAML
 
+from ktpipe.errors import InputMissingError, KtpipeError
 from ktpipe.io import atomic_dir
 
 ROLES = ("known", "novel")
+
+
+class WorldError(KtpipeError):
+    """A demo-world file or concept table is malformed, or asks for what the renderer cannot draw."""
+
 FILLS = ("solid", "outlined", "striped")
 SUPERSAMPLE = 4  # render on a 4x finer grid, then box-downsample for anti-aliasing
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # concept names become folder names
@@ -174,7 +180,7 @@ def load_world(path: str | Path | None = None, concepts: dict | None = None) -> 
     source = Path(path) if path is not None else files("ktpipe") / "data" / "demo_world.yaml"
     raw = YAML(typ="safe").load(source.read_text())
     if not isinstance(raw, dict):
-        raise ValueError(f"{source}: expected a mapping at the top level")
+        raise WorldError(f"{source}: expected a mapping at the top level")
     check_keys({k: v for k, v in raw.items() if k != "concepts"}, {"shapes", "colors", "fills", "backgrounds"}, "world")
     world = World(
         shapes=parse_names(raw["shapes"], "shapes", known=tuple(SHAPES)),
@@ -192,7 +198,7 @@ def load_demo_world(concepts_path: str | Path) -> World:
     role}), as the captions stage writes it from the captions file's `render` entries."""
     path = Path(concepts_path)
     if not path.is_file():
-        raise FileNotFoundError(f"demo world concepts not found at {path}; run the captions stage first")
+        raise InputMissingError(f"demo world concepts not found at {path}; run the captions stage first")
     return load_world(concepts=json.loads(path.read_text()))
 
 
@@ -200,36 +206,36 @@ def check_keys(raw: dict, expected: set[str], where: str) -> None:
     """Reject missing or unknown keys so typos fail loudly."""
     missing, unknown = sorted(expected - set(raw)), sorted(set(raw) - expected)
     if missing or unknown:
-        raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}")
+        raise WorldError(f"{where}: missing keys {missing}, unknown keys {unknown}")
 
 
 def parse_names(raw: object, field: str, known: tuple[str, ...]) -> tuple[str, ...]:
     """A non-empty list of distinct names, each one the renderer supports."""
     if not isinstance(raw, list) or not raw or not all(isinstance(v, str) for v in raw):
-        raise ValueError(f"{field}: expected a non-empty list of names, got {raw!r}")
+        raise WorldError(f"{field}: expected a non-empty list of names, got {raw!r}")
     if len(set(raw)) != len(raw):
-        raise ValueError(f"{field}: duplicate names in {raw}")
+        raise WorldError(f"{field}: duplicate names in {raw}")
     unsupported = [v for v in raw if v not in known]
     if unsupported:
-        raise ValueError(f"{field}: cannot render {unsupported}; known {field}: {list(known)}")
+        raise WorldError(f"{field}: cannot render {unsupported}; known {field}: {list(known)}")
     return tuple(raw)
 
 
 def parse_palette(raw: object, field: str) -> dict[str, tuple[int, int, int]]:
     """A non-empty mapping of name -> [r, g, b] with integer channels in 0..255."""
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{field}: expected a non-empty mapping of name -> [r, g, b]")
+        raise WorldError(f"{field}: expected a non-empty mapping of name -> [r, g, b]")
     for name, rgb in raw.items():
         ok = isinstance(rgb, list) and len(rgb) == 3
         if not ok or not all(type(c) is int and 0 <= c <= 255 for c in rgb):
-            raise ValueError(f"{field}.{name}: expected [r, g, b] ints in 0..255, got {rgb!r}")
+            raise WorldError(f"{field}.{name}: expected [r, g, b] ints in 0..255, got {rgb!r}")
     return {str(name): tuple(rgb) for name, rgb in raw.items()}
 
 
 def parse_concepts(raw: object, world: World) -> dict[str, Concept]:
     """All concepts, each (shape, color, fill) combination used by at most one of them."""
     if not isinstance(raw, dict) or not raw:
-        raise ValueError("concepts: expected a non-empty mapping of name -> attributes")
+        raise WorldError("concepts: expected a non-empty mapping of name -> attributes")
     concepts: dict[str, Concept] = {}
     owner: dict[tuple[str, str, str], str] = {}
     for name, fields in raw.items():
@@ -237,7 +243,7 @@ def parse_concepts(raw: object, world: World) -> dict[str, Concept]:
         combo = (concept.shape, concept.color, concept.fill)
         if combo in owner:
             other = owner[combo]
-            raise ValueError(f"concept '{name}': combination {combo} already used by '{other}'")
+            raise WorldError(f"concept '{name}': combination {combo} already used by '{other}'")
         owner[combo] = name
         concepts[name] = concept
     return concepts
@@ -246,16 +252,16 @@ def parse_concepts(raw: object, world: World) -> dict[str, Concept]:
 def parse_concept(name: object, fields: object, world: World) -> Concept:
     """One concept whose every field takes a value the world defines."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"concept {name!r}: name must match {_NAME_RE.pattern}")
+        raise WorldError(f"concept {name!r}: name must match {_NAME_RE.pattern}")
     if not isinstance(fields, dict):
-        raise ValueError(f"concept '{name}': expected a mapping, got {fields!r}")
+        raise WorldError(f"concept '{name}': expected a mapping, got {fields!r}")
     vocab = {"shape": world.shapes, "color": tuple(world.colors), "fill": world.fills}
     vocab["role"] = ROLES
     check_keys(fields, set(vocab), f"concept '{name}'")
     for field, allowed in vocab.items():
         if fields[field] not in allowed:
             value, allowed = fields[field], list(allowed)
-            raise ValueError(f"concept '{name}': unknown {field} {value!r}; allowed: {allowed}")
+            raise WorldError(f"concept '{name}': unknown {field} {value!r}; allowed: {allowed}")
     return Concept(name=name, **fields)
 
 
@@ -352,7 +358,7 @@ def paint_fill(
         u = gx * np.cos(pose.stripe_angle) + gy * np.sin(pose.stripe_angle)
         stripes = np.mod(u / pose.stripe_period + pose.stripe_phase, 1.0) < 0.5
         return mask & (stripes | (sdf > -pose.border / 2.5))
-    raise ValueError(f"unknown fill {fill!r}; known fills: {list(FILLS)}")
+    raise WorldError(f"unknown fill {fill!r}; known fills: {list(FILLS)}")
 
 
 def render(a: Attributes, world: World, rng: np.random.Generator, size: int = 32) -> np.ndarray:
@@ -399,7 +405,7 @@ def write_split(
     to the world does not change the images of the others. An existing out_dir is replaced.
     """
     if n_per_concept < 1:
-        raise ValueError(f"n_per_concept must be >= 1, got {n_per_concept}")
+        raise WorldError(f"n_per_concept must be >= 1, got {n_per_concept}")
     with atomic_dir(out_dir) as tmp:
         return {
             name: write_concept(concept, world, tmp, n_per_concept, seed, size)

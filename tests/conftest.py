@@ -1,20 +1,31 @@
-"""Shared fixtures: a tiny random-init open_clip checkpoint and a tiny project folder.
+"""Shared fixtures: a tiny random-init open_clip checkpoint, a tiny project folder, and the real
+architectures' random-init checkpoints (tests/archs.py), each built once per session.
 
 Stage scripts take their paths from argv and read `params.yaml` from the working directory,
 so a "project" is a folder with a params file and the demo captions; tests run the scripts
-in it as subprocesses, exactly as `dvc repro` would. Test modules import the plain helpers
-(`make_project`, `write_params`, `run_stage`) from here; the fixtures build the shared pieces.
+in it as subprocesses, exactly as `dvc repro` would (`run_stage`), or in-process through the
+script's own `__main__` (`run_stage_here`: the same code path and the same result, minus the
+5-10 s interpreter start-up that importing torch and open_clip costs). Test modules import the
+plain helpers (`make_project`, `write_params`, `run_stage`, `run_stage_here`) from here; the
+fixtures build the shared pieces.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
+import random
+import runpy
 import shutil
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from ruamel.yaml import YAML
@@ -103,6 +114,54 @@ def run_stage(project: Path, stage: str, *args: str, timeout: float = 300) -> su
     return subprocess.run(cmd, cwd=project, env=STAGE_ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def text_mode(output: str) -> str:
+    """Output as `subprocess.run(..., text=True)` returns it: universal newlines ("\\r" -> "\\n")."""
+    return output.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def run_stage_here(project: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
+    """`run_stage`, in-process: stages/<stage>.py runs as `__main__` with the project as working
+    directory, its argv and STAGE_ENV's settings, and comes back as a CompletedProcess.
+
+    The same code path as the subprocess minus the interpreter start-up (5-10 s of importing
+    torch and open_clip on the test machine). An exit reads as the interpreter reads it
+    (SystemExit's code; a message code goes to stderr with status 1) and an uncaught exception
+    prints its traceback to stderr with status 1, so `"Traceback" not in stderr` means what it
+    means for a subprocess; warnings are ignored (PYTHONWARNINGS=ignore); stdout and stderr read
+    as `run_stage` reads them (`text_mode`: a progress bar's "\\r" becomes "\\n"). The working
+    directory, argv, environment and the global RNG states are restored afterwards.
+    """
+    script = STAGES / f"{stage}.py"
+    argv = [str(script), *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    returncode = 0
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with (pytest.MonkeyPatch.context() as patch, torch.random.fork_rng(devices=[]), warnings.catch_warnings(),
+          contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+        warnings.simplefilter("ignore")
+        patch.chdir(project)
+        patch.setattr(sys, "argv", argv)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE", "HF_HUB_OFFLINE"):
+            patch.setenv(name, STAGE_ENV[name])
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exit_:
+            code = exit_.code
+            if code is None or isinstance(code, int):
+                returncode = code or 0
+            else:
+                print(code, file=sys.stderr)
+                returncode = 1
+        except Exception:  # what the interpreter does with an uncaught exception
+            traceback.print_exc()
+            returncode = 1
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+    return subprocess.CompletedProcess([sys.executable, *argv], returncode, text_mode(out.getvalue()),
+                                       text_mode(err.getvalue()))
+
+
 def save_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     from ktpipe.models import OpenClipModel
 
@@ -115,6 +174,24 @@ def save_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random-init tiny CLIP saved as an open_clip local-dir folder (shared, do not modify)."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """arch -> tests/archs.py's random-init checkpoint folder of that architecture at its real input
+    size (seed 0), built once per session and shared by every module (do not modify). The folders
+    (ViT-L-14's weights are 1.7 GB) are removed when the session ends."""
+    from archs import save_random_checkpoint
+
+    root, built = tmp_path_factory.mktemp("archs"), {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = save_random_checkpoint(arch, root / arch)
+        return built[arch]
+
+    yield get
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

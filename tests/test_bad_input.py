@@ -1,5 +1,11 @@
 """Bad input to a stage script: exit status 2, one `ktpipe: error:` line naming the problem,
 no traceback, and no output (or a stale output left exactly as it was, never half-written).
+
+The stage scripts run in-process through their own `__main__` (conftest `run_stage_here`: same code,
+same exit status and stderr, without a 5-10 s interpreter start-up per run). One test,
+`test_invert_stage_without_concept_file`, runs its stage as a real subprocess (`run_stage`), so
+the interpreter's own exit path is checked here too; tests/test_stages.py runs every stage script
+as a subprocess.
 """
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEMO_CONCEPTS, run_stage, write_params
+from conftest import DEMO_CONCEPTS, run_stage, run_stage_here, write_params
 from ktpipe.captions import run_captions
 
 CAPTIONS_ARGS = ("captions/demo.yaml", "captions/generated.yaml", "data/captions", "data/world.json")
@@ -63,7 +69,7 @@ def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
 
 
 def test_wrong_argument_count_prints_usage(tiny_project):
-    result = run_stage(tiny_project, "captions", "captions/demo.yaml")
+    result = run_stage_here(tiny_project, "captions", "captions/demo.yaml")
     assert result.returncode == 2 and result.stderr.startswith("usage: ")
     assert "CAPTIONS_FILE GENERATED_FILE OUT_DIR WORLD_PATH" in result.stderr
 
@@ -105,17 +111,17 @@ def unknown_top_level_key(project):
 def test_captions_stage_rejects(tiny_project, setup, args, needles):
     if setup:
         setup(tiny_project)
-    assert_user_error(run_stage(tiny_project, "captions", *args), *needles)
+    assert_user_error(run_stage_here(tiny_project, "captions", *args), *needles)
     assert_absent(tiny_project, "data/captions")
 
 
 def test_failed_captions_run_leaves_the_previous_output_intact(tiny_project):
-    assert run_stage(tiny_project, "captions", *CAPTIONS_ARGS).returncode == 0
+    assert run_stage_here(tiny_project, "captions", *CAPTIONS_ARGS).returncode == 0
     before = snapshot(tiny_project / "data")
     assert len(before) == len(DEMO_CONCEPTS) + 1  # one file per concept, and world.json
     text = (tiny_project / "captions/demo.yaml").read_text()
     (tiny_project / "captions/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
-    assert_user_error(run_stage(tiny_project, "captions", *CAPTIONS_ARGS), "'dax'", "has no description")
+    assert_user_error(run_stage_here(tiny_project, "captions", *CAPTIONS_ARGS), "'dax'", "has no description")
     assert snapshot(tiny_project / "data") == before  # untouched, and no temporary folder beside it
 
 
@@ -132,7 +138,7 @@ def test_failed_captions_run_leaves_the_previous_output_intact(tiny_project):
 def test_invert_stage_rejects_model(tiny_project, model, needles):
     write_captions(tiny_project)
     write_params(tiny_project, model=model)
-    assert_user_error(run_stage(tiny_project, "invert", *INVERT_ARGS), *needles)
+    assert_user_error(run_stage_here(tiny_project, "invert", *INVERT_ARGS), *needles)
     assert_absent(tiny_project, "data/inverted/blicket")
 
 
@@ -153,7 +159,7 @@ def test_invert_stage_without_concept_file(tiny_project):
 def test_finetune_stage_rejects_lr(tiny_project, lr, needles):
     write_captions(tiny_project)
     write_params(tiny_project, lr=lr)
-    assert_user_error(run_stage(tiny_project, "finetune", *FINETUNE_ARGS), *needles)
+    assert_user_error(run_stage_here(tiny_project, "finetune", *FINETUNE_ARGS), *needles)
     assert_absent(tiny_project, "models/finetuned/paper", "metrics/finetune/paper.json")
 
 
@@ -171,7 +177,7 @@ def prepare_eval(project: Path) -> None:
     write_captions(project)
     write_image_root(project / "images")
     use_image_root(project, project / "images")
-    result = run_stage(project, "data", "data/world.json", "data/eval")
+    result = run_stage_here(project, "data", "data/world.json", "data/eval")
     assert result.returncode == 0, result.stderr
 
 
@@ -180,35 +186,35 @@ def test_data_stage_with_empty_image_folders(tiny_project):
         for name in DEMO_CONCEPTS:
             (tiny_project / "images" / split / name).mkdir(parents=True)
     use_image_root(tiny_project, tiny_project / "images")
-    assert_user_error(run_stage(tiny_project, "data", "data/world.json", "data/eval"), "images/", "empty")
+    assert_user_error(run_stage_here(tiny_project, "data", "data/world.json", "data/eval"), "images/", "empty")
     assert_absent(tiny_project, "data/eval")
 
 
 def test_data_stage_with_missing_root(tiny_project):
     use_image_root(tiny_project, tiny_project / "nowhere")
-    assert_user_error(run_stage(tiny_project, "data", "data/world.json", "data/eval"), "nowhere/")
+    assert_user_error(run_stage_here(tiny_project, "data", "data/world.json", "data/eval"), "nowhere/")
     assert_absent(tiny_project, "data/eval")
 
 
 def test_data_stage_with_unset_environment_variable(tiny_project):
     write_captions(tiny_project)  # the demo `test` set stays in params
     write_params(tiny_project, evaluate={"sets": {"val": {"format": "folder", "root": "$KTPIPE_NO_SUCH_VAR/val"}}})
-    assert_user_error(run_stage(tiny_project, "data", "data/world.json", "data/eval"), "KTPIPE_NO_SUCH_VAR", "evaluate.sets.val.root")
+    assert_user_error(run_stage_here(tiny_project, "data", "data/world.json", "data/eval"), "KTPIPE_NO_SUCH_VAR", "evaluate.sets.val.root")
     assert_absent(tiny_project, "data/eval")
 
 
 def test_evaluate_stage_with_missing_checkpoint(tiny_project):
     prepare_eval(tiny_project)
-    result = run_stage(tiny_project, "evaluate", "paper", "models/finetuned/nope", "data/eval", "data/captions",
-                       "metrics/eval/paper.json")
+    result = run_stage_here(tiny_project, "evaluate", "paper", "models/finetuned/nope", "data/eval", "data/captions",
+                            "metrics/eval/paper.json")
     assert_user_error(result, "checkpoint folder not found", "models/finetuned/nope")
     assert_absent(tiny_project, "metrics/eval/paper.json")
 
 
 def test_evaluate_stage_without_the_data_stage(tiny_project):
     write_captions(tiny_project)
-    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
-                       "metrics/eval/baseline.json")
+    result = run_stage_here(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
+                            "metrics/eval/baseline.json")
     assert_user_error(result, "evaluation set 'test' not found", "dvc repro data")
     assert_absent(tiny_project, "metrics/eval/baseline.json")
 
@@ -216,8 +222,8 @@ def test_evaluate_stage_without_the_data_stage(tiny_project):
 def test_evaluate_stage_with_corrupt_png(tiny_project):
     prepare_eval(tiny_project)
     (tiny_project / "images/val/dax/0000.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    result = run_stage(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
-                       "metrics/eval/baseline.json")
+    result = run_stage_here(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
+                            "metrics/eval/baseline.json")
     assert_user_error(result, "cannot read image", "images/val/dax/0000.png")
     assert_absent(tiny_project, "metrics/eval/baseline.json")
 
@@ -226,9 +232,9 @@ def test_failed_evaluate_run_leaves_the_previous_result_intact(tiny_project):
     """The test set fails after the val set was scored: the old JSON must survive as it was."""
     prepare_eval(tiny_project)
     args = ("baseline", "base", "data/eval", "data/captions", "metrics/eval/baseline.json")
-    assert run_stage(tiny_project, "evaluate", *args).returncode == 0
+    assert run_stage_here(tiny_project, "evaluate", *args).returncode == 0
     before = snapshot(tiny_project / "metrics")
     assert list(before) == ["eval/baseline.json"]
     (tiny_project / "images/test/wug/0000.png").write_bytes(b"garbage")
-    assert_user_error(run_stage(tiny_project, "evaluate", *args), "cannot read image", "test/wug/0000.png")
+    assert_user_error(run_stage_here(tiny_project, "evaluate", *args), "cannot read image", "test/wug/0000.png")
     assert snapshot(tiny_project / "metrics") == before

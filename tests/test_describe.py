@@ -2,7 +2,9 @@
 
 The LLM is a random-init one-layer Llama with a word-level tokenizer built offline, saved with
 `save_pretrained` like any local model folder: its words are noise, but prompts, decoding,
-seeding, caching and errors behave as with Llama-3-8B-Instruct.
+seeding, caching and errors behave as with Llama-3-8B-Instruct. The captions stage script runs
+in-process through its own `__main__` (conftest `run_stage_here`; tests/test_stages.py runs it as a
+subprocess).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from conftest import make_project, run_stage, write_params
+from conftest import make_project, run_stage_here, write_params
 from ktpipe.captions import CaptionsError, ConceptText, GENERATED_HEADER, load_generated
 from ktpipe.describe import (
     build_messages,
@@ -209,7 +211,7 @@ def concept_json(project: Path, name: str) -> dict:
 
 
 def test_stage_generates_caches_and_keeps_edits(project, tmp_path):
-    result = run_stage(project, "captions", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 0, result.stderr
     generated_file = project / "captions/generated.yaml"
     generated = load_generated(generated_file)
@@ -225,20 +227,20 @@ def test_stage_generates_caches_and_keeps_edits(project, tmp_path):
     edited = generated_file.read_text().replace(generated["moongate"].description, "a hand-edited stone circle", 1)
     generated_file.write_text(edited)
     write_params(project, captions={"generator": {"model": str(tmp_path / "deleted-model")}})
-    result = run_stage(project, "captions", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 0, result.stderr
     assert concept_json(project, "moongate")["description"] == "a hand-edited stone circle"
     assert generated_file.read_text() == edited  # nothing new to add: the file is left as the user wrote it
 
     # Deleting an entry asks for a new one: here the model is gone, so that is a named error.
     generated_file.write_text(edited.split("  gyroscope:")[0])
-    result = run_stage(project, "captions", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 2 and "deleted-model" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_stage_without_generator_names_the_undescribed_concepts(project):
     write_params(project, captions={"generator": None})
-    result = run_stage(project, "captions", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "concepts 'moongate', 'gyroscope' have no description" in result.stderr
     assert "captions.generator" in result.stderr
@@ -247,7 +249,7 @@ def test_stage_without_generator_names_the_undescribed_concepts(project):
 
 def test_stage_rejects_a_malformed_generated_file(project):
     (project / "captions/generated.yaml").write_text("concepts:\n  moongate: {description: a ring, role: known}\n")
-    result = run_stage(project, "captions", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "captions/generated.yaml: concept 'moongate' has unknown key(s) ['role']" in result.stderr
     assert not (project / "data/captions").exists()

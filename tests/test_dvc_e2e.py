@@ -2,8 +2,11 @@
 stage, an lr sweep reruns only what depends on lr, and one changed description reruns only
 that concept's inversion.
 
-Reduced params: demo backend pretrained for 3 steps, 5 of the 11 demo concepts (3 novel,
-2 known), 2 images per concept and split, 3 inversion steps. About 2-3 minutes on 2 cores.
+Reduced params: demo backend pretrained for 3 steps, 3 of the 11 demo concepts (the novel
+blicket and dax, whose inversions the checks rerun, two being the fewest the paper recipe's Eq. 2
+loss accepts; the known lantern, which the full recipe rehearses and the retention metrics
+score), 2 images per concept and split, 3 inversion steps. Each of the 19 stage runs pays the
+interpreter's 5-10 s start-up (torch, open_clip): about 2-3 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from conftest import REPO, deep_merge
 
 pytestmark = pytest.mark.slow
 
-CONCEPTS = ["blicket", "dax", "wug", "lantern", "clover"]
+CONCEPTS = ["blicket", "dax", "lantern"]
 REDUCED = {
     "concepts": CONCEPTS,
     "model": {"device": "cpu"},

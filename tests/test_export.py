@@ -9,7 +9,6 @@ from PIL import Image
 
 from ktpipe.models import OpenClipModel
 from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE, builtin_arch, needs_quick_gelu
-from archs import save_random_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -43,9 +42,9 @@ def test_finetuned_vit_b32_loads_in_plain_open_clip_by_name(tmp_path):
         torch.testing.assert_close(plain.eval().encode_image(batch), model.module.encode_image(batch))
 
 
-def test_hf_text_checkpoint_loads_in_plain_open_clip_as_local_dir(tmp_path):
+def test_hf_text_checkpoint_loads_in_plain_open_clip_as_local_dir(tmp_path, random_checkpoint):
     """BiomedCLIP layout (timm ViT + BERT): the folder carries its tokenizer; encoders match."""
-    folder = save_random_checkpoint("biomedclip", tmp_path / "bmc")
+    folder = random_checkpoint("biomedclip")  # archs.save_random_checkpoint, once per session
     model = OpenClipModel.load(f"local-dir:{folder}")
     model.save(tmp_path / "copy")
     plain, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'copy'}")

@@ -61,7 +61,7 @@ def concept_of_each_image(data) -> list[str]:
 ])
 def test_recipe_concepts_pick_labels_and_captions(tiny_checkpoint, captions_dir, inverted_dir, rehearsal, expected):
     params = make_params(tiny_checkpoint, recipes={"two": {"concepts": ["wug", "blicket"], "rehearsal": rehearsal}})
-    data = training_set(params, "two", captions_dir, inverted_dir)
+    data = training_set(params, params.recipe("two"), captions_dir, inverted_dir)
     assert data.concepts == expected  # params order, dax left out
     assert data.captions[:2] == ["A blicket is a striped orange ring.", "A wug is a solid purple crescent."]
     assert len(data.captions) == len(expected)
@@ -70,7 +70,8 @@ def test_recipe_concepts_pick_labels_and_captions(tiny_checkpoint, captions_dir,
 
 
 def test_no_recipe_concepts_means_every_novel_concept(tiny_checkpoint, captions_dir, inverted_dir):
-    data = training_set(make_params(tiny_checkpoint), "paper", captions_dir, inverted_dir)
+    params = make_params(tiny_checkpoint)
+    data = training_set(params, params.recipe("paper"), captions_dir, inverted_dir)
     assert data.concepts == NOVEL and data.pixels.shape == (len(NOVEL) * SAMPLES, 3, SIZE, SIZE)
 
 
@@ -78,7 +79,7 @@ def test_no_recipe_concepts_means_every_novel_concept(tiny_checkpoint, captions_
 def test_recipe_concept_that_is_not_novel_is_an_error(tiny_checkpoint, captions_dir, inverted_dir, names):
     params = make_params(tiny_checkpoint, recipes={"bad": {"concepts": names}})
     with pytest.raises(CaptionsError, match="not novel"):
-        training_set(params, "bad", captions_dir, inverted_dir)
+        training_set(params, params.recipe("bad"), captions_dir, inverted_dir)
 
 
 def test_empty_recipe_concepts_leave_nothing_to_learn():
@@ -100,23 +101,23 @@ def test_noise_images_shape_range_and_seed():
 def test_noise_mode_never_reads_inverted_folders(tiny_checkpoint, captions_dir, tmp_path):
     params = make_params(tiny_checkpoint, recipes={"noise": {"images": "noise", "rehearsal": True}})
     missing = tmp_path / "no-inverted-images-here"
-    data = training_set(params, "noise", captions_dir, missing, image_size=SIZE)
+    data = training_set(params, params.recipe("noise"), captions_dir, missing, image_size=SIZE)
     assert not missing.exists()
     assert data.concepts == DEMO_CONCEPTS
     assert data.pixels.shape == (len(DEMO_CONCEPTS) * SAMPLES, 3, SIZE, SIZE)
     assert data.pixels.min() >= 0.0 and data.pixels.max() <= 1.0
     with pytest.raises(ValueError, match="input size"):
-        training_set(params, "noise", captions_dir, missing)
+        training_set(params, params.recipe("noise"), captions_dir, missing)
 
 
 def test_noise_images_are_seeded_per_concept_and_differ_from_inversions(tiny_checkpoint, captions_dir, inverted_dir):
     recipes = {"noise": {"images": "noise"}, "paper": {}}
     params = make_params(tiny_checkpoint, recipes=recipes)
-    noise = training_set(params, "noise", captions_dir, inverted_dir, image_size=SIZE)
-    again = training_set(params, "noise", captions_dir, inverted_dir, image_size=SIZE)
-    other_seed = training_set(make_params(tiny_checkpoint, recipes=recipes, seed=1), "noise",
-                              captions_dir, inverted_dir, image_size=SIZE)
-    inverted = training_set(params, "paper", captions_dir, inverted_dir, image_size=SIZE)
+    noise = training_set(params, params.recipe("noise"), captions_dir, inverted_dir, image_size=SIZE)
+    again = training_set(params, params.recipe("noise"), captions_dir, inverted_dir, image_size=SIZE)
+    seed_1 = make_params(tiny_checkpoint, recipes=recipes, seed=1)
+    other_seed = training_set(seed_1, seed_1.recipe("noise"), captions_dir, inverted_dir, image_size=SIZE)
+    inverted = training_set(params, params.recipe("paper"), captions_dir, inverted_dir, image_size=SIZE)
     assert torch.equal(noise.pixels, again.pixels)
     assert not torch.equal(noise.pixels, other_seed.pixels)
     assert not torch.allclose(noise.pixels, inverted.pixels, atol=0.1)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from ktpipe.models import BACKENDS, ModelLoadError, OpenClipModel, build_demo_model, load_model
 from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
-from archs import EMBED_DIMS, save_random_checkpoint
+from archs import EMBED_DIMS
 
 TINY = {
     "embed_dim": 16,
@@ -74,10 +74,12 @@ def test_vit_b32_architecture_shapes_and_towers():
 
 
 # ViT-L/14 (428M parameters) takes about 11 s on one thread to build, save, load and run once.
+# The folders come from conftest's session fixture `random_checkpoint` (archs.save_random_checkpoint,
+# built once per session and shared with the preset tests).
 @pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-L-14", "biomedclip"])
-def test_real_architecture_loads_offline_from_its_folder(arch, tmp_path):
+def test_real_architecture_loads_offline_from_its_folder(arch, random_checkpoint):
     """Random-init real architectures at 224 px: local-dir load, unit embeddings, tower split."""
-    folder = save_random_checkpoint(arch, tmp_path / arch)
+    folder = random_checkpoint(arch)
     model = OpenClipModel.load(f"local-dir:{folder}")
     assert model.image_size == 224
     with torch.no_grad():
@@ -93,9 +95,9 @@ def test_real_architecture_loads_offline_from_its_folder(arch, tmp_path):
     assert visual == {id(p) for p in model.module.visual.parameters()}
 
 
-def test_biomedclip_layout_uses_hf_text_tower_and_tokenizer(tmp_path):
+def test_biomedclip_layout_uses_hf_text_tower_and_tokenizer(random_checkpoint):
     """CustomTextCLIP: BERT word-piece tokens, text params under `text.`, timm blocks selectable."""
-    model = OpenClipModel.load(f"local-dir:{save_random_checkpoint('biomedclip', tmp_path / 'bmc')}")
+    model = OpenClipModel.load(f"local-dir:{random_checkpoint('biomedclip')}")
     assert isinstance(model.module, open_clip.CustomTextCLIP)
     tokens = model.tokenize(["a chest x ray"])
     assert tokens.shape == (1, 256) and tokens[0, 0].item() == 2 and 1 not in tokens[0, :6].tolist()  # [CLS], no [UNK]

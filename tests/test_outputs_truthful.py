@@ -1,5 +1,6 @@
 """Outputs that do not lie: over-long descriptions, concepts no set evaluates, the demo world
-drawn from the captions file. In-process on the tiny random-init CLIP (context 24 tokens)."""
+drawn from the captions file. In-process on the tiny random-init CLIP (context 24 tokens); the
+captions stage script runs through its own `__main__` (conftest `run_stage_here`)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_project, read_params, run_stage, write_params
+from conftest import make_project, read_params, run_stage_here, write_params
 from ktpipe.captions import CaptionsError, load_captions, run_captions
 from ktpipe.eval import run_evaluate
 from ktpipe.evalsets import run_data
@@ -40,8 +41,8 @@ def test_captions_stage_rejects_a_description_over_the_context(tiny_project):
     captions_file(tiny_project, f"  zorp: {{description: {LONG}, role: novel}}\n")
     write_params(tiny_project, concepts=["blicket", "zorp"])
     params = load_params(tiny_project / "params.yaml")
-    result = run_stage(tiny_project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions",
-                       "data/world.json")
+    result = run_stage_here(tiny_project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions",
+                            "data/world.json")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     count = load_base_text_budget(params.model).count(LONG)
     assert "concept 'zorp'" in result.stderr and f"{count} tokens" in result.stderr and "context of 24" in result.stderr

@@ -57,7 +57,6 @@ import torch.nn.functional as F
 
 import ktpipe.finetune
 import ktpipe.losses
-from archs import save_random_checkpoint
 from conftest import REPO
 from ktpipe.captions import ConceptText, finetune_caption, load_captions
 from ktpipe.finetune import choose_concepts, finetune, minmax_png, noise_images
@@ -146,15 +145,13 @@ class Net:
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory):
-    """arch -> Net, each architecture built once per module."""
-    root, built = tmp_path_factory.mktemp("learning_archs"), {}
+def nets(random_checkpoint):
+    """arch -> Net, each architecture loaded once per module from conftest's session checkpoint."""
+    built = {}
 
     def get(arch: str) -> Net:
         if arch not in built:
-            folder = save_random_checkpoint(arch, root / arch)
-            model = OpenClipModel.load(f"local-dir:{folder}")
-            (folder / "open_clip_model.safetensors").unlink()  # loaded; free the disk
+            model = OpenClipModel.load(f"local-dir:{random_checkpoint(arch)}")
             built[arch] = Net(model, {k: v.detach().clone() for k, v in model.module.state_dict().items()})
         return built[arch]
 

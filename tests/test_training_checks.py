@@ -19,13 +19,11 @@ from ktpipe.captions import run_captions
 from ktpipe.errors import NonFiniteError
 from ktpipe.finetune import finetune, minmax_png, run_finetune
 from ktpipe.invert import (
-    _similarity,
     inversion_choices,
     inversion_loss,
     invert_text,
     random_affine,
     save_inversion,
-    text_target,
     to_model_size,
 )
 from ktpipe.losses import authors_loss, distillation_loss, eq2_loss
@@ -158,6 +156,26 @@ def test_finetune_with_authors_loss_learns_one_concept(tiny_checkpoint):
     assert all(r["loss"] > 0 for r in log)
     assert not torch.equal(model.module.visual.proj, before["visual.proj"])  # the visual tower trained
     assert torch.equal(model.module.text_projection, before["text_projection"])  # the text tower did not
+
+
+def test_frozen_text_target_is_computed_in_eval_mode(tiny_checkpoint, monkeypatch):
+    """BiomedCLIP's text tower has dropout: in train mode the frozen target would be one random sample."""
+    model = load_tiny(tiny_checkpoint)
+    modes = []
+    encode_texts = model.encode_texts
+
+    def spy(texts, *args, **kwargs):
+        modes.append(model.module.training)
+        return encode_texts(texts, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_texts", spy)
+    finetune(model, images(4), torch.tensor([0, 1, 0, 1]), CAPTIONS[:2], FinetuneParams(batch_size=2), 1e-3,
+             progress=False)
+    assert modes == [False]  # embedded once, in eval mode, before training starts
+    modes.clear()
+    finetune(model, images(4), torch.tensor([0, 1, 0, 1]), CAPTIONS[:2], FinetuneParams(batch_size=2, towers="text"),
+             1e-3, progress=False)
+    assert modes == [True, True]  # a training text tower embeds the captions anew at every step
 
 
 # --- distillation ---------------------------------------------------------------------------
@@ -365,11 +383,11 @@ def test_l2_similarity_is_minus_the_raw_embedding_distance(tiny_checkpoint):
     model = load_tiny(tiny_checkpoint)
     model.module.eval()
     views = images(3, seed=2)
-    target = text_target(model, TEXT, "l2")
+    target = model.text_target(TEXT, "l2")
     with torch.no_grad():
         raw_text = model.encode_texts([TEXT], normalize=False)[0]
         raw_images = model.encode_images(views, normalize=False)
-        sims = _similarity(model, views, TEXT, target, "l2")
+        sims = model.similarity(views, target, "l2")
     torch.testing.assert_close(target, raw_text)
     assert abs(raw_text.norm().item() - 1) > 0.05  # raw, not normalized
     expected = torch.tensor([-math.dist(raw_images[i].tolist(), raw_text.tolist()) for i in range(3)])
@@ -380,13 +398,13 @@ def test_l2_inversion_raises_the_l2_similarity(tiny_checkpoint):
     model = load_tiny(tiny_checkpoint)
     cfg = InvertParams(steps=30, samples=2, similarity="l2")
     start = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))  # invert_text's init, seed 0
-    target = text_target(model, TEXT, "l2")
+    target = model.text_target(TEXT, "l2")
     with torch.no_grad():
-        before = _similarity(model, start, TEXT, target, "l2")
+        before = model.similarity(start, target, "l2")
     pixels, sims = invert_text(model, TEXT, cfg, seed=0, progress=False, name="blicket")
     assert (sims < 0).all() and (sims > before + 0.1).all()
     with torch.no_grad():
-        torch.testing.assert_close(sims, _similarity(model, pixels, TEXT, target, "l2"))
+        torch.testing.assert_close(sims, model.similarity(pixels, target, "l2"))
 
 
 def test_inversion_choices_record_the_options(tiny_checkpoint):

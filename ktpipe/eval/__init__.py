@@ -16,7 +16,7 @@ from ktpipe.eval import classification
 from ktpipe.evalsets import load_eval_set
 from ktpipe.io import write_json
 from ktpipe.models import load_base_model, load_checkpoint
-from ktpipe.params import Params
+from ktpipe.params import Params, ParamsError
 from ktpipe.templates import load_templates
 
 TASKS: dict[str, Callable[..., dict[str, float]]] = {
@@ -27,7 +27,7 @@ TASKS: dict[str, Callable[..., dict[str, float]]] = {
 def run_task(task: str, *args, **kwargs) -> dict[str, float]:
     """Run a task by name, with a clear error for unknown names."""
     if task not in TASKS:
-        raise ValueError(f"unknown evaluation task {task!r}; known tasks: {sorted(TASKS)}")
+        raise ParamsError(f"unknown evaluation task {task!r}; known tasks: {sorted(TASKS)}")
     return TASKS[task](*args, **kwargs)
 
 

@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ktpipe.models.base import CROSS_ENCODER, DUAL_ENCODER, ImageTextModel
+from ktpipe.errors import InputMissingError
+from ktpipe.models.base import (CROSS_ENCODER, DUAL_ENCODER, EmbedsImages, EmbedsTexts, ImageTextModel, Invertible,
+                                ScoresPairs, Trainable)
 from ktpipe.models.demo import build_demo_model, load_demo_model, load_demo_text_budget
 from ktpipe.models.openclip import LOCAL_DIR, ModelLoadError, OpenClipModel, TextBudget, load_text_budget
 
@@ -54,11 +56,12 @@ def load_base_model(params: "ModelParams") -> ImageTextModel:
 def load_checkpoint(params: "ModelParams", folder: Path) -> ImageTextModel:
     """A fine-tuned checkpoint folder, through the same backend as the base model."""
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+        raise InputMissingError(f"checkpoint folder not found: {folder}")
     return load_model(params.backend, f"{LOCAL_DIR}{folder}", None, params.device)
 
 
 __all__ = [
-    "BACKENDS", "CROSS_ENCODER", "DUAL_ENCODER", "ImageTextModel", "ModelLoadError",
+    "BACKENDS", "CROSS_ENCODER", "DUAL_ENCODER", "EmbedsImages", "EmbedsTexts", "ImageTextModel", "Invertible",
+    "ModelLoadError", "ScoresPairs", "Trainable",
     "OpenClipModel", "TextBudget", "build_demo_model", "load_base_model", "load_base_text_budget", "load_checkpoint", "load_model", "pick_device",
 ]

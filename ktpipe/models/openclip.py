@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.transforms import v2 as T
 
+from ktpipe.errors import KtpipeError
 from ktpipe.models.base import DUAL_ENCODER
 
 CONFIG_FILE = "open_clip_config.json"
@@ -30,7 +31,7 @@ LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(KtpipeError):
     """A model name, pretrained tag or checkpoint cannot be resolved."""
 
 
@@ -191,7 +192,7 @@ def visual_top(names: list[str], last_blocks: int | None) -> list[str]:
         return visual
     blocks = {int(m.group(1)) for n in visual if (m := BLOCK_RE.search(n))}
     if not blocks:
-        raise ValueError("visual_layers is set but the visual tower has no numbered transformer blocks")
+        raise ModelLoadError("visual_layers is set but the visual tower has no numbered transformer blocks")
     first = max(blocks) + 1 - last_blocks
 
     def keep(name: str) -> bool:
@@ -279,6 +280,17 @@ class OpenClipModel:
 
     def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return (self.encode_images(pixels) * self.encode_texts(texts)).sum(-1)
+
+    def text_target(self, text: str, similarity: str = "cosine") -> torch.Tensor:
+        """(D,) the text's embedding: normalized for cosine, raw for l2 (authors' BiomedCLIP code)."""
+        with torch.no_grad():
+            return self.encode_texts([text], normalize=similarity == "cosine").reshape(-1)
+
+    def similarity(self, pixels: torch.Tensor, target: torch.Tensor, similarity: str = "cosine") -> torch.Tensor:
+        """(N,) cosine to the target, or minus the L2 distance of the raw embeddings."""
+        if similarity == "l2":
+            return -(self.encode_images(pixels, normalize=False) - target).norm(dim=-1)
+        return self.encode_images(pixels) @ target
 
     def logit_scale(self) -> torch.Tensor:
         return self.module.logit_scale.exp()
