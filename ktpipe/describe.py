@@ -1,10 +1,11 @@
-"""Concept descriptions written by an instruction LLM (paper Sec. 4.2, params `captions.generator`).
+"""The concepts stage: every concept described, by its file or an instruction LLM (paper Sec. 4.2,
+params `concepts.generator`).
 
 The paper asks Llama-3-8B-Instruct to describe each class with the prompt of
 `ktpipe.params.PAPER_PROMPT`. Here any transformers causal LM with a chat template does: the
-prompt becomes one user message, the reply (new tokens only) becomes the description. The
-captions stage (ktpipe.captions) calls `describe_concepts` only for concepts that neither the
-captions file nor the generated file describes, and caches the result in the generated file.
+prompt becomes one user message, the reply (new tokens only) becomes the description.
+`run_concepts` calls `describe_concepts` only for concepts that neither the concepts file nor
+the generated file describes, and caches the result in the generated file.
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from ktpipe.captions import CaptionsError, ConceptText
-from ktpipe.captions import concept_seed as shared_concept_seed
-from ktpipe.params import GeneratorParams
+from ktpipe.concepts import (ConceptsError, ConceptText, check_text_lengths, load_concepts_file, load_generated,
+                             undescribed_error, wanted_concepts, world_concepts, write_concept_files, write_generated)
+from ktpipe.concepts import concept_seed as shared_concept_seed
+from ktpipe.io import atomic_dir, write_json
+from ktpipe.params import ConceptsParams, GeneratorParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ktpipe.models import TextBudget
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUOTE_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`"}  # opening -> closing quote
@@ -30,11 +35,11 @@ QUOTE_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`"}  # open
 def build_messages(concept: ConceptText, prompt: str) -> list[dict[str, str]]:
     """The chat: one user message, the prompt with '{name}' replaced by the concept's name."""
     if "{name}" not in prompt:
-        raise CaptionsError("params 'captions.generator.prompt' must contain '{name}', where the concept name goes")
+        raise ConceptsError("params 'concepts.generator.prompt' must contain '{name}', where the concept name goes")
     try:
         text = prompt.format(name=concept.text_name)
     except (KeyError, IndexError, ValueError) as err:
-        raise CaptionsError(f"params 'captions.generator.prompt' has a placeholder other than '{{name}}' ({err!r}); "
+        raise ConceptsError(f"params 'concepts.generator.prompt' has a placeholder other than '{{name}}' ({err!r}); "
                             "write literal braces as '{{' and '}}'") from err
     return [{"role": "user", "content": text}]
 
@@ -46,9 +51,9 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise CaptionsError(f"params 'captions.generator.device': unknown device {name!r}") from err
+        raise ConceptsError(f"params 'concepts.generator.device': unknown device {name!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CaptionsError(f"params 'captions.generator.device' is {name!r} but no CUDA device is available")
+        raise ConceptsError(f"params 'concepts.generator.device' is {name!r} but no CUDA device is available")
     return device
 
 
@@ -57,7 +62,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise CaptionsError(f"params 'captions.generator.dtype' must be auto or one of {list(DTYPES)}, got {name!r}")
+        raise ConceptsError(f"params 'concepts.generator.dtype' must be auto or one of {list(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -67,15 +72,15 @@ def load_generator(cfg: GeneratorParams) -> tuple[PreTrainedTokenizerBase, PreTr
 
     device = pick_device(cfg.device)
     if cfg.model.startswith(("/", ".")) and not Path(cfg.model).is_dir():
-        raise CaptionsError(f"params 'captions.generator.model': model folder {cfg.model} not found")
+        raise ConceptsError(f"params 'concepts.generator.model': model folder {cfg.model} not found")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:  # missing folder or id, no network, unknown architecture
-        raise CaptionsError(f"cannot load params 'captions.generator.model' {cfg.model!r}: {err}") from err
+        raise ConceptsError(f"cannot load params 'concepts.generator.model' {cfg.model!r}: {err}") from err
     if not tokenizer.chat_template:
-        raise CaptionsError(f"the tokenizer of params 'captions.generator.model' {cfg.model!r} has no chat "
+        raise ConceptsError(f"the tokenizer of params 'concepts.generator.model' {cfg.model!r} has no chat "
                             "template: use an instruction (chat) model, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
     return tokenizer, model.to(device).eval()
 
@@ -136,8 +141,8 @@ def describe_concept(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     reply, cut = generate_reply(model, tokenizer, render_prompt(tokenizer, concept, cfg.prompt), cfg, seed)
     description = clean_description(reply)
     if not description:
-        raise CaptionsError(f"{cfg.model} wrote an empty description of {concept.name!r}; raise params "
-                            "'captions.generator.max_new_tokens' or change its prompt")
+        raise ConceptsError(f"{cfg.model} wrote an empty description of {concept.name!r}; raise params "
+                            "'concepts.generator.max_new_tokens' or change its prompt")
     if cut:
         warnings.warn(f"the description of {concept.name!r} stopped at max_new_tokens "
                       f"({cfg.max_new_tokens}); edit it in the generated file or raise the limit", stacklevel=2)
@@ -149,3 +154,49 @@ def describe_concepts(concepts: list[ConceptText], cfg: GeneratorParams) -> list
     """Describe each concept with the LLM of `cfg`, loaded once."""
     tokenizer, model = load_generator(cfg)
     return [describe_concept(model, tokenizer, c, cfg) for c in tqdm(concepts, desc="describe", unit="concept")]
+
+
+def complete_concepts(wanted: list[ConceptText], generated: dict[str, ConceptText],
+                      generator: GeneratorParams | None, concepts_file: Path,
+                      generated_file: Path) -> tuple[list[ConceptText], list[ConceptText]]:
+    """Describe every wanted concept: its own text, else the generated file's, else a new LLM one.
+
+    Returns (all concepts in order, the newly generated ones). The LLM runs only when needed.
+    """
+    known = {n: c for n, c in generated.items() if c.described}
+    todo = [c for c in wanted if not c.described and c.name not in known]
+    if todo and generator is None:
+        raise undescribed_error([c.name for c in todo], concepts_file, generated_file)
+    new: list[ConceptText] = []
+    if todo:
+        new = describe_concepts(todo, generator)
+    known.update({c.name: c for c in new})
+    filled = [c if c.described else replace(c, description=known[c.name].description,
+                                            source=known[c.name].source) for c in wanted]
+    return filled, new
+
+
+def run_concepts(concepts_file: Path, generated_file: Path, cfg: ConceptsParams, out_dir: Path,
+                 budget: "TextBudget | None" = None, world_path: Path | None = None) -> list[ConceptText]:
+    """Describe every concept of `cfg.names` and split the descriptions into one file per concept.
+
+    Concepts `concepts_file` leaves undescribed take the entry of `generated_file`, or a new one
+    from the `cfg.generator` LLM, which is added there. `generated_file` always exists afterwards
+    (a DVC output), untouched when nothing new was generated. With a `budget` every text must fit
+    the text tower (see check_text_lengths). `world_path` receives the demo world's concepts
+    (world_concepts), a file of its own so that editing a description does not rerun pretraining.
+    """
+    concepts_file, generated_file = Path(concepts_file), Path(generated_file)
+    entries = load_concepts_file(concepts_file)
+    wanted = wanted_concepts(entries, tuple(cfg.names))
+    generated = load_generated(generated_file)
+    concepts, new = complete_concepts(wanted, generated, cfg.generator, concepts_file, generated_file)
+    if budget is not None:
+        concepts = check_text_lengths(concepts, budget, cfg.truncate)
+    if new or not generated_file.exists():
+        write_generated(generated_file, new)
+    with atomic_dir(out_dir) as tmp:
+        write_concept_files(concepts, tmp)
+    if world_path is not None:
+        write_json(world_path, world_concepts(entries))
+    return concepts

@@ -1,15 +1,16 @@
-"""One base class for every expected user error, and the one place that turns it into a clear
-line and a non-zero exit (stages and the command line both catch `KtpipeError` only, so a
-bug still shows its traceback)."""
+"""One base class for every expected user error. The command line (`ktpipe.cli.run_step`, which
+every stage runs through) turns a `KtpipeError` into one clear line and exit status 2 and catches
+nothing else, so a bug still shows its traceback. ParamsError, ConceptsError, ModelLoadError,
+DatasetError and WorldError derive from it."""
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable
+from typing import Any
 
 
 class KtpipeError(ValueError):
-    """An expected error in what the user gave (params, captions, data, model names): one line, exit 2."""
+    """An expected error in what the user gave (params, concepts, data, model names): one line, exit 2."""
 
 
 class InputMissingError(KtpipeError, FileNotFoundError):
@@ -31,25 +32,3 @@ def check_finite(value: Any, what: str, where: str, step: int) -> None:
 def warn(message: str) -> None:
     """A warning in the stage output (stderr), one line."""
     print(f"ktpipe: warning: {message}", file=sys.stderr)
-
-
-# ParamsError, CaptionsError, ModelLoadError, DatasetError and WorldError derive from KtpipeError.
-USER_ERRORS = (KtpipeError,)
-EXIT_USER_ERROR = 2
-
-
-def run_or_exit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call fn; on a user error print 'ktpipe: error: ...' and exit with status 2."""
-    try:
-        return fn(*args, **kwargs)
-    except USER_ERRORS as err:
-        print(f"ktpipe: error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from err
-
-
-def stage_args(argv: list[str], names: list[str]) -> list[str]:
-    """Positional stage arguments (from the `cmd` in dvc.yaml), or a usage error."""
-    if len(argv) != len(names):
-        print(f"usage: {sys.argv[0]} {' '.join(n.upper() for n in names)}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR)
-    return argv

@@ -23,7 +23,7 @@ def load_experiments(repo: str | Path = ".") -> pd.DataFrame:
     if not rows:
         raise KtpipeError(f"no finished DVC experiments found in {repo}")
     frame = pd.DataFrame(rows)
-    if LR not in frame or not any(str(c).startswith("test.") for c in frame.columns):
+    if LR not in frame or not any(str(c).startswith("headline.") for c in frame.columns):
         raise KtpipeError("experiments lack params.yaml:lr or reports/metrics.json: run `dvc repro` first")
     return frame.drop_duplicates(subset=[c for c in frame.columns if c not in ("Experiment", "rev", "typ",
                                                                                "Created", "parent", "Executor")])
@@ -52,22 +52,22 @@ def seed_table(frame: pd.DataFrame, lr: float, split: str = "test") -> pd.DataFr
     return pd.concat([table, summary])
 
 
-def render(frame: pd.DataFrame, lr: float, seed: int) -> str:
-    """Markdown with the seed table (test) and the lr table (validation)."""
-    seeds = seed_table(frame, lr)
+def render(frame: pd.DataFrame, lr: float, seed: int, test_set: str = "test", val_set: str = "val") -> str:
+    """Markdown with the seed table (on `test_set`) and the lr table (on `val_set`)."""
+    seeds = seed_table(frame, lr, test_set)
     transposed = seeds.T.map(lambda v: f"{100 * v:.1f}%")
     return "\n".join([
         "# Experiments",
         "",
-        f"## Test accuracy over seeds at lr {lr:g} ({len(seeds) - 2} seeds)",
+        f"## `{test_set}` over seeds at lr {lr:g} ({len(seeds) - 2} seeds)",
         "",
-        "Rows: split.model.metric; `target` pools the novel concepts, `retention` the known ones,",
+        "Rows: set.task.model.metric; `target` pools the novel concepts, `retention` the known ones,",
         "concept names give that novel concept's accuracy.",
         "",
         transposed.to_markdown(),
         "",
-        f"## Validation accuracy against learning rate (seed {seed})",
+        f"## `{val_set}` against learning rate (seed {seed})",
         "",
-        lr_table(frame, seed).map(lambda v: f"{100 * v:.1f}%").to_markdown(),
+        lr_table(frame, seed, val_set).map(lambda v: f"{100 * v:.1f}%").to_markdown(),
         "",
     ])

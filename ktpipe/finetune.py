@@ -1,4 +1,8 @@
-"""Fine-tuning on (inverted image, "A <name> is <description>.") pairs with a contrastive objective."""
+"""Fine-tuning on (inverted image, "A <name> is <description>.") pairs with a contrastive objective.
+
+The model is reached through its capabilities only (ktpipe.models.base): the objective asks it for
+scores or embeddings (ktpipe.losses), `Trainable` names what trains and saves the checkpoint.
+"""
 from __future__ import annotations
 
 import copy
@@ -6,20 +10,21 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ktpipe.captions import CaptionsError, ConceptText, concept_seed, finetune_caption, read_concepts
+from ktpipe.concepts import ConceptsError, ConceptText, concept_seed, finetune_caption, read_concepts
 from ktpipe.errors import KtpipeError, check_finite
 from ktpipe.images import load_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.losses import FINETUNE_LOSSES, distillation_loss
-from ktpipe.models import ImageTextModel, load_base_model
+from ktpipe.models import EmbedsImages, EmbedsTexts, Trainable, load_base_model, require
 from ktpipe.params import FinetuneParams, Params, ParamsError
 
 
-def set_trainable(model: ImageTextModel, towers: str, visual_layers: int | None = None) -> list[torch.nn.Parameter]:
+def set_trainable(model: Trainable, towers: str, visual_layers: int | None = None) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze the chosen towers; returns the trainable parameters."""
     for p in model.module.parameters():
         p.requires_grad_(False)
@@ -45,7 +50,7 @@ def check_objective(cfg: FinetuneParams, captions: list[str], recipe: str) -> No
             "Use loss 'authors' (contrasts the batch's images and captions), or learn more concepts together")
 
 
-def frozen_copy(model: ImageTextModel) -> ImageTextModel:
+def frozen_copy(model: Trainable) -> Trainable:
     """An eval-mode copy of the model with no trainable parameter (the distillation teacher)."""
     teacher = copy.deepcopy(model)
     teacher.module.eval()
@@ -54,14 +59,25 @@ def frozen_copy(model: ImageTextModel) -> ImageTextModel:
     return teacher
 
 
-def text_targets(model: ImageTextModel, captions: list[str], text_trains: bool) -> torch.Tensor | None:
-    """The frozen captions' embeddings (K, D), computed in eval mode (no text dropout), or None
-    when the text tower trains and embeds them anew every step."""
+def frozen_text_targets(model: Any, captions: list[str], text_trains: bool) -> Any:
+    """The captions' text targets (a dual encoder's (K, D) embeddings), computed once in eval mode
+    (no text dropout), or None when the text tower trains and they are computed every step."""
     if text_trains:
         return None
     model.module.eval()
     with torch.no_grad():
-        return model.encode_texts(captions)
+        return model.text_targets(captions)
+
+
+def check_capabilities(model: Any, cfg: FinetuneParams, recipe: str) -> None:
+    """The recipe's objective, distillation and default temperature use only what the model has."""
+    for capability in FINETUNE_LOSSES[cfg.loss].needs:
+        require(model, capability, f"recipe {recipe!r}: finetune.loss {cfg.loss!r}")
+    require(model, Trainable, f"recipe {recipe!r}: fine-tuning")
+    if cfg.kd_weight > 0:
+        require(model, EmbedsImages, f"recipe {recipe!r}: distillation (finetune.kd_weight)")
+    if cfg.temperature is None:
+        require(model, EmbedsTexts, f"recipe {recipe!r}: finetune.temperature null (the model's own)")
 
 
 def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
@@ -77,7 +93,7 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trainabl
 
 
 def finetune(
-    model: ImageTextModel,
+    model: Any,
     pixels: torch.Tensor,
     labels: torch.Tensor,
     captions: list[str],
@@ -95,13 +111,14 @@ def finetune(
     if pixels.shape[0] == 0:
         raise KtpipeError(f"recipe {recipe!r}: no images to fine-tune on")
     check_objective(cfg, captions, recipe)
-    loss_fn = FINETUNE_LOSSES[cfg.loss]
+    check_capabilities(model, cfg, recipe)
+    objective = FINETUNE_LOSSES[cfg.loss].loss
     teacher = frozen_copy(model) if cfg.kd_weight > 0 else None
     trainable = set_trainable(model, cfg.towers, cfg.visual_layers)
     optimizer = build_optimizer(trainable, cfg, lr)
     generator = torch.Generator().manual_seed(seed)
     text_trains = cfg.towers in ("text", "both")
-    frozen_text = text_targets(model, captions, text_trains)  # (K, D) or None
+    frozen_targets = frozen_text_targets(model, captions, text_trains)
     temperature = cfg.temperature if cfg.temperature is not None else 1.0 / model.logit_scale().detach()
     model.module.train()
     log, step = [], 0
@@ -110,14 +127,13 @@ def finetune(
         batches = order.split(cfg.batch_size)
         for batch in tqdm(batches, desc=f"finetune {recipe} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                           leave=False):
-            text_emb = model.encode_texts(captions) if text_trains else frozen_text
-            image_emb = model.encode_images(pixels[batch])
-            loss = loss_fn(image_emb, text_emb, labels[batch].to(image_emb.device), temperature)
+            targets = model.text_targets(captions) if text_trains else frozen_targets
+            loss = objective(model, pixels[batch], targets, labels[batch], temperature)
             record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6)}
             if teacher is not None:
                 with torch.no_grad():
                     teacher_emb = teacher.encode_images(pixels[batch])
-                kd = distillation_loss(image_emb, teacher_emb)
+                kd = distillation_loss(model.encode_images(pixels[batch]), teacher_emb)
                 loss = loss + cfg.kd_weight * kd
                 record["kd_loss"] = round(kd.item(), 8)
             backward_step(loss, optimizer, trainable, recipe, step)
@@ -144,12 +160,12 @@ def choose_concepts(concepts: list[ConceptText], cfg: FinetuneParams) -> list[Co
     if cfg.concepts is not None:
         not_novel = [n for n in cfg.concepts if n not in novel]
         if not_novel:
-            raise CaptionsError(f"recipe concepts {not_novel} are not novel concepts of params 'concepts'; "
+            raise ConceptsError(f"recipe concepts {not_novel} are not novel concepts of params 'concepts'; "
                                 f"novel: {sorted(novel)}")
         novel = set(cfg.concepts)
     chosen = [c for c in concepts if c.name in novel or (cfg.rehearsal and c.role == "known")]
     if not any(c.name in novel for c in chosen):
-        raise CaptionsError("no concept with role 'novel' to learn: params 'concepts' (or the recipe's) has none")
+        raise ConceptsError("no concept with role 'novel' to learn: params 'concepts' (or the recipe's) has none")
     return chosen
 
 
@@ -179,23 +195,23 @@ def concept_images(params: Params, cfg: FinetuneParams, name: str, inverted_dir:
     return noise_images(params.invert.samples, image_size, concept_seed(params.seed, f"noise/{name}"))
 
 
-def training_set(params: Params, cfg: FinetuneParams, captions_dir: Path, inverted_dir: Path,
+def training_set(params: Params, cfg: FinetuneParams, concepts_dir: Path, inverted_dir: Path,
                  image_size: int | None = None) -> TrainingSet:
     """Images, labels and captions of a recipe's fine-tuning (`cfg`, from `params.recipe`);
     `image_size` sizes noise images."""
-    chosen = choose_concepts(read_concepts(captions_dir, params.concepts), cfg)
+    chosen = choose_concepts(read_concepts(concepts_dir, params.concepts.names), cfg)
     images = [concept_images(params, cfg, c.name, inverted_dir, image_size) for c in chosen]
     labels = torch.cat([torch.full((len(x),), k) for k, x in enumerate(images)])
     captions = [finetune_caption(c, cfg.name_prefix) for c in chosen]
     return TrainingSet(torch.cat(images), labels, captions, [c.name for c in chosen])
 
 
-def run_finetune(params: Params, recipe: str, captions_dir: Path, inverted_dir: Path,
+def run_finetune(params: Params, recipe: str, concepts_dir: Path, inverted_dir: Path,
                  out_dir: Path, log_path: Path) -> dict:
     """Fine-tune the base model with a recipe; write the checkpoint folder and a training log."""
     cfg = params.recipe(recipe)
     model = load_base_model(params.model)
-    data = training_set(params, cfg, captions_dir, inverted_dir, model.image_size)
+    data = training_set(params, cfg, concepts_dir, inverted_dir, model.image_size)
     lr = params.recipe_lr(recipe)
     start = time.time()
     log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed, recipe=recipe)

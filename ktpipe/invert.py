@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktpipe.captions import concept_seed, read_concept_file
+from ktpipe.concepts import concept_seed, read_concept_file
 from ktpipe.errors import check_finite
-from ktpipe.images import load_inversion, save_inversion  # noqa: F401 (part of this module's API)
+from ktpipe.images import save_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import Invertible, load_base_model
 from ktpipe.params import InvertParams, Params, ParamsError

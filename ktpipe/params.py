@@ -69,16 +69,17 @@ class GeneratorParams:
     do_sample: bool = False  # false: greedy decoding; true: sampling seeded with `seed`
     temperature: float = 0.7  # sampling only
     top_p: float = 0.9  # sampling only
-    seed: int = 0  # sampling seed (per concept, as captions.concept_seed derives it)
+    seed: int = 0  # sampling seed (per concept, as concepts.concept_seed derives it)
     device: str = "auto"  # auto picks cuda when available
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     trust_remote_code: bool = False  # never on by default: it runs code from the model repository
 
 
 @dataclass(frozen=True)
-class CaptionParams:
-    file: str = "captions/demo.yaml"  # concept descriptions of this experiment
-    generated: str = "captions/generated.yaml"  # LLM descriptions of concepts `file` leaves undescribed
+class ConceptsParams:
+    names: tuple[str, ...] = ()  # concepts to invert and learn, each described in `file` (or `generated`)
+    file: str = "concepts/demo.yaml"  # concept descriptions of this experiment
+    generated: str = "concepts/generated.yaml"  # LLM descriptions of concepts `file` leaves undescribed
     generator: GeneratorParams | None = None  # null: every concept needs a description in `file`
     truncate: bool = False  # false: a text longer than the text tower's context is an error; true: warn and cut
 
@@ -131,6 +132,7 @@ DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "che
 
 @dataclass(frozen=True)
 class DatasetParams:
+    task: str = "classification"  # evaluation task (ktpipe.eval.TASKS); metrics land under <set>.<task>.<metric>
     format: str = "folder"  # one of DATASET_FORMATS (README "Datasets" documents each layout)
     root: str | None = None  # dataset folder; relative image paths resolve under it
     labels: str | None = None  # label file: manifest CSV/parquet, CheXpert CSV or JSRT CLNDAT file
@@ -147,6 +149,7 @@ class EvaluateParams:
     batch_size: int = 128  # images per forward pass
     workers: int = 0  # image-decoding worker threads (0: decode in the main thread)
     sets: dict[str, DatasetParams] = field(default_factory=dict)  # evaluation sets, by name
+    models: tuple[str, ...] = ()  # the evaluate stage's runs: baseline (before transfer) and every recipe
 
 
 @dataclass(frozen=True)
@@ -160,11 +163,10 @@ class ReportParams:
 class Params:
     seed: int = 0  # seeds world renders, pretraining, inversion and fine-tuning
     lr: float = 1.0e-4  # fine-tuning learning rate (top level so `dvc exp run -S lr=...` works)
-    concepts: tuple[str, ...] = ()  # concepts to invert; descriptions come from captions.file
     model: ModelParams = field(default_factory=ModelParams)
     world: WorldParams = field(default_factory=WorldParams)
     pretrain: PretrainParams = field(default_factory=PretrainParams)
-    captions: CaptionParams = field(default_factory=CaptionParams)
+    concepts: ConceptsParams = field(default_factory=ConceptsParams)
     invert: InvertParams = field(default_factory=InvertParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> finetune overrides
@@ -188,6 +190,8 @@ class Params:
 
 # Keys that an older params file may still hold: section class -> old key -> what to write instead.
 RENAMED: dict[str, dict[str, str]] = {
+    "Params": {"captions": "the section is now 'concepts' (file, generated, generator, truncate), and the "
+                           "list of concepts moved into it as 'concepts.names'"},
     "FinetuneParams": {"logit_scale": "use 'temperature' (its inverse: logit_scale 3 is temperature 0.3333)"},
 }
 
@@ -296,8 +300,9 @@ def validate(params: Params) -> Params:
         raise ParamsError(f"params key 'invert.affine_p' must lie in [0, 1], got {params.invert.affine_p}")
     if not 0.0 < params.invert.scale_min <= params.invert.scale_max:
         raise ParamsError("params keys 'invert.scale_min' <= 'invert.scale_max' must be positive")
-    if len(set(params.concepts)) != len(params.concepts):
-        raise ParamsError(f"params key 'concepts' lists a concept twice: {list(params.concepts)}")
+    names = params.concepts.names
+    if len(set(names)) != len(names):
+        raise ParamsError(f"params key 'concepts.names' lists a concept twice: {list(names)}")
     sections = [("finetune", params.finetune), *((f"recipes.{n}", params.recipe(n)) for n in params.recipes)]
     for prefix, section in sections:
         check_choices(section, prefix)
@@ -314,20 +319,21 @@ def validate(params: Params) -> Params:
                 raise ParamsError(f"params key '{prefix}.{key}' must be zero or positive, got {getattr(section, key)!r}")
         if not section.lr_multiplier > 0:
             raise ParamsError(f"params key '{prefix}.lr_multiplier' must be a positive number")
-        unknown = sorted(set(section.concepts or ()) - set(params.concepts))
+        unknown = sorted(set(section.concepts or ()) - set(names))
         if unknown:
-            raise ParamsError(f"params key '{prefix}.concepts' names {unknown}, which are not in 'concepts'")
+            raise ParamsError(f"params key '{prefix}.concepts' names {unknown}, which are not in 'concepts.names'")
     if params.pretrain.pool_size < 0:
         raise ParamsError(f"params key 'pretrain.pool_size' must be 0 (render every batch) or positive, "
                           f"got {params.pretrain.pool_size}")
     validate_invert(params.invert)
     validate_sets(params.evaluate.sets)
+    validate_models(params)
     for key in ("target_set", "retention_set"):
         name = getattr(params.report, key)
         if name is not None and name not in params.evaluate.sets:
             raise ParamsError(f"params key 'report.{key}' names {name!r}, not one of evaluate.sets {sorted(params.evaluate.sets)}")
-    if params.captions.generator is not None and not params.captions.generator.model:
-        raise ParamsError("params key 'captions.generator.model' must name a transformers model id or folder")
+    if params.concepts.generator is not None and not params.concepts.generator.model:
+        raise ParamsError("params key 'concepts.generator.model' must name a transformers model id or folder")
     return params
 
 
@@ -343,6 +349,19 @@ def validate_invert(cfg: InvertParams) -> None:
         raise ParamsError("params keys 'invert.progressive_sizes' and 'invert.progressive_steps' must have equal length")
     if any(s <= 0 for s in cfg.progressive_sizes) or list(cfg.progressive_steps) != sorted(set(cfg.progressive_steps)):
         raise ParamsError("params 'invert.progressive_sizes' must be positive and 'progressive_steps' strictly increasing")
+
+
+def validate_models(params: Params) -> None:
+    """`evaluate.models` lists `baseline` and every recipe once: the evaluate stage runs per entry
+    (dvc.yaml `foreach`), and the report compares them all. No recipe may be named `baseline`."""
+    if "baseline" in params.recipes:
+        raise ParamsError("params key 'recipes.baseline': 'baseline' names the model before transfer; "
+                          "call the recipe something else")
+    expected = ["baseline", *params.recipes]
+    models = list(params.evaluate.models)
+    if sorted(models) != sorted(expected) or len(set(models)) != len(models):
+        raise ParamsError(f"params key 'evaluate.models' must list 'baseline' and every recipe once, {expected}; "
+                          f"got {models}")
 
 
 def validate_sets(sets: dict[str, DatasetParams]) -> None:
@@ -377,6 +396,16 @@ def read_yaml(path: str | Path) -> Any:
         raise ParamsError(f"cannot parse {path}: {err}") from err
 
 
+def check_layout(raw: Any) -> None:
+    """Name the move when a params file still lists its concepts at top level (before 'concepts'
+    became the section that also says where their descriptions come from)."""
+    if isinstance(raw, dict) and isinstance(raw.get("concepts"), list):
+        raise ParamsError("params key 'concepts' is now a section: write the list as 'concepts: {names: [...]}', "
+                          "next to the description files (file, generated) that the old 'captions' section held")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and validate the whole params file."""
-    return validate(build_section(Params, read_yaml(path)))
+    raw = read_yaml(path)
+    check_layout(raw)
+    return validate(build_section(Params, raw))

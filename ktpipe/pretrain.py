@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktpipe.captions import ConceptText, finetune_caption
+from ktpipe.concepts import ConceptText, finetune_caption
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import OpenClipModel, build_demo_model
 from ktpipe.params import Params, ParamsError, PretrainParams
@@ -212,7 +212,7 @@ def pretrain(
 
 
 def run_pretrain(params: Params, out_dir: Path, log_path: Path, world_path: Path | None = None) -> dict:
-    """Pretrain the demo model on the world of `world_path` (the concepts the captions stage wrote;
+    """Pretrain the demo model on the world of `world_path` (the concepts the concepts stage wrote;
     None: the packaged world without named concepts); save a checkpoint folder and a loss log."""
     if params.model.backend != "demo":
         raise ParamsError(

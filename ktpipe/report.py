@@ -14,26 +14,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ktpipe.captions import ConceptText, read_concepts  # noqa: E402
+from ktpipe.concepts import ConceptText, read_concepts  # noqa: E402
+from ktpipe.eval import BASELINE, TASKS  # noqa: E402
+from ktpipe.eval.base import pct  # noqa: E402
 from ktpipe.images import load_inversion, make_grid  # noqa: E402
 from ktpipe.io import write_json, write_text  # noqa: E402
 from ktpipe.errors import InputMissingError  # noqa: E402
 from ktpipe.params import Params, ParamsError  # noqa: E402
 
-BASELINE = "baseline"
 GROUPS = ("target", "retention")
 FIGURE_ROWS = 12  # concepts shown in inverted.png (the MSCOCO experiment has 80)
 
 
-def load_results(eval_dir: Path, tags: list[str]) -> dict[str, dict[str, float]]:
-    """tag -> flat metrics, from the evaluate stages' JSON files."""
+def load_results(eval_dir: Path, models: list[str]) -> dict[str, dict]:
+    """model -> its evaluation JSON (ktpipe.eval.run_evaluate), from the evaluate stages."""
     out = {}
-    for tag in tags:
-        path = Path(eval_dir) / f"{tag}.json"
+    for model in models:
+        path = Path(eval_dir) / f"{model}.json"
         if not path.is_file():
-            raise InputMissingError(f"evaluation result missing: {path}; run the evaluate stage for {tag!r}")
-        out[tag] = json.loads(path.read_text())["metrics"]
+            raise InputMissingError(f"evaluation result missing: {path}; run the evaluate stage for {model!r}")
+        out[model] = json.loads(path.read_text())
     return out
+
+
+def set_results(results: dict[str, dict], set_name: str, task: str) -> dict[str, dict[str, float]]:
+    """model -> one set's flat metrics of one task."""
+    return {model: r["metrics"].get(set_name, {}).get(task, {}) for model, r in results.items()}
 
 
 def load_paper_results(experiment: str) -> pd.DataFrame:
@@ -47,69 +53,57 @@ def load_paper_results(experiment: str) -> pd.DataFrame:
     return rows
 
 
-def pct(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
-
-
-def target_of(metrics: dict[str, float], set_name: str, names: list[str] | None, prompt: str = "name") -> float | None:
-    """Pooled target accuracy, or the mean class accuracy of the named concepts."""
+def mean_of(summary: dict[str, float], names: list[str] | None, key: str) -> float | None:
+    """A summary's pooled `key` (names None), or the mean over the named concepts' own values."""
     if names is None:
-        return metrics.get(f"{set_name}_{prompt}_target_acc")
-    values = [metrics.get(f"{set_name}_{prompt}_class_{n}_acc") for n in names]
-    values = [v for v in values if v is not None]
+        return summary.get(key)
+    values = [summary[n] for n in names if n in summary]
     return sum(values) / len(values) if values else None
 
 
 def headline(params: Params, results: dict) -> dict[str, dict]:
-    """recipe -> target and retention before and after transfer, on the report's sets."""
+    """recipe -> target and retention before and after transfer, from the summaries of the
+    report's target and retention sets."""
     sets = list(params.evaluate.sets)
     target_set = params.report.target_set or sets[0]
     retention_set = params.report.retention_set or sets[-1]
+
+    def summary(model: str, set_name: str) -> dict[str, float]:
+        task = results[model]["tasks"][set_name]
+        return results[model]["summary"][set_name][task]
+
     out = {}
     for recipe in params.recipes:
         cfg = params.recipe(recipe)
         names = list(cfg.concepts) if cfg.concepts else None  # None: all novel concepts, pooled
         out[recipe] = {
             "lr": params.recipe_lr(recipe),
-            "baseline_target": target_of(results[BASELINE], target_set, names),
-            "target": target_of(results[recipe], target_set, names),
-            "baseline_retention": results[BASELINE].get(f"{retention_set}_name_retention_acc"),
-            "retention": results[recipe].get(f"{retention_set}_name_retention_acc"),
+            "baseline_target": mean_of(summary(BASELINE, target_set), names, "target"),
+            "target": mean_of(summary(recipe, target_set), names, "target"),
+            "baseline_retention": summary(BASELINE, retention_set).get("retention"),
+            "retention": summary(recipe, retention_set).get("retention"),
         }
     return out
 
 
-def summary_metrics(params: Params, results: dict, concepts: list[ConceptText]) -> dict:
-    """Nested metrics for `dvc exp show`: set -> model -> target, retention and each novel concept."""
-    novel = [c.name for c in concepts if c.role == "novel"]
-    columns = [("description_prompt", BASELINE, "description"), *((t, t, "name") for t in [BASELINE, *params.recipes])]
+def summary_metrics(params: Params, results: dict) -> dict:
+    """Nested metrics for `dvc exp show`: `<set>.<task>.<model>.<metric>` from each task's summary,
+    and the headline per recipe."""
     out: dict = {"lr": params.lr, "headline": headline(params, results)}
     for set_name in params.evaluate.sets:
-        out[set_name] = {
-            label: {
-                **{g: results[tag].get(f"{set_name}_{prompt}_{g}_acc") for g in GROUPS},
-                **{c: results[tag].get(f"{set_name}_{prompt}_class_{c}_acc") for c in novel
-                   if f"{set_name}_name_class_{c}_acc" in results[BASELINE]},
-            }
-            for label, tag, prompt in columns
-        }
+        task = results[BASELINE]["tasks"][set_name]
+        out[set_name] = {task: {model: r["summary"][set_name][task] for model, r in results.items()}}
     return out
 
 
 def lr_point(summary: dict, params: Params) -> list[dict]:
-    """One row per experiment for the DVC plot of accuracy against learning rate."""
+    """One row per experiment for the DVC plot of target and retention against learning rate."""
     row = {"lr": summary["lr"]}
-    for recipe in params.recipes:
-        for set_name in params.evaluate.sets:
-            for group in GROUPS:
-                row[f"{recipe}_{set_name}_{group}"] = summary[set_name][recipe][group]
+    for set_name in params.evaluate.sets:
+        for task, models in summary[set_name].items():
+            for recipe in params.recipes:
+                row.update({f"{recipe}_{set_name}_{g}": models[recipe][g] for g in GROUPS if g in models[recipe]})
     return [row]
-
-
-def not_evaluated(results: dict, concepts: list[ConceptText]) -> list[str]:
-    """Concepts with no accuracy in any set: no evaluation set holds images of them."""
-    scored = {k.split("_class_", 1)[1].rsplit("_acc", 1)[0] for k in results[BASELINE] if "_name_class_" in k}
-    return [c.name for c in concepts if c.name not in scored]
 
 
 def recipe_line(params: Params, recipe: str) -> str:
@@ -119,28 +113,6 @@ def recipe_line(params: Params, recipe: str) -> str:
     kd = f", distillation weight {cfg.kd_weight:g}" if cfg.kd_weight else ""
     return (f"- `{recipe}`: loss `{cfg.loss}`, temperature {temperature}{kd}; overrides "
             f"{json.dumps(params.recipes[recipe])}")
-
-
-def set_table(results: dict, concepts: list[ConceptText], recipes: list[str], set_name: str) -> list[str]:
-    """Per-concept accuracy, then pooled target, retention and overall, baseline vs transfer."""
-    cols = ["Baseline", "Description prompt", *[f"Transfer ({r})" for r in recipes]]
-    lines = ["| Class | Group | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-
-    def row(label: str, group: str, key: str) -> str:
-        values = [results[BASELINE].get(key.format("name")), results[BASELINE].get(key.format("description"))]
-        values += [results[r].get(key.format("name")) for r in recipes]
-        return f"| {label} | {group} | " + " | ".join(pct(v) for v in values) + " |"
-
-    missing = set(not_evaluated(results, concepts))
-    for role, group in (("novel", "target"), ("known", "retention")):
-        present = [c for c in concepts if c.role == role and f"{set_name}_name_class_{c.name}_acc" in results[BASELINE]]
-        lines += [row(c.name, group, f"{set_name}_{{}}_class_{c.name}_acc") for c in present]
-        lines += [f"| {c.name} | {group} | " + " | ".join(["not evaluated"] * len(cols)) + " |"
-                  for c in concepts if c.role == role and c.name in missing]
-        if f"{set_name}_name_{group}_acc" in results[BASELINE]:
-            lines.append(row(f"**{group} (pooled)**", group, f"{set_name}_{{}}_{group}_acc"))
-    lines.append(row("**overall**", "all", f"{set_name}_{{}}_overall_acc"))
-    return lines
 
 
 PAPER_METRICS = {"target": ("target", "top1"), "retention": ("retention",)}  # Table 3 reports top-1
@@ -172,6 +144,13 @@ def headline_table(params: Params, heads: dict[str, dict]) -> list[str]:
     return lines
 
 
+def set_section(params: Params, results: dict, concepts: list[ConceptText], set_name: str) -> list[str]:
+    """A set's heading and its task's table (baseline first, then each recipe)."""
+    spec = params.evaluate.sets[set_name]
+    table = TASKS[spec.task].report_table(set_results(results, set_name, spec.task), concepts)
+    return [f"## Set `{set_name}` ({spec.task}, {spec.format})", "", *table, ""]
+
+
 def render_markdown(params: Params, results: dict, concepts: list[ConceptText], heads: dict) -> str:
     """The whole Markdown report."""
     recipes = list(params.recipes)
@@ -198,13 +177,12 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
     ]
     if params.report.paper:
         parts += [f"Paper numbers: `{params.report.paper}` in ktpipe/data/paper_results.csv, at the same lr.", ""]
-    missing = not_evaluated(results, concepts)
+    missing = results[BASELINE]["unevaluated"]
     if missing:
         parts += [f"**Not evaluated**: {', '.join(f'`{m}`' for m in missing)}: inverted and trained on, but no "
                   "evaluation set holds images of them, so they have no accuracy anywhere below.", ""]
     for set_name in sets:
-        parts += [f"## Set `{set_name}` ({params.evaluate.sets[set_name].format})", "",
-                  *set_table(results, concepts, recipes, set_name), ""]
+        parts += set_section(params, results, concepts, set_name)
     parts += ["![Inverted images](inverted.png)", ""]
     return "\n".join(parts)
 
@@ -226,11 +204,11 @@ def save_inversion_figure(inverted_dir: Path, concepts: list[ConceptText], path:
     tmp.replace(path)
 
 
-def run_report(params: Params, eval_dir: Path, captions_dir: Path, inverted_dir: Path, out_dir: Path) -> dict:
+def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir: Path, out_dir: Path) -> dict:
     """Write results.md, metrics.json, lr_curve.json and inverted.png into out_dir."""
-    results = load_results(eval_dir, [BASELINE, *params.recipes])
-    concepts = read_concepts(captions_dir, params.concepts)
-    summary = summary_metrics(params, results, concepts)
+    results = load_results(eval_dir, list(params.evaluate.models))
+    concepts = read_concepts(concepts_dir, params.concepts.names)
+    summary = summary_metrics(params, results)
     out_dir = Path(out_dir)
     save_inversion_figure(inverted_dir, concepts, out_dir / "inverted.png")
     write_json(out_dir / "lr_curve.json", lr_point(summary, params))

@@ -1,11 +1,12 @@
 """Shared fixtures: a tiny random-init open_clip checkpoint, a tiny project folder, and the real
 architectures' random-init checkpoints (tests/archs.py), each built once per session.
 
-Stage scripts take their paths from argv and read `params.yaml` from the working directory,
-so a "project" is a folder with a params file and the demo captions; tests run the scripts
-in it as subprocesses, exactly as `dvc repro` would (`run_stage`), or in-process through the
-script's own `__main__` (`run_stage_here`: the same code path and the same result, minus the
-5-10 s interpreter start-up that importing torch and open_clip costs). Test modules import the
+Stages are commands of the `ktpipe` CLI (`python -m ktpipe <stage> ...`, as dvc.yaml runs them):
+they take their paths as arguments and read `params.yaml` from the working directory, so a
+"project" is a folder with a params file and the demo concepts file; tests run a stage in it as a
+subprocess, exactly as `dvc repro` would (`run_stage`), or in-process through the same click
+group (`run_stage_here`: the same code path and the same result, minus the 3-8 s interpreter
+start-up that importing torch and open_clip costs). Test modules import the
 plain helpers (`make_project`, `write_params`, `run_stage`, `run_stage_here`) from here; the
 fixtures build the shared pieces.
 """
@@ -16,7 +17,6 @@ import copy
 import io
 import os
 import random
-import runpy
 import shutil
 import subprocess
 import sys
@@ -33,8 +33,7 @@ from ruamel.yaml import YAML
 torch.set_num_threads(1)  # the test machine has 2 busy cores; 1 thread is faster there
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = REPO / "stages"
-DEMO_CAPTIONS = REPO / "captions" / "demo.yaml"
+DEMO_CONCEPTS_FILE = REPO / "concepts" / "demo.yaml"
 DEMO_CONCEPTS = ["blicket", "dax", "wug", "lantern", "clover", "button", "shield", "ember", "halo", "tile", "comet"]
 NOVEL = ["blicket", "dax", "wug"]
 
@@ -53,6 +52,7 @@ STAGE_ENV = {
     "TQDM_DISABLE": "1",
     "HF_HUB_OFFLINE": "1",
     "PYTHONWARNINGS": "ignore",
+    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
 }
 
 
@@ -61,15 +61,14 @@ def tiny_params(checkpoint: Path) -> dict[str, Any]:
     return {
         "seed": 0,
         "lr": 1.0e-4,
-        "concepts": list(DEMO_CONCEPTS),
         "model": {"backend": "open_clip", "name": f"local-dir:{checkpoint}", "pretrained": None, "device": "cpu"},
         "world": {"image_size": 16, "val_per_concept": 2, "test_per_concept": 2},
         "pretrain": {"steps": 2, "batch_size": 16, "name_batch": 8, "warmup": 1},
-        "captions": {"file": "captions/demo.yaml"},
+        "concepts": {"names": list(DEMO_CONCEPTS), "file": "concepts/demo.yaml"},
         "invert": {"steps": 3, "samples": 2},
         "finetune": {"epochs": 1, "batch_size": 4, "towers": "visual", "rehearsal": False},
         "recipes": {"paper": {"rehearsal": False}, "full": {"rehearsal": True}},
-        "evaluate": {"templates": "demo", "batch_size": 32,
+        "evaluate": {"templates": "demo", "batch_size": 32, "models": ["baseline", "paper", "full"],
                      "sets": {"val": {"format": "demo", "split": "val"}, "test": {"format": "demo", "split": "test"}}},
         "report": {"target_set": "test", "retention_set": "test"},
     }
@@ -99,18 +98,18 @@ def write_params(project: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def make_project(folder: Path, checkpoint: Path, **overrides: Any) -> Path:
-    """Lay out params.yaml and captions/demo.yaml in `folder`; returns it."""
+    """Lay out params.yaml and concepts/demo.yaml in `folder`; returns it."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "captions").mkdir(exist_ok=True)
-    shutil.copy(DEMO_CAPTIONS, folder / "captions" / "demo.yaml")
+    (folder / "concepts").mkdir(exist_ok=True)
+    shutil.copy(DEMO_CONCEPTS_FILE, folder / "concepts" / "demo.yaml")
     with (folder / "params.yaml").open("w") as fh:
         YAML(typ="safe", pure=True).dump(deep_merge(tiny_params(checkpoint), overrides), fh)
     return folder
 
 
 def run_stage(project: Path, stage: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run stages/<stage>.py (from the repo) with the project as working directory."""
-    cmd = [sys.executable, str(STAGES / f"{stage}.py"), *map(str, args)]
+    """Run `python -m ktpipe <stage> ARGS` (this repo's ktpipe) with the project as working directory."""
+    cmd = [sys.executable, "-m", "ktpipe", stage, *map(str, args)]
     return subprocess.run(cmd, cwd=project, env=STAGE_ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -120,8 +119,8 @@ def text_mode(output: str) -> str:
 
 
 def run_stage_here(project: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
-    """`run_stage`, in-process: stages/<stage>.py runs as `__main__` with the project as working
-    directory, its argv and STAGE_ENV's settings, and comes back as a CompletedProcess.
+    """`run_stage`, in-process: the `ktpipe` click group runs `<stage> ARGS` with the project as
+    working directory and STAGE_ENV's settings, and comes back as a CompletedProcess.
 
     The same code path as the subprocess minus the interpreter start-up (5-10 s of importing
     torch and open_clip on the test machine). An exit reads as the interpreter reads it
@@ -131,8 +130,9 @@ def run_stage_here(project: Path, stage: str, *args: str) -> subprocess.Complete
     as `run_stage` reads them (`text_mode`: a progress bar's "\\r" becomes "\\n"). The working
     directory, argv, environment and the global RNG states are restored afterwards.
     """
-    script = STAGES / f"{stage}.py"
-    argv = [str(script), *map(str, args)]
+    from ktpipe.cli import main
+
+    argv = [stage, *map(str, args)]
     out, err = io.StringIO(), io.StringIO()
     returncode = 0
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -140,11 +140,10 @@ def run_stage_here(project: Path, stage: str, *args: str) -> subprocess.Complete
           contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
         warnings.simplefilter("ignore")
         patch.chdir(project)
-        patch.setattr(sys, "argv", argv)
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE", "HF_HUB_OFFLINE"):
             patch.setenv(name, STAGE_ENV[name])
         try:
-            runpy.run_path(str(script), run_name="__main__")
+            main.main(args=argv, prog_name="ktpipe")
         except SystemExit as exit_:
             code = exit_.code
             if code is None or isinstance(code, int):
@@ -158,7 +157,7 @@ def run_stage_here(project: Path, stage: str, *args: str) -> subprocess.Complete
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-    return subprocess.CompletedProcess([sys.executable, *argv], returncode, text_mode(out.getvalue()),
+    return subprocess.CompletedProcess([sys.executable, "-m", "ktpipe", *argv], returncode, text_mode(out.getvalue()),
                                        text_mode(err.getvalue()))
 
 

@@ -1,11 +1,11 @@
-"""Bad input to a stage script: exit status 2, one `ktpipe: error:` line naming the problem,
+"""Bad input to a stage command: exit status 2, one `ktpipe: error:` line naming the problem,
 no traceback, and no output (or a stale output left exactly as it was, never half-written).
 
-The stage scripts run in-process through their own `__main__` (conftest `run_stage_here`: same code,
-same exit status and stderr, without a 5-10 s interpreter start-up per run). One test,
-`test_invert_stage_without_concept_file`, runs its stage as a real subprocess (`run_stage`), so
-the interpreter's own exit path is checked here too; tests/test_stages.py runs every stage script
-as a subprocess.
+The stage commands run in-process through the `ktpipe` click group (conftest `run_stage_here`:
+same code, same exit status and stderr, without a 5-10 s interpreter start-up per run). One test,
+`test_invert_stage_without_concept_file`, runs its stage as a real subprocess (`run_stage`,
+`python -m ktpipe invert ...`), so the interpreter's own exit path is checked here too;
+tests/test_stages.py runs every stage command as a subprocess.
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 
 from conftest import DEMO_CONCEPTS, run_stage, run_stage_here, write_params
-from ktpipe.captions import run_captions
+from ktpipe.describe import run_concepts
+from ktpipe.params import ConceptsParams
 
-CAPTIONS_ARGS = ("captions/demo.yaml", "captions/generated.yaml", "data/captions", "data/world.json")
-INVERT_ARGS = ("data/captions/blicket.json", "data/inverted/blicket", "metrics/invert/blicket.json")
-FINETUNE_ARGS = ("paper", "data/captions", "data/inverted", "models/finetuned/paper", "metrics/finetune/paper.json")
+CONCEPTS_ARGS = ("concepts/demo.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json")
+INVERT_ARGS = ("data/concepts/blicket.json", "data/inverted/blicket", "--timing", "metrics/invert/blicket.json")
+FINETUNE_ARGS = ("paper", "data/concepts", "data/inverted", "models/paper", "metrics/finetune/paper.json")
 
 
 def assert_user_error(result, *needles: str) -> None:
@@ -51,10 +52,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def write_captions(project: Path) -> None:
-    """data/captions/*.json, as the captions stage writes them (in-process: no torch needed)."""
-    run_captions(project / "captions/demo.yaml", project / "captions/generated.yaml", tuple(DEMO_CONCEPTS),
-                 project / "data/captions", world_path=project / "data/world.json")
+def write_concepts(project: Path) -> None:
+    """data/concepts/*.json, as the concepts stage writes them (in-process: no torch needed)."""
+    run_concepts(project / "concepts/demo.yaml", project / "concepts/generated.yaml",
+                 ConceptsParams(names=tuple(DEMO_CONCEPTS)), project / "data/concepts",
+                 world_path=project / "data/world.json")
 
 
 def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
@@ -69,26 +71,27 @@ def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
 
 
 def test_wrong_argument_count_prints_usage(tiny_project):
-    result = run_stage_here(tiny_project, "captions", "captions/demo.yaml")
-    assert result.returncode == 2 and result.stderr.startswith("usage: ")
-    assert "CAPTIONS_FILE GENERATED_FILE OUT_DIR WORLD_PATH" in result.stderr
+    result = run_stage_here(tiny_project, "concepts", "concepts/demo.yaml")
+    assert result.returncode == 2 and result.stderr.startswith("Usage: ktpipe concepts ")
+    assert "CONCEPTS_FILE GENERATED_FILE OUT_DIR WORLD_PATH" in " ".join(result.stderr.split())  # click wraps it
+    assert "Missing argument 'GENERATED_FILE'" in result.stderr and "Traceback" not in result.stderr
 
 
-# --- captions stage -------------------------------------------------------------------------
+# --- concepts stage -------------------------------------------------------------------------
 
 
 def undescribed_concept(project):
-    write_params(project, concepts=["blicket", "moongate", "dax"])
+    write_params(project, concepts={"names": ["blicket", "moongate", "dax"]})
 
 
 def malformed_yaml(project):
-    (project / "captions/demo.yaml").write_text("concepts:\n  blicket: {description: [unclosed\n")
+    (project / "concepts/demo.yaml").write_text("concepts:\n  blicket: {description: [unclosed\n")
 
 
 def concept_without_description(project):
-    (project / "captions/demo.yaml").write_text(
+    (project / "concepts/demo.yaml").write_text(
         "concepts:\n  blicket: {description: a striped orange ring}\n  dax: {role: novel}\n")
-    write_params(project, concepts=["blicket", "dax"])
+    write_params(project, concepts={"names": ["blicket", "dax"]})
 
 
 def unknown_params_key(project):
@@ -100,28 +103,28 @@ def unknown_top_level_key(project):
 
 
 @pytest.mark.parametrize("setup, args, needles", [
-    (undescribed_concept, CAPTIONS_ARGS, ["moongate", "no description"]),
-    (None, ("captions/nope.yaml", "captions/generated.yaml", "data/captions", "data/world.json"),
-     ["captions file not found", "captions/nope.yaml"]),
-    (malformed_yaml, CAPTIONS_ARGS, ["cannot parse captions file", "captions/demo.yaml"]),
-    (concept_without_description, CAPTIONS_ARGS, ["'dax'", "has no description"]),
-    (unknown_params_key, CAPTIONS_ARGS, ["unknown params key", "stepz", "section 'invert'"]),
-    (unknown_top_level_key, CAPTIONS_ARGS, ["unknown params key", "sede"]),
+    (undescribed_concept, CONCEPTS_ARGS, ["moongate", "no description"]),
+    (None, ("concepts/nope.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json"),
+     ["concepts file not found", "concepts/nope.yaml"]),
+    (malformed_yaml, CONCEPTS_ARGS, ["cannot parse concepts file", "concepts/demo.yaml"]),
+    (concept_without_description, CONCEPTS_ARGS, ["'dax'", "has no description"]),
+    (unknown_params_key, CONCEPTS_ARGS, ["unknown params key", "stepz", "section 'invert'"]),
+    (unknown_top_level_key, CONCEPTS_ARGS, ["unknown params key", "sede"]),
 ], ids=["undescribed-concept", "missing-file", "malformed-yaml", "no-description", "unknown-key", "unknown-top-key"])
-def test_captions_stage_rejects(tiny_project, setup, args, needles):
+def test_concepts_stage_rejects(tiny_project, setup, args, needles):
     if setup:
         setup(tiny_project)
-    assert_user_error(run_stage_here(tiny_project, "captions", *args), *needles)
-    assert_absent(tiny_project, "data/captions")
+    assert_user_error(run_stage_here(tiny_project, "concepts", *args), *needles)
+    assert_absent(tiny_project, "data/concepts")
 
 
-def test_failed_captions_run_leaves_the_previous_output_intact(tiny_project):
-    assert run_stage_here(tiny_project, "captions", *CAPTIONS_ARGS).returncode == 0
+def test_failed_concepts_run_leaves_the_previous_output_intact(tiny_project):
+    assert run_stage_here(tiny_project, "concepts", *CONCEPTS_ARGS).returncode == 0
     before = snapshot(tiny_project / "data")
     assert len(before) == len(DEMO_CONCEPTS) + 1  # one file per concept, and world.json
-    text = (tiny_project / "captions/demo.yaml").read_text()
-    (tiny_project / "captions/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
-    assert_user_error(run_stage_here(tiny_project, "captions", *CAPTIONS_ARGS), "'dax'", "has no description")
+    text = (tiny_project / "concepts/demo.yaml").read_text()
+    (tiny_project / "concepts/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
+    assert_user_error(run_stage_here(tiny_project, "concepts", *CONCEPTS_ARGS), "'dax'", "has no description")
     assert snapshot(tiny_project / "data") == before  # untouched, and no temporary folder beside it
 
 
@@ -136,7 +139,7 @@ def test_failed_captions_run_leaves_the_previous_output_intact(tiny_project):
      ["demo checkpoint not found", "models/nowhere"]),
 ], ids=["unknown-name", "unknown-backend", "unknown-pretrained-tag", "missing-demo-checkpoint"])
 def test_invert_stage_rejects_model(tiny_project, model, needles):
-    write_captions(tiny_project)
+    write_concepts(tiny_project)
     write_params(tiny_project, model=model)
     assert_user_error(run_stage_here(tiny_project, "invert", *INVERT_ARGS), *needles)
     assert_absent(tiny_project, "data/inverted/blicket")
@@ -144,7 +147,7 @@ def test_invert_stage_rejects_model(tiny_project, model, needles):
 
 def test_invert_stage_without_concept_file(tiny_project):
     assert_user_error(run_stage(tiny_project, "invert", *INVERT_ARGS),
-                      "concept file not found", "data/captions/blicket.json")
+                      "concept file not found", "data/concepts/blicket.json")
     assert_absent(tiny_project, "data/inverted/blicket")
 
 
@@ -157,10 +160,10 @@ def test_invert_stage_without_concept_file(tiny_project):
     ("abc", ["params key 'lr' must be a number", "'abc'"]),
 ], ids=["negative", "zero", "string"])
 def test_finetune_stage_rejects_lr(tiny_project, lr, needles):
-    write_captions(tiny_project)
+    write_concepts(tiny_project)
     write_params(tiny_project, lr=lr)
     assert_user_error(run_stage_here(tiny_project, "finetune", *FINETUNE_ARGS), *needles)
-    assert_absent(tiny_project, "models/finetuned/paper", "metrics/finetune/paper.json")
+    assert_absent(tiny_project, "models/paper", "metrics/finetune/paper.json")
 
 
 # --- data and evaluate stages -------------------------------------------------------------
@@ -173,8 +176,8 @@ def use_image_root(project: Path, root: Path) -> None:
 
 
 def prepare_eval(project: Path) -> None:
-    """Captions, a random-pixel image root, and the data stage's manifests."""
-    write_captions(project)
+    """Concept files, a random-pixel image root, and the data stage's manifests."""
+    write_concepts(project)
     write_image_root(project / "images")
     use_image_root(project, project / "images")
     result = run_stage_here(project, "data", "data/world.json", "data/eval")
@@ -197,7 +200,7 @@ def test_data_stage_with_missing_root(tiny_project):
 
 
 def test_data_stage_with_unset_environment_variable(tiny_project):
-    write_captions(tiny_project)  # the demo `test` set stays in params
+    write_concepts(tiny_project)  # the demo `test` set stays in params
     write_params(tiny_project, evaluate={"sets": {"val": {"format": "folder", "root": "$KTPIPE_NO_SUCH_VAR/val"}}})
     assert_user_error(run_stage_here(tiny_project, "data", "data/world.json", "data/eval"), "KTPIPE_NO_SUCH_VAR", "evaluate.sets.val.root")
     assert_absent(tiny_project, "data/eval")
@@ -205,15 +208,15 @@ def test_data_stage_with_unset_environment_variable(tiny_project):
 
 def test_evaluate_stage_with_missing_checkpoint(tiny_project):
     prepare_eval(tiny_project)
-    result = run_stage_here(tiny_project, "evaluate", "paper", "models/finetuned/nope", "data/eval", "data/captions",
+    result = run_stage_here(tiny_project, "evaluate", "paper", "models/nope", "data/eval", "data/concepts",
                             "metrics/eval/paper.json")
-    assert_user_error(result, "checkpoint folder not found", "models/finetuned/nope")
+    assert_user_error(result, "checkpoint folder not found", "models/nope")
     assert_absent(tiny_project, "metrics/eval/paper.json")
 
 
 def test_evaluate_stage_without_the_data_stage(tiny_project):
-    write_captions(tiny_project)
-    result = run_stage_here(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
+    write_concepts(tiny_project)
+    result = run_stage_here(tiny_project, "evaluate", "baseline", "models/baseline", "data/eval", "data/concepts",
                             "metrics/eval/baseline.json")
     assert_user_error(result, "evaluation set 'test' not found", "dvc repro data")
     assert_absent(tiny_project, "metrics/eval/baseline.json")
@@ -222,7 +225,7 @@ def test_evaluate_stage_without_the_data_stage(tiny_project):
 def test_evaluate_stage_with_corrupt_png(tiny_project):
     prepare_eval(tiny_project)
     (tiny_project / "images/val/dax/0000.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    result = run_stage_here(tiny_project, "evaluate", "baseline", "base", "data/eval", "data/captions",
+    result = run_stage_here(tiny_project, "evaluate", "baseline", "models/baseline", "data/eval", "data/concepts",
                             "metrics/eval/baseline.json")
     assert_user_error(result, "cannot read image", "images/val/dax/0000.png")
     assert_absent(tiny_project, "metrics/eval/baseline.json")
@@ -231,7 +234,7 @@ def test_evaluate_stage_with_corrupt_png(tiny_project):
 def test_failed_evaluate_run_leaves_the_previous_result_intact(tiny_project):
     """The test set fails after the val set was scored: the old JSON must survive as it was."""
     prepare_eval(tiny_project)
-    args = ("baseline", "base", "data/eval", "data/captions", "metrics/eval/baseline.json")
+    args = ("baseline", "models/baseline", "data/eval", "data/concepts", "metrics/eval/baseline.json")
     assert run_stage_here(tiny_project, "evaluate", *args).returncode == 0
     before = snapshot(tiny_project / "metrics")
     assert list(before) == ["eval/baseline.json"]

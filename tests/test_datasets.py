@@ -11,20 +11,21 @@ import pytest
 from PIL import Image
 
 from ktpipe.datasets import (
-    CHEXPERT_CLASSES,
-    FORMATS,
+    LabeledImage,
     Manifest,
-    imagenet100_wnids,
-    imagenet_classnames,
-    imagenet_wnids,
+    build_manifest,
     load_dataset,
-    read_data_lines,
+    load_eval_set,
     read_manifest,
-    take_subset,
+    run_data,
     write_manifest,
 )
+from ktpipe.datasets.imagenet import imagenet100_wnids, imagenet_classnames, imagenet_wnids, read_data_lines
+from ktpipe.datasets.medical import CHEXPERT_CLASSES
+from ktpipe.datasets.selection import take_subset
+from ktpipe.datasets.sets import FORMATS
 from ktpipe.images import DatasetError, open_image
-from ktpipe.params import DATASET_FORMATS, DatasetParams
+from ktpipe.params import DATASET_FORMATS, DatasetParams, EvaluateParams, Params
 from ktpipe.templates import load_templates
 
 
@@ -331,14 +332,14 @@ def test_subset_of_a_class_does_not_depend_on_the_filter(unbalanced):
 
 
 def test_take_subset_on_empty_classes():
-    m = Manifest("m", ("a", "b"), ("x", "y", "z"), (0, 0, 0))
+    m = build_manifest("m", ("a", "b"), [("x", 0), ("y", 0), ("z", 0)])
     assert take_subset(m, 2, 0).labels == (0, 0)
 
 
 # ---------------------------------------------------------------- manifest files
 
 def test_manifest_round_trip(tmp_path):
-    m = Manifest("mixed", ("dog", "cat", "unseen"), ("img/a.png", "/abs/b.png"), (1, 0))
+    m = build_manifest("mixed", ("dog", "cat", "unseen"), [("img/a.png", 1), ("/abs/b.png", 0)])
     path = tmp_path / "out" / "mixed.parquet"
     write_manifest(m, path)
     assert read_manifest(path) == m
@@ -360,8 +361,26 @@ def test_read_manifest_without_metadata_and_errors(tmp_path):
         read_manifest(tmp_path / "cols.parquet")
 
 
-def test_manifest_validates_labels():
-    with raises("2 paths but 1 labels"):
-        Manifest("m", ("a",), ("x", "y"), (0,))
+def test_manifest_validates_records_and_labels():
+    with raises(r"records must be one of \['LabeledImage', 'CaptionedImage', 'MaskedImage'\], got \['str'\]"):
+        Manifest("m", ("a",), ("x", "y"))  # paths where records belong: the old (paths, labels) fields
     with raises(r"labels \[3\] outside 0..1"):
-        Manifest("m", ("a", "b"), ("x",), (3,))
+        Manifest("m", ("a", "b"), (LabeledImage("x", 3),))
+
+
+# ---------------------------------------------------------------- evaluation sets (data stage)
+
+def test_run_data_writes_manifests_and_summary(unbalanced, tmp_path_factory):
+    sets = {"toy": spec("folder", unbalanced, subset=6), "few": spec("folder", unbalanced, classes=("c",))}
+    params = Params(evaluate=EvaluateParams(sets=sets))
+    out = tmp_path_factory.mktemp("data") / "eval"  # outside the dataset folder
+    summary = run_data(params, out)
+    assert summary["toy"] == {"format": "folder", "kind": "labeled", "n_images": 6,
+                              "classes": ["Snow_Leopard", "b", "c"],
+                              "per_class": {"Snow_Leopard": 2, "b": 2, "c": 2}}
+    assert json.loads((out / "sets.json").read_text()) == summary
+    assert load_eval_set(out, "few") == load_dataset("few", sets["few"], 0)
+    with raises(r"evaluation set 'gone' not found at .*gone.parquet; run the data stage"):
+        load_eval_set(out, "gone")
+    with raises("'evaluate.sets' is empty"):
+        run_data(Params(), out.parent / "none")

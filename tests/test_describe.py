@@ -1,10 +1,10 @@
-"""LLM descriptions (ktpipe.describe) and the generated-descriptions file of the captions stage.
+"""LLM descriptions (ktpipe.describe) and the generated-descriptions file of the concepts stage.
 
 The LLM is a random-init one-layer Llama with a word-level tokenizer built offline, saved with
 `save_pretrained` like any local model folder: its words are noise, but prompts, decoding,
-seeding, caching and errors behave as with Llama-3-8B-Instruct. The captions stage script runs
-in-process through its own `__main__` (conftest `run_stage_here`; tests/test_stages.py runs it as a
-subprocess).
+seeding, caching and errors behave as with Llama-3-8B-Instruct. The concepts stage (`ktpipe
+concepts`) runs in-process through the CLI (conftest `run_stage_here`; tests/test_stages.py runs it
+as a subprocess).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from conftest import make_project, run_stage_here, write_params
-from ktpipe.captions import CaptionsError, ConceptText, GENERATED_HEADER, load_generated
+from ktpipe.concepts import ConceptsError, ConceptText, GENERATED_HEADER, load_generated
 from ktpipe.describe import (
     build_messages,
     clean_description,
@@ -36,7 +36,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 WORDS = "a round grey stone arch in a garden wall with brass dials and silver rings that spin . ,"
-CAPTIONS = "concepts:\n  blicket: a striped orange ring\n  moongate: {label: moon gate}\n"
+CONCEPTS_FILE = "concepts:\n  blicket: a striped orange ring\n  moongate: {label: moon gate}\n"
 CONCEPTS = ["blicket", "moongate", "gyroscope"]  # described, listed without description, absent
 
 
@@ -102,7 +102,7 @@ def test_messages_use_the_label():
     ("Describe {name} in {style}.", "placeholder other than"),
 ])
 def test_bad_prompts_are_named(prompt, message):
-    with pytest.raises(CaptionsError, match=message):
+    with pytest.raises(ConceptsError, match=message):
         build_messages(ConceptText("moongate", ""), prompt)
 
 
@@ -151,7 +151,7 @@ def test_empty_reply_is_an_error(tiny_lm, monkeypatch):
     import ktpipe.describe
 
     monkeypatch.setattr(ktpipe.describe, "generate_reply", lambda *args: (' \n "" ', False))
-    with pytest.raises(CaptionsError, match="empty description of 'moongate'.*max_new_tokens"):
+    with pytest.raises(ConceptsError, match="empty description of 'moongate'.*max_new_tokens"):
         describe_concepts([ConceptText("moongate", "")], generator(tiny_lm))
 
 
@@ -163,12 +163,12 @@ def test_tokenizer_without_chat_template_is_named(tiny_lm, tmp_path):
     shutil.copytree(tiny_lm, folder)
     build_tokenizer(None).save_pretrained(folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
-    with pytest.raises(CaptionsError, match="has no chat template"):
+    with pytest.raises(ConceptsError, match="has no chat template"):
         load_generator(generator(folder))
 
 
 def test_missing_model_folder_is_named(tmp_path):
-    with pytest.raises(CaptionsError, match="captions.generator.model.*not found"):
+    with pytest.raises(ConceptsError, match="concepts.generator.model.*not found"):
         load_generator(generator(tmp_path / "nope"))
 
 
@@ -177,48 +177,49 @@ def test_device_and_dtype():
     assert pick_dtype("auto", cpu) == torch.float32
     assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert pick_dtype("float16", cpu) == torch.float16
-    with pytest.raises(CaptionsError, match="captions.generator.dtype"):
+    with pytest.raises(ConceptsError, match="concepts.generator.dtype"):
         pick_dtype("int8", cpu)
     assert pick_device("cpu") == cpu
-    with pytest.raises(CaptionsError, match="captions.generator.device"):
+    with pytest.raises(ConceptsError, match="concepts.generator.device"):
         pick_device("tpu:0")
     if not torch.cuda.is_available():
         assert pick_device("auto") == cpu
-        with pytest.raises(CaptionsError, match="no CUDA device"):
+        with pytest.raises(ConceptsError, match="no CUDA device"):
             pick_device("cuda")
 
 
-# --- captions stage with a generator ---------------------------------------------------------
+# --- concepts stage with a generator ---------------------------------------------------------
 
-STAGE_ARGS = ("captions/exp.yaml", "captions/generated.yaml", "data/captions", "data/world.json")
+STAGE_ARGS = ("concepts/exp.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json")
 # The demo backend's text budget needs no checkpoint; a random tiny LLM's text may run past its
 # 24-token context, which `truncate` turns into a warning.
-DEMO_MODEL = {"backend": "demo", "name": "ktpipe-demo", "pretrained": "models/base"}
+DEMO_MODEL = {"backend": "demo", "name": "ktpipe-demo", "pretrained": "models/baseline"}
 
 
 @pytest.fixture
 def project(tmp_path, tiny_lm) -> Path:
-    """A project whose captions file describes blicket only; moongate and gyroscope are generated."""
-    folder = make_project(tmp_path / "project", tmp_path / "no-checkpoint", concepts=CONCEPTS, model=DEMO_MODEL,
-                          captions={"file": "captions/exp.yaml", "generated": "captions/generated.yaml", "truncate": True,
+    """A project whose concepts file describes blicket only; moongate and gyroscope are generated."""
+    folder = make_project(tmp_path / "project", tmp_path / "no-checkpoint", model=DEMO_MODEL,
+                          concepts={"names": CONCEPTS, "file": "concepts/exp.yaml",
+                                    "generated": "concepts/generated.yaml", "truncate": True,
                                     "generator": {"model": str(tiny_lm), "max_new_tokens": 8, "device": "cpu"}})
-    (folder / "captions/exp.yaml").write_text(CAPTIONS)
+    (folder / "concepts/exp.yaml").write_text(CONCEPTS_FILE)
     return folder
 
 
 def concept_json(project: Path, name: str) -> dict:
-    return json.loads((project / "data/captions" / f"{name}.json").read_text())
+    return json.loads((project / "data/concepts" / f"{name}.json").read_text())
 
 
 def test_stage_generates_caches_and_keeps_edits(project, tmp_path):
-    result = run_stage_here(project, "captions", *STAGE_ARGS)
+    result = run_stage_here(project, "concepts", *STAGE_ARGS)
     assert result.returncode == 0, result.stderr
-    generated_file = project / "captions/generated.yaml"
+    generated_file = project / "concepts/generated.yaml"
     generated = load_generated(generated_file)
     assert sorted(generated) == ["gyroscope", "moongate"]  # blicket is hand-written
     assert generated_file.read_text().startswith(GENERATED_HEADER.split("concepts:")[0])
     assert "ImageNet class moon gate without" in generated["moongate"].source  # the label went in the prompt
-    assert sorted(p.stem for p in (project / "data/captions").iterdir()) == sorted(CONCEPTS)
+    assert sorted(p.stem for p in (project / "data/concepts").iterdir()) == sorted(CONCEPTS)
     assert concept_json(project, "blicket")["description"] == "a striped orange ring"
     moongate = concept_json(project, "moongate")
     assert moongate["description"] == generated["moongate"].description and moongate["label"] == "moon gate"
@@ -226,33 +227,33 @@ def test_stage_generates_caches_and_keeps_edits(project, tmp_path):
     # A user edits an entry; the next run keeps it and never loads the model (it no longer exists).
     edited = generated_file.read_text().replace(generated["moongate"].description, "a hand-edited stone circle", 1)
     generated_file.write_text(edited)
-    write_params(project, captions={"generator": {"model": str(tmp_path / "deleted-model")}})
-    result = run_stage_here(project, "captions", *STAGE_ARGS)
+    write_params(project, concepts={"generator": {"model": str(tmp_path / "deleted-model")}})
+    result = run_stage_here(project, "concepts", *STAGE_ARGS)
     assert result.returncode == 0, result.stderr
     assert concept_json(project, "moongate")["description"] == "a hand-edited stone circle"
     assert generated_file.read_text() == edited  # nothing new to add: the file is left as the user wrote it
 
     # Deleting an entry asks for a new one: here the model is gone, so that is a named error.
     generated_file.write_text(edited.split("  gyroscope:")[0])
-    result = run_stage_here(project, "captions", *STAGE_ARGS)
+    result = run_stage_here(project, "concepts", *STAGE_ARGS)
     assert result.returncode == 2 and "deleted-model" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_stage_without_generator_names_the_undescribed_concepts(project):
-    write_params(project, captions={"generator": None})
-    result = run_stage_here(project, "captions", *STAGE_ARGS)
+    write_params(project, concepts={"generator": None})
+    result = run_stage_here(project, "concepts", *STAGE_ARGS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "concepts 'moongate', 'gyroscope' have no description" in result.stderr
-    assert "captions.generator" in result.stderr
-    assert not (project / "data").exists() and not (project / "captions/generated.yaml").exists()
+    assert "concepts.generator" in result.stderr
+    assert not (project / "data").exists() and not (project / "concepts/generated.yaml").exists()
 
 
 def test_stage_rejects_a_malformed_generated_file(project):
-    (project / "captions/generated.yaml").write_text("concepts:\n  moongate: {description: a ring, role: known}\n")
-    result = run_stage_here(project, "captions", *STAGE_ARGS)
+    (project / "concepts/generated.yaml").write_text("concepts:\n  moongate: {description: a ring, role: known}\n")
+    result = run_stage_here(project, "concepts", *STAGE_ARGS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "captions/generated.yaml: concept 'moongate' has unknown key(s) ['role']" in result.stderr
-    assert not (project / "data/captions").exists()
+    assert "concepts/generated.yaml: concept 'moongate' has unknown key(s) ['role']" in result.stderr
+    assert not (project / "data/concepts").exists()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -265,7 +266,7 @@ def test_stage_rejects_a_malformed_generated_file(project):
 def test_malformed_generated_files_are_named(tmp_path, text, message):
     path = tmp_path / "generated.yaml"
     path.write_text(text)
-    with pytest.raises(CaptionsError, match=message):
+    with pytest.raises(ConceptsError, match=message):
         load_generated(path)
 
 

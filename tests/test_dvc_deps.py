@@ -1,23 +1,20 @@
 """Every `dvc.yaml` stage lists, in its `deps`, the code its command runs.
 
-For each stage the script its `cmd` runs (`python stages/X.py ...`) is read with `ast` (nothing
-is imported, so this is fast and needs no torch), and the `ktpipe` modules it imports are
-followed transitively: `import a.b`, `from a.b import c` (where `c` may be a submodule),
-relative imports, `importlib.import_module("ktpipe...")` and `resources.files("ktpipe...")`
-with a literal name, and imports inside functions (a lazy import still runs in the stage).
-Importing `ktpipe.x.y` also runs `ktpipe/x/__init__.py` and `ktpipe/__init__.py`, so those
-count too. Imports under `if TYPE_CHECKING:` never run and do not count.
+A stage's `cmd` runs a command of the `ktpipe` CLI (`python -m ktpipe X ...`). That runs
+`ktpipe/__main__.py`, the click group in `ktpipe/cli.py` with `ktpipe/commands/__init__.py`, and
+the command's own module `ktpipe/commands/X.py`: the group imports it by name at run time
+(`importlib.import_module(f"ktpipe.commands.{name}")`), which no static reading can follow, so
+the command is mapped to its module here (`command_module`). From those entry files the `ktpipe`
+modules they import are followed transitively, read with `ast` (nothing is imported, so this is
+fast and needs no torch): `import a.b`, `from a.b import c` (where `c` may be a submodule),
+relative imports, `importlib.import_module("ktpipe...")` and `resources.files("ktpipe...")` with
+a literal name, and imports inside functions (a lazy import still runs in the stage). Importing
+`ktpipe.x.y` also runs `ktpipe/x/__init__.py` and `ktpipe/__init__.py`, so those count too.
+Imports under `if TYPE_CHECKING:` never run and do not count.
 
 A module file is covered when the file itself or a folder above it (`ktpipe/models`,
-`ktpipe/eval`) is in the stage's deps; the script `stages/X.py` must be listed as well.
-Data files a module reads (templates, the demo world, ...) are out of scope here.
-
-One lazy import is counted only for the stage that can reach it (`LAZY_ONLY`):
-`ktpipe.captions.complete_concepts` imports the LLM describer (`ktpipe/describe.py`), and only
-`run_captions`, i.e. the captions stage, calls it; counting it for every stage that imports
-`ktpipe.captions` would make training rerun on an edit to a module training never runs. The
-exemption is checked: the test fails if the lazy import moves, or if anything else starts
-calling `complete_concepts` or `run_captions` from code another stage runs.
+`ktpipe/eval`) is in the stage's deps; the entry files must be listed as well. Data files a
+module reads (templates, the demo world, ...) are out of scope here.
 
 `ktpipe/__init__.py` is exempt while it is trivial (a docstring and constant assignments such
 as `__version__`, no imports and no code): listing it would make every stage rerun on a version
@@ -38,17 +35,14 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "ktpipe"
 TOP_INIT = f"{PACKAGE}/__init__.py"
-SCRIPT = re.compile(r"\bpython3?\s+(stages/[\w/.-]+\.py)\b")
-
-# (file, function, lazily imported module, the only caller from outside) -> stages that run it
-LAZY_ONLY = {
-    ("ktpipe/captions.py", "complete_concepts", "ktpipe.describe", "run_captions"): {"captions"},
-}
+COMMAND = re.compile(rf"\bpython3?\s+-m\s+{PACKAGE}\s+([A-Za-z_]\w*)")
+# What `python -m ktpipe X` runs before the command's own module: the entry point and the group.
+GROUP_FILES = (f"{PACKAGE}/__main__.py", f"{PACKAGE}/cli.py", f"{PACKAGE}/commands/__init__.py")
 
 
 def load_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, dict]:
     """Stage name -> {"cmd": str, "deps": [str]}; a `foreach` stage is read from its `do` body
-    (its `${item}`/`${key}` templating only touches data paths, never the script or the code)."""
+    (its `${item}`/`${key}` templating only touches arguments, never the command or the code)."""
     stages = YAML(typ="safe").load(dvc_yaml.read_text())["stages"]
     out = {}
     for name, stage in stages.items():
@@ -60,10 +54,21 @@ def load_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, dict]:
     return out
 
 
-def stage_script(cmd: str) -> str:
-    match = SCRIPT.search(cmd)
-    assert match, f"no `python stages/X.py` in cmd {cmd!r}"
+def stage_command(cmd: str) -> str:
+    """The `ktpipe` command a stage's cmd runs (`python -m ktpipe finetune ...` -> finetune)."""
+    match = COMMAND.search(cmd)
+    assert match, f"no `python -m {PACKAGE} <command>` in cmd {cmd!r}"
     return match.group(1)
+
+
+def command_module(command: str) -> str:
+    """The module `ktpipe.cli.StageGroup.get_command` imports for `command`."""
+    return f"{PACKAGE}/commands/{command}.py"
+
+
+def entry_files(cmd: str) -> list[str]:
+    """Files a stage's cmd runs before any import is followed."""
+    return [*GROUP_FILES, command_module(stage_command(cmd))]
 
 
 def module_file(name: str, root: Path = REPO) -> str | None:
@@ -77,23 +82,28 @@ def module_file(name: str, root: Path = REPO) -> str | None:
     return None
 
 
+def module_name(file: str) -> str:
+    """Dotted name of a repo-relative package file (`ktpipe/commands/__init__.py` -> ktpipe.commands)."""
+    parts = file[: -len(".py")].split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _walk_runtime(node: ast.AST):
-    """(node, enclosing function name or None) for every node, as ast.walk would give them,
-    minus the bodies of `if TYPE_CHECKING:` blocks (their `else` still runs)."""
-    stack = [(node, None)]
+    """Every node, as ast.walk would give them, minus the bodies of `if TYPE_CHECKING:` blocks
+    (their `else` still runs)."""
+    stack = [node]
     while stack:
-        node, func = stack.pop()
-        yield node, func
+        node = stack.pop()
+        yield node
         if isinstance(node, ast.If) and _is_type_checking(node.test):
-            stack += [(n, func) for n in [node.test, *node.orelse]]
+            stack += [node.test, *node.orelse]
             continue
-        inner = node.name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
-        stack += [(n, inner) for n in ast.iter_child_nodes(node)]
+        stack += list(ast.iter_child_nodes(node))
 
 
 def _with_parents(name: str) -> list[str]:
@@ -101,83 +111,55 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-@functools.lru_cache(maxsize=None)
-def _parse(source: str) -> ast.Module:
-    return ast.parse(source)
-
-
-def imported_names(path: Path, module: str | None) -> frozenset[tuple[str, str | None]]:
-    """(dotted module name, enclosing function or None) for each module `path` imports at run
-    time, parent packages included."""
+def imported_names(path: Path, module: str) -> frozenset[str]:
+    """Dotted names of the modules `path` imports at run time, parent packages included."""
     return _imported_names(path.read_text(), module, path.name == "__init__.py", str(path))
 
 
 @functools.lru_cache(maxsize=None)
-def _imported_names(source: str, module: str | None, is_pkg: bool, path: str):
-    names: set[tuple[str, str | None]] = set()
-    for node, func in _walk_runtime(_parse(source)):
-        found: list[str] = []
+def _imported_names(source: str, module: str, is_pkg: bool, path: str) -> frozenset[str]:
+    names: set[str] = set()
+    for node in _walk_runtime(ast.parse(source)):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                found += _with_parents(alias.name)
+                names.update(_with_parents(alias.name))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                assert module, f"relative import in {path}, which is not in a package"
                 base = module.split(".") if is_pkg else module.split(".")[:-1]
                 base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
-            found += _with_parents(target)
+            names.update(_with_parents(target))
             # `from pkg import sub` imports the submodule sub when there is one
-            found += [f"{target}.{alias.name}" for alias in node.names if alias.name != "*"]
+            names.update(f"{target}.{alias.name}" for alias in node.names if alias.name != "*")
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             call = node.func
             fname = call.attr if isinstance(call, ast.Attribute) else getattr(call, "id", None)
             arg = node.args[0].value
             if fname in {"import_module", "files", "__import__"} and isinstance(arg, str):
-                found += _with_parents(arg)
-        names.update((name, func) for name in found)
+                names.update(_with_parents(arg))
     return frozenset(names)
 
 
-def imported_files(script: str, root: Path = REPO, stage: str | None = None) -> set[str]:
-    """Repo-relative package files `script` runs, transitively (the script itself excluded).
-
-    With `stage`, a `LAZY_ONLY` import is followed only for the stages listed for it."""
-    skip = {(f, fn, target) for (f, fn, target, _), stages in LAZY_ONLY.items() if stage not in stages}
-    seen: set[str] = set()
-    todo = [(root / script, None)]
+def imported_files(entries: list[str], root: Path = REPO) -> set[str]:
+    """Repo-relative package files that running the `entries` runs, transitively (the entries
+    included)."""
+    seen: set[str] = set(entries)
+    todo = list(entries)
     while todo:
-        path, module = todo.pop()
-        importer = path.relative_to(root).as_posix()
-        for name, func in imported_names(path, module):
-            if stage is not None and (importer, func, name) in skip:
-                continue
+        file = todo.pop()
+        for name in imported_names(root / file, module_name(file)):
             rel = module_file(name, root)
             if rel is not None and rel not in seen:
                 seen.add(rel)
-                todo.append((root / rel, name))
+                todo.append(rel)
     return seen
-
-
-def references(name: str, root: Path = REPO) -> set[tuple[str, str | None]]:
-    """(file, enclosing function) of every use of `name` in the package and the stage scripts,
-    its own `def` excluded."""
-    out = set()
-    for path in [*sorted((root / PACKAGE).rglob("*.py")), *sorted((root / "stages").glob("*.py"))]:
-        for node, func in _walk_runtime(_parse(path.read_text())):
-            used = ((isinstance(node, ast.Name) and node.id == name)
-                    or (isinstance(node, ast.Attribute) and node.attr == name)
-                    or (isinstance(node, ast.alias) and name in (node.name, node.asname)))
-            if used:
-                out.add((path.relative_to(root).as_posix(), func))
-    return out
 
 
 def is_trivial_init(path: Path) -> bool:
     """Only a docstring, `from __future__` and constant assignments (e.g. `__version__`)."""
-    for stmt in _parse(path.read_text()).body:
+    for stmt in ast.parse(path.read_text()).body:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
             continue
         if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
@@ -193,75 +175,90 @@ def covered(file: str, deps: list[str]) -> bool:
     return any(p in listed for p in [file, *(p.as_posix() for p in Path(file).parents)])
 
 
-def missing_deps(cmd: str, deps: list[str], root: Path = REPO, stage: str | None = None) -> list[str]:
-    """Files the stage command runs that its deps do not cover (`stage` as in imported_files)."""
-    script = stage_script(cmd)
-    needed = {script} | imported_files(script, root, stage)
+def stage_files(cmd: str, root: Path = REPO) -> set[str]:
+    """Package files a stage's cmd runs (`ktpipe/__init__.py` left out while it is trivial)."""
+    needed = imported_files(entry_files(cmd), root)
     if TOP_INIT in needed and is_trivial_init(root / TOP_INIT):
         needed.discard(TOP_INIT)
-    return sorted(f for f in needed if not covered(f, deps))
+    return needed
+
+
+def missing_deps(cmd: str, deps: list[str], root: Path = REPO) -> list[str]:
+    """Files the stage command runs that its deps do not cover."""
+    return sorted(f for f in stage_files(cmd, root) if not covered(f, deps))
+
+
+def click_command_name(path: Path) -> str | None:
+    """The name in `@click.command("name")` on the module's `command` function, if any."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "command":
+            for deco in node.decorator_list:
+                if (isinstance(deco, ast.Call) and getattr(deco.func, "attr", None) == "command"
+                        and deco.args and isinstance(deco.args[0], ast.Constant)):
+                    return deco.args[0].value
+    return None
 
 
 STAGES = load_stages()
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_runs_a_ktpipe_command_module(name):
+    """The group finds the command by its module's file name; the module's click command carries
+    the same name, so `command_module` names the file that really runs."""
+    command = stage_command(STAGES[name]["cmd"])
+    path = REPO / command_module(command)
+    assert path.is_file(), f"dvc.yaml stage {name!r} runs `ktpipe {command}`, but {command_module(command)} is missing"
+    assert click_command_name(path) == command
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_deps_cover_imported_modules(name):
     stage = STAGES[name]
-    missing = missing_deps(stage["cmd"], stage["deps"], stage=name)
+    missing = missing_deps(stage["cmd"], stage["deps"])
     assert not missing, (
-        f"dvc.yaml stage {name!r} runs {stage_script(stage['cmd'])}, which imports these files "
+        f"dvc.yaml stage {name!r} runs `ktpipe {stage_command(stage['cmd'])}`, which imports these files "
         f"its deps do not list (add them, or their package folder): {missing}")
 
 
 def test_checker_catches_a_dropped_dep():
     """Dropping any module file the stage imports (e.g. `ktpipe/finetune.py` from the finetune
-    stage), its package folder or its script from an in-memory copy of its deps is caught."""
+    stage), its package folder or an entry file from an in-memory copy of its deps is caught."""
     stage = copy.deepcopy(STAGES["finetune"])
 
     def check(deps):
-        return missing_deps(stage["cmd"], deps, stage="finetune")
+        return missing_deps(stage["cmd"], deps)
 
     assert check(stage["deps"]) == []
-    runs = imported_files(stage_script(stage["cmd"]), stage="finetune")
+    runs = stage_files(stage["cmd"])
     modules = [d for d in stage["deps"] if d in runs]
-    assert "ktpipe/finetune.py" in modules and "ktpipe/params.py" in modules
+    assert {"ktpipe/finetune.py", "ktpipe/params.py", *GROUP_FILES, "ktpipe/commands/finetune.py"} <= set(modules)
     for dep in modules:
         assert check([d for d in stage["deps"] if d != dep]) == [dep]
     assert set(check([d for d in stage["deps"] if d != "ktpipe/models"])) >= {
         "ktpipe/models/__init__.py", "ktpipe/models/openclip.py"}
-    assert check([d for d in stage["deps"] if d != "stages/finetune.py"]) == ["stages/finetune.py"]
-    # the LLM describer counts for the captions stage, not for one that never calls it
-    captions = STAGES["captions"]
-    assert missing_deps(captions["cmd"], [d for d in captions["deps"] if d != "ktpipe/describe.py"],
-                        stage="captions") == ["ktpipe/describe.py"]
-    assert "ktpipe/describe.py" in imported_files("stages/finetune.py")
-    assert "ktpipe/describe.py" not in imported_files("stages/finetune.py", stage="finetune")
-
-
-@pytest.mark.parametrize("entry", sorted(LAZY_ONLY))
-def test_lazy_only_exemption_still_holds(entry):
-    """A LAZY_ONLY import is still a lazy import in that function, the function is only called
-    through its entry point, and no other stage runs code that calls the entry point."""
-    (file, func, target, caller), stages = entry, LAZY_ONLY[entry]
-    assert (target, func) in imported_names(REPO / file, file[:-3].replace("/", ".")), (
-        f"{file} no longer imports {target} inside {func}: update LAZY_ONLY")
-    assert references(func) <= {(file, caller), (file, func)}, (
-        f"{func} is called from more places than {caller}: {sorted(references(func))}")
-    runs = {name: {stage_script(s["cmd"])} | imported_files(stage_script(s["cmd"]), stage=name)
-            for name, s in STAGES.items() if name not in stages}
-    for ref_file, _ in references(caller) - {(file, None)}:
-        users = sorted(name for name, files in runs.items() if ref_file in files)
-        assert not users, f"{ref_file} calls {caller}, and stages {users} run it: {target} is no longer lazy-only"
+    # the LLM describer (transformers) counts for the concepts stage, whose command imports it,
+    # and for no training stage: only that command imports it, not ktpipe/concepts.py
+    concepts = STAGES["concepts"]
+    assert missing_deps(concepts["cmd"], [d for d in concepts["deps"] if d != "ktpipe/describe.py"]) == [
+        "ktpipe/describe.py"]
+    assert "ktpipe/concepts.py" in runs and "ktpipe/describe.py" not in runs
 
 
 def test_checker_follows_lazy_relative_and_submodule_imports(tmp_path):
-    """Imports inside functions, relative imports and `from pkg import submodule` all count;
-    `if TYPE_CHECKING:` imports do not; a non-trivial `ktpipe/__init__.py` loses its exemption."""
+    """The command module runs as well as the group; imports inside functions, relative imports
+    and `from pkg import submodule` all count; `if TYPE_CHECKING:` imports do not; a non-trivial
+    `ktpipe/__init__.py` loses its exemption."""
     pkg = tmp_path / PACKAGE
     (pkg / "sub").mkdir(parents=True)
-    (tmp_path / "stages").mkdir()
+    (pkg / "commands").mkdir()
     (pkg / "__init__.py").write_text('"""doc"""\n__version__ = "1"\n')
+    (pkg / "__main__.py").write_text("from ktpipe.cli import main\nmain()\n")
+    (pkg / "cli.py").write_text("import importlib\nfrom ktpipe import commands\n")
+    (pkg / "commands" / "__init__.py").write_text("")
+    (pkg / "commands" / "s.py").write_text("def command():\n    from ktpipe.a import f\n")
+    (pkg / "commands" / "other.py").write_text("from ktpipe import unused\n")
+    (pkg / "unused.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "leaf.py").write_text("from .. import rel\n")
     (pkg / "rel.py").write_text("")
@@ -271,13 +268,16 @@ def test_checker_follows_lazy_relative_and_submodule_imports(tmp_path):
         "from typing import TYPE_CHECKING\nfrom ktpipe.sub import leaf\n"
         "if TYPE_CHECKING:\n    from ktpipe import typing_only\n"
         "def f():\n    import ktpipe.lazy\n")
-    (tmp_path / "stages" / "s.py").write_text("from ktpipe.a import f\n")
-    cmd = "python stages/s.py ${item} out"
-    assert imported_files("stages/s.py", tmp_path) == {
-        "ktpipe/__init__.py", "ktpipe/a.py", "ktpipe/sub/__init__.py", "ktpipe/sub/leaf.py",
+    cmd = "python -m ktpipe s ${item} out"
+    entries = [*GROUP_FILES, "ktpipe/commands/s.py"]
+    assert entry_files(cmd) == entries
+    assert imported_files(entries, tmp_path) == {
+        *entries, "ktpipe/__init__.py", "ktpipe/a.py", "ktpipe/sub/__init__.py", "ktpipe/sub/leaf.py",
         "ktpipe/rel.py", "ktpipe/lazy.py"}
-    assert missing_deps(cmd, ["stages/s.py", "ktpipe/sub", "ktpipe/a.py", "ktpipe/rel.py"], tmp_path) == [
+    assert missing_deps(cmd, [*entries, "ktpipe/sub", "ktpipe/a.py", "ktpipe/rel.py"], tmp_path) == [
         "ktpipe/lazy.py"]
-    assert missing_deps(cmd, ["stages/s.py", "ktpipe"], tmp_path) == []
+    assert missing_deps(cmd, [*entries[:-1], "ktpipe/sub", "ktpipe/a.py", "ktpipe/rel.py", "ktpipe/lazy.py"],
+                        tmp_path) == ["ktpipe/commands/s.py"]
+    assert missing_deps(cmd, ["ktpipe"], tmp_path) == []
     (pkg / "__init__.py").write_text("from ktpipe import rel\n")
-    assert "ktpipe/__init__.py" in missing_deps(cmd, ["stages/s.py", "ktpipe/a.py"], tmp_path)
+    assert "ktpipe/__init__.py" in missing_deps(cmd, [*entries, "ktpipe/a.py"], tmp_path)

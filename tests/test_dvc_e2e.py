@@ -4,9 +4,9 @@ that concept's inversion.
 
 Reduced params: demo backend pretrained for 3 steps, 3 of the 11 demo concepts (the novel
 blicket and dax, whose inversions the checks rerun, two being the fewest the paper recipe's Eq. 2
-loss accepts; the known lantern, which the full recipe rehearses and the retention metrics
-score), 2 images per concept and split, 3 inversion steps. Each of the 19 stage runs pays the
-interpreter's 5-10 s start-up (torch, open_clip): about 2-3 minutes on 2 cores.
+loss accepts; the known lantern, which the retention metrics
+score), 2 images per concept and split, 3 inversion steps, one recipe (`paper`). Each of the 15
+stage runs pays the interpreter's 5-8 s start-up (torch, open_clip): about 2 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -28,21 +28,23 @@ pytestmark = pytest.mark.slow
 
 CONCEPTS = ["blicket", "dax", "lantern"]
 REDUCED = {
-    "concepts": CONCEPTS,
+    "concepts": {"names": CONCEPTS},
     "model": {"device": "cpu"},
     "world": {"val_per_concept": 2, "test_per_concept": 2},  # image_size stays 32 (the demo model's)
     "pretrain": {"steps": 3, "batch_size": 16, "name_batch": 8, "warmup": 1},
     "invert": {"steps": 3, "samples": 2},
     "finetune": {"epochs": 1},
+    "evaluate": {"models": ["baseline", "paper"]},
 }
-ALL_STAGES = {"data", "base_model", "captions", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
-              "finetune@full", "evaluate_baseline", "evaluate@paper", "evaluate@full", "report"}
-LR_STAGES = {"finetune@paper", "finetune@full", "evaluate@paper", "evaluate@full", "report"}
+RECIPES = {"paper": {"rehearsal": False}}  # one recipe: every stage kind runs, each run costs a start-up
+ALL_STAGES = {"data", "base_model", "concepts", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
+              "evaluate@baseline", "evaluate@paper", "report"}
+LR_STAGES = {"finetune@paper", "evaluate@paper", "report"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
 
-def make_env() -> dict[str, str]:
+def make_env(root: Path) -> dict[str, str]:
     identity = {"GIT_AUTHOR_NAME": "ktpipe tests", "GIT_AUTHOR_EMAIL": "tests@ktpipe.invalid"}
     return {
         **os.environ,
@@ -56,6 +58,7 @@ def make_env() -> dict[str, str]:
         "TQDM_DISABLE": "1",
         "HF_HUB_OFFLINE": "1",
         "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": str(root),  # `python -m ktpipe` imports the repo copy's ktpipe, as a clone would
     }
 
 
@@ -63,7 +66,7 @@ class Repo:
     """Commands in one temporary repo; returns stdout+stderr, failing loudly on a non-zero exit."""
 
     def __init__(self, root: Path):
-        self.root, self.env = root, make_env()
+        self.root, self.env = root, make_env(root)
 
     def run(self, *cmd: str, timeout: float = 400, stdout_only: bool = False) -> str:
         result = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -97,10 +100,10 @@ def repo(tmp_path_factory) -> Repo:
     root.mkdir()
     no_cache = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    for folder in ("stages", "captions", "ktpipe"):
+    for folder in ("concepts", "ktpipe"):
         shutil.copytree(REPO / folder, root / folder, ignore=no_cache)
     yaml = YAML(typ="safe", pure=True)
-    params = deep_merge(yaml.load((REPO / "params.yaml").read_text()), REDUCED)
+    params = {**deep_merge(yaml.load((REPO / "params.yaml").read_text()), REDUCED), "recipes": RECIPES}
     with (root / "params.yaml").open("w") as fh:
         yaml.dump(params, fh)
     repo = Repo(root)
@@ -122,7 +125,7 @@ def test_dvc_pipeline_end_to_end(repo):
     assert "| blicket | target |" in (reports / "results.md").read_text()
     metrics = json.loads((reports / "metrics.json").read_text())
     default_lr = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())["lr"]
-    assert metrics["lr"] == pytest.approx(default_lr) and 0 <= metrics["test"]["paper"]["target"] <= 1
+    assert metrics["lr"] == pytest.approx(default_lr) and 0 <= metrics["test"]["classification"]["paper"]["target"] <= 1
     repo.commit("first run")
 
     # 2. a second run skips every stage
@@ -148,24 +151,24 @@ def test_dvc_pipeline_end_to_end(repo):
     assert json.loads((reports / "lr_curve.json").read_text())[0]["lr"] == pytest.approx(2e-5)
     assert json.loads((repo.root / "metrics/finetune/paper.json").read_text())["lr"] == pytest.approx(2e-5)
 
-    # 4. one changed description: the captions stage reruns; then, of the inversions, only that
-    # concept's is stale (each invert stage depends on its own data/captions/<concept>.json)
-    captions = repo.root / "captions/demo.yaml"
-    captions.write_text(captions.read_text().replace("an outlined pink triangle", "a solid pink triangle"))
+    # 4. one changed description: the concepts stage reruns; then, of the inversions, only that
+    # concept's is stale (each invert stage depends on its own data/concepts/<concept>.json)
+    concepts_file = repo.root / "concepts/demo.yaml"
+    concepts_file.write_text(concepts_file.read_text().replace("an outlined pink triangle", "a solid pink triangle"))
     status = repo.status()
-    assert set(status) == {"captions"}, status
+    assert set(status) == {"concepts"}, status
     mark = time.monotonic()
-    ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))
-    timings["repro captions"] = time.monotonic() - mark
-    assert ran == {"captions"}
+    ran, _ = ran_and_skipped(repo.dvc("repro", "concepts"))
+    timings["repro concepts"] = time.monotonic() - mark
+    assert ran == {"concepts"}
     status = repo.status()
-    stale = {"invert@dax", "finetune@paper", "finetune@full", "evaluate_baseline", "evaluate@paper",
-             "evaluate@full", "report"}  # the latter read all of data/captions
+    stale = {"invert@dax", "finetune@paper", "evaluate@baseline", "evaluate@paper",
+             "report"}  # the latter read all of data/concepts
     assert set(status) == stale, status
     ran, skipped = ran_and_skipped(repo.dvc("repro", "--dry"))
     assert {s for s in ran if s.startswith("invert@")} == {"invert@dax"}
     assert {f"invert@{c}" for c in CONCEPTS if c != "dax"} <= skipped
-    assert {"data", "base_model", "captions"} <= skipped
+    assert {"data", "base_model", "concepts"} <= skipped
 
     timings["total"] = time.monotonic() - start
     print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})

@@ -10,7 +10,8 @@ from PIL import Image
 
 import ktpipe.invert as invert_module
 from conftest import tiny_params
-from ktpipe.captions import ConceptText, write_concept_files
+from ktpipe.concepts import ConceptText, write_concept_files
+from ktpipe.images import load_inversion, save_inversion
 from ktpipe.invert import (
     AffineDraw,
     affine_theta,
@@ -20,12 +21,10 @@ from ktpipe.invert import (
     fresh_pixels,
     inversion_loss,
     invert_text,
-    load_inversion,
     resolution_at,
     resolution_schedule,
     run_invert,
     sample_affine,
-    save_inversion,
     total_variation,
 )
 from ktpipe.models import OpenClipModel
@@ -349,8 +348,8 @@ def test_run_invert_records_resolutions_in_the_summary(tmp_path, tiny_checkpoint
     raw["invert"] = {"steps": 3, "samples": 2, "progressive": True, "progressive_sizes": [8],
                      "progressive_steps": [2], "grad_clip": 1.0}
     params = validate(build_section(Params, raw))
-    write_concept_files([ConceptText("blicket", TEXT)], tmp_path / "captions")
-    meta = run_invert(params, tmp_path / "captions" / "blicket.json", tmp_path / "blicket")
+    write_concept_files([ConceptText("blicket", TEXT)], tmp_path / "concepts")
+    meta = run_invert(params, tmp_path / "concepts" / "blicket.json", tmp_path / "blicket")
     summary = json.loads((tmp_path / "blicket" / "summary.json").read_text())
     assert meta["resolutions"] == summary["resolutions"] == [[0, 8], [2, 16]]
     assert summary["grad_clip"] == 1.0

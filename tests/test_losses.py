@@ -1,4 +1,5 @@
-"""Contrastive losses against brute-force references (paper Eq. 2, CLIP, multi-positive CLIP)."""
+"""Contrastive losses against brute-force references: paper Eq. 2 on (B, K) scores, and CLIP's
+symmetric loss (a reference kept here, the only user) against the pretraining multi-positive loss."""
 
 import math
 
@@ -6,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ktpipe.losses import clip_loss, info_nce
+from ktpipe.losses import eq2_loss
 from ktpipe.pretrain import group_ids, multi_positive_clip_loss
 
-SCALE = 10.0
+SCALE = 10.0  # logit scale, i.e. 1 / temperature
 
 
 def unit_rows(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -18,6 +19,14 @@ def unit_rows(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return sum(x * y for x, y in zip(a.tolist(), b.tolist()))
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """CLIP's symmetric in-batch loss over aligned (B, D) pairs: the reference that the pretraining
+    loss reduces to when every caption in the batch is distinct."""
+    targets = torch.arange(image_emb.shape[0])
+    logits = logit_scale * image_emb @ text_emb.T  # (B, B)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
 def eq2(images: torch.Tensor, texts: torch.Tensor, targets: list[int]) -> float:
@@ -40,21 +49,21 @@ def soft_ce(queries: torch.Tensor, keys: torch.Tensor, positives: list[list[int]
     return total / len(positives)
 
 
-def test_info_nce_matches_eq2():
+def test_eq2_loss_matches_brute_force():
     images, texts, targets = unit_rows(5, seed=0), unit_rows(3, seed=1), [0, 2, 1, 2, 0]
-    loss = info_nce(images, texts, torch.tensor(targets), SCALE)
+    loss = eq2_loss(images @ texts.T, torch.tensor(targets), 1 / SCALE)
     assert loss.item() == pytest.approx(eq2(images, texts, targets), rel=1e-5)
 
 
-def test_info_nce_accepts_a_tensor_logit_scale():
+def test_eq2_loss_accepts_a_tensor_temperature():
     images, texts, targets = unit_rows(5), unit_rows(3, seed=1), torch.tensor([0, 1, 2, 1, 0])
-    expected = info_nce(images, texts, targets, SCALE)
-    torch.testing.assert_close(info_nce(images, texts, targets, torch.tensor(SCALE)), expected)
+    expected = eq2_loss(images @ texts.T, targets, 1 / SCALE)
+    torch.testing.assert_close(eq2_loss(images @ texts.T, targets, torch.tensor(1 / SCALE)), expected)
 
 
-def test_info_nce_gradient_when_all_images_share_one_caption():
+def test_eq2_loss_gradient_when_all_images_share_one_caption():
     images = unit_rows(4).requires_grad_(True)
-    loss = info_nce(images, unit_rows(3, seed=1), torch.zeros(4, dtype=torch.long), SCALE)
+    loss = eq2_loss(images @ unit_rows(3, seed=1).T, torch.zeros(4, dtype=torch.long), 1 / SCALE)
     loss.backward()
     assert (images.grad.norm(dim=-1) > 1e-4).all()
 

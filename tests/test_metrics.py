@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from ktpipe.captions import ConceptText
-from ktpipe.datasets import Manifest
+from ktpipe.concepts import ConceptText
+from ktpipe.datasets import build_manifest
 from ktpipe.eval.classification import (
-    build_candidates, candidate_classes, description_prompts, metric_key, name_prompts, normalize, score,
+    ZeroShotClassification, build_candidates, candidate_classes, description_prompt, metric_key, name_prompts,
+    normalize, score,
 )
-from ktpipe.eval.metrics import accuracy, per_class_accuracy, topk_predictions
+from ktpipe.eval.metrics import accuracy, per_class_accuracy
 
 CONCEPTS = [
     ConceptText("blicket", "a striped orange ring", role="novel"),
@@ -31,12 +32,6 @@ def test_accuracy_of_empty_set_raises():
 def test_per_class_accuracy_with_absent_class():
     pred, target = torch.tensor([0, 0, 1, 0, 2]), torch.tensor([0, 0, 0, 2, 2])
     assert per_class_accuracy(pred, target, 4) == [pytest.approx(2 / 3), None, 0.5, None]
-
-
-def test_topk_predictions():
-    logits = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]])
-    assert topk_predictions(logits).tolist() == [[1], [0]]
-    assert topk_predictions(logits, k=2).tolist() == [[1, 2], [0, 2]]
 
 
 TEMPLATES = ["a photo of a {}."]
@@ -72,9 +67,9 @@ def test_name_prompts_with_aliases_and_override():
     assert name_prompts(fixed, templates) == ["a wug moon."]
 
 
-def test_description_prompts_end_with_one_period():
-    assert description_prompts(CONCEPTS[0]) == ["a striped orange ring."]
-    assert description_prompts(ConceptText("x", "a red dot.")) == ["a red dot."]
+def test_description_prompt_ends_with_one_period():
+    assert description_prompt(CONCEPTS[0].description) == "a striped orange ring."
+    assert description_prompt("a red dot.") == "a red dot."
 
 
 def test_score_without_per_class_keeps_concept_classes_only():
@@ -99,6 +94,13 @@ def test_normalize_and_metric_key():
 
 
 def test_candidate_classes_append_extra_classes_once():
-    manifest = Manifest("rare", ("moongate", "tonometer"), ("a.png", "b.png"), (0, 1))
+    manifest = build_manifest("rare", ["moongate", "tonometer"], [("a.png", 0), ("b.png", 1)])
     names, label_map = candidate_classes(manifest, ["tench", "Moongate", "goldfish"])
     assert names == ["moongate", "tonometer", "tench", "goldfish"] and label_map == [0, 1]
+
+
+def test_classification_summary_picks_groups_and_novel_concepts():
+    pred, labels = torch.tensor([0, 1, 1, 1, 0]), torch.tensor([0, 0, 1, 1, 2])  # as test_score_groups_and_classes
+    metrics = {"n_images": 5.0, **score(pred, labels, CANDIDATES, "name"), "description_target_acc": 0.25}
+    assert ZeroShotClassification().summary(metrics, CONCEPTS) == {
+        "target": pytest.approx(1 / 3), "retention": 1.0, "description_target": 0.25, "blicket": 0.5, "dax": 0.0}

@@ -1,14 +1,20 @@
-"""Model backends: registry, open_clip loading paths without downloads, tower parameters."""
+"""Model backends: registry, open_clip loading paths without downloads, tower parameters, the
+vision tower's intermediate tokens (VisionFeatures) and the lazy backend imports."""
 import json
+import subprocess
+import sys
 
 import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from ktpipe.models import BACKENDS, ModelLoadError, OpenClipModel, build_demo_model, load_model
+import ktpipe.models.base
+from archs import ARCHS, EMBED_DIMS
+from conftest import STAGE_ENV
+from ktpipe.models import (BACKENDS, EmbedsImages, ModelLoadError, OpenClipModel, VisionFeatures, build_demo_model,
+                           load_model)
 from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
-from archs import EMBED_DIMS
 
 TINY = {
     "embed_dim": 16,
@@ -76,7 +82,7 @@ def test_vit_b32_architecture_shapes_and_towers():
 # ViT-L/14 (428M parameters) takes about 11 s on one thread to build, save, load and run once.
 # The folders come from conftest's session fixture `random_checkpoint` (archs.save_random_checkpoint,
 # built once per session and shared with the preset tests).
-@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-L-14", "biomedclip"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_real_architecture_loads_offline_from_its_folder(arch, random_checkpoint):
     """Random-init real architectures at 224 px: local-dir load, unit embeddings, tower split."""
     folder = random_checkpoint(arch)
@@ -120,6 +126,72 @@ def test_demo_model_preprocess_gives_unit_range_pixels():
 def test_demo_backend_without_checkpoint_says_what_to_run(tmp_path):
     with pytest.raises(ModelLoadError, match="dvc repro pretrain"):
         load_model("demo", "ktpipe-demo", str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_model_load_error_lives_in_base_and_is_exported():
+    assert ModelLoadError is ktpipe.models.base.ModelLoadError
+
+
+def test_importing_ktpipe_models_imports_no_backend():
+    """Capability interfaces stay light: open_clip (seconds to import) loads on first use only."""
+    code = "import sys, ktpipe.models; print(sorted(m for m in ('open_clip', 'timm') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], env=STAGE_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+    from ktpipe.models.openclip import OpenClipModel as backend_class
+
+    assert ktpipe.models.OpenClipModel is backend_class  # resolved on first use (module __getattr__)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        ktpipe.models.Nope
+
+
+# --- VisionFeatures: one block's tokens, read and edited -------------------------------------
+
+
+class Store:
+    """An edit that keeps its input and returns it unchanged."""
+
+    def __init__(self):
+        self.tokens = None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens = tokens
+        return tokens
+
+
+def check_vision_features(model, pixels: torch.Tensor, tokens: int, width: int, layers: list[int]) -> None:
+    """Through each of `layers`: an identity edit reproduces encode_images and sees (B, N, W)
+    tokens; zeroing the tokens changes the embedding. A layer out of range is an error."""
+    assert isinstance(model, VisionFeatures) and isinstance(model, EmbedsImages)
+    model.module.eval()
+    with torch.no_grad():
+        plain = model.encode_images(pixels)  # (B, D)
+        for layer in layers:
+            store = Store()
+            through = model.encode_images_through(pixels, layer, store)
+            torch.testing.assert_close(through, plain)
+            assert store.tokens.shape == (len(pixels), tokens, width)
+            zeroed = model.encode_images_through(pixels, layer, torch.zeros_like)
+            assert zeroed.shape == plain.shape and not torch.allclose(zeroed, plain, atol=1e-3)
+        torch.testing.assert_close(model.encode_images(pixels), plain)  # the hook is gone afterwards
+    for layer in (-1, model.vision_layers):
+        with pytest.raises(ValueError, match=f"vision layer {layer} out of range"):
+            model.encode_images_through(pixels, layer, Store())
+
+
+def test_vision_features_of_a_tiny_vit():
+    torch.manual_seed(0)
+    model = OpenClipModel.from_config({**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": 2}})
+    assert model.vision_layers == 2
+    pixels = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    check_vision_features(model, pixels, tokens=1 + (16 // 8) ** 2, width=32, layers=[0, 1])  # class + 2x2 patches
+
+
+def test_vision_features_of_biomedclip_timm_trunk(random_checkpoint):
+    """BiomedCLIP's vision tower is a timm ViT (`visual.trunk.blocks`), not open_clip's own."""
+    model = OpenClipModel.load(f"local-dir:{random_checkpoint('biomedclip')}")
+    assert model.vision_layers == 12
+    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    check_vision_features(model, pixels, tokens=1 + (224 // 16) ** 2, width=768, layers=[0, 11])  # first, last
 
 
 def _write_config(tmp_path):

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
 from ktpipe.params import FinetuneParams, InvertParams, ParamsError, load_params
 
@@ -23,7 +24,7 @@ def test_repo_params_load():
     params = load_params(REPO_PARAMS)
     assert isinstance(params.lr, float) and params.lr == float(LR_LINE.split()[1])
     assert params.invert.steps == 300 and params.invert.image_size is None
-    assert "blicket" in params.concepts and isinstance(params.concepts, tuple)
+    assert "blicket" in params.concepts.names and isinstance(params.concepts.names, tuple)
     assert set(params.recipes) == {"paper", "full"}
 
 
@@ -124,7 +125,7 @@ GENERATOR_LINE = next(line for line in REPO_PARAMS.read_text().splitlines() if l
         ("full: {rehearsal: true}", "full: {lr_multiplier: 0}", ["recipes.full.lr_multiplier"]),
         ("  scale_max: 1.0", "  scale_max: 1.0\n  progressive_sizes: [64]", ["progressive_sizes"]),
         ("  scale_max: 1.0", "  scale_max: 1.0\n  grad_clip: -1", ["invert.grad_clip"]),
-        (GENERATOR_LINE, "  generator: {max_new_tokens: 10}", ["captions.generator.model"]),
+        (GENERATOR_LINE, "  generator: {max_new_tokens: 10}", ["concepts.generator.model"]),
     ],
 )
 def test_bad_new_keys_are_named(tmp_path, old, new, needles):
@@ -132,3 +133,84 @@ def test_bad_new_keys_are_named(tmp_path, old, new, needles):
         load_params(edited(tmp_path, old, new))
     for needle in needles:
         assert needle in str(err.value)
+
+
+# --- the concepts section (was a top-level list plus a 'captions' section) --------------------
+
+
+def rewritten(tmp_path: Path, change) -> Path:
+    """A copy of the repo's params.yaml whose parsed mapping `change(raw)` edited in place."""
+    raw = YAML(typ="safe", pure=True).load(REPO_PARAMS.read_text())
+    change(raw)
+    path = tmp_path / "params.yaml"
+    with path.open("w") as fh:
+        YAML(typ="safe", pure=True).dump(raw, fh)
+    return path
+
+
+def test_concepts_section_loads():
+    concepts = load_params(REPO_PARAMS).concepts
+    assert concepts.names[:3] == ("blicket", "dax", "wug")
+    assert (concepts.file, concepts.generated, concepts.generator, concepts.truncate) == (
+        "concepts/demo.yaml", "concepts/generated.yaml", None, False)
+
+
+def test_old_captions_section_says_it_was_renamed(tmp_path):
+    def add_captions(raw):
+        raw["captions"] = {"file": "captions/demo.yaml", "generated": "captions/generated.yaml"}
+
+    with pytest.raises(ParamsError, match="'captions' was renamed") as err:
+        load_params(rewritten(tmp_path, add_captions))
+    assert "concepts.names" in str(err.value)
+
+
+@pytest.mark.parametrize("with_captions", [False, True], ids=["list", "old-layout"])
+def test_top_level_concepts_list_says_it_is_now_a_section(tmp_path, with_captions):
+    def old_layout(raw):
+        section = raw.pop("concepts")
+        raw["concepts"] = section.pop("names")
+        if with_captions:
+            raw["captions"] = section
+
+    with pytest.raises(ParamsError, match="'concepts' is now a section") as err:
+        load_params(rewritten(tmp_path, old_layout))
+    assert "names" in str(err.value)
+
+
+def test_concept_listed_twice_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="'concepts.names' lists a concept twice"):
+        load_params(rewritten(tmp_path, lambda raw: raw["concepts"]["names"].append("dax")))
+
+
+# --- evaluate.models and the evaluation sets' tasks ------------------------------------------
+
+MODELS_LINE = next(line for line in REPO_PARAMS.read_text().splitlines() if line.startswith("  models:"))
+
+
+@pytest.mark.parametrize("models", ["[baseline, paper]", "[paper, full]", "[baseline, paper, full, extra]",
+                                    "[baseline, paper, full, full]", "[]"],
+                         ids=["missing-recipe", "missing-baseline", "extra-name", "twice", "empty"])
+def test_evaluate_models_must_list_baseline_and_every_recipe(tmp_path, models):
+    with pytest.raises(ParamsError, match="'evaluate.models' must list 'baseline' and every recipe once") as err:
+        load_params(edited(tmp_path, MODELS_LINE, f"  models: {models}"))
+    assert "['baseline', 'paper', 'full']" in str(err.value)
+
+
+def test_evaluate_models_in_any_order_load(tmp_path):
+    params = load_params(edited(tmp_path, MODELS_LINE, "  models: [full, baseline, paper]"))
+    assert params.evaluate.models == ("full", "baseline", "paper")
+
+
+def test_a_recipe_named_baseline_is_refused(tmp_path):
+    def baseline_recipe(raw):
+        raw["recipes"]["baseline"] = {}
+        raw["evaluate"]["models"].append("baseline")
+
+    with pytest.raises(ParamsError, match=r"'recipes\.baseline'.*before transfer"):
+        load_params(rewritten(tmp_path, baseline_recipe))
+
+
+def test_evaluation_sets_default_to_classification(tmp_path):
+    assert {s.task for s in load_params(REPO_PARAMS).evaluate.sets.values()} == {"classification"}
+    params = load_params(edited(tmp_path, SETS_LINE, "    test: {format: demo, split: test, task: classification}"))
+    assert params.evaluate.sets["test"].task == "classification"

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import ktpipe.finetune
 import ktpipe.losses
 from conftest import REPO
-from ktpipe.captions import ConceptText, finetune_caption, load_captions
+from ktpipe.concepts import ConceptText, finetune_caption, load_concepts_file
 from ktpipe.finetune import choose_concepts, finetune, minmax_png, noise_images
 from ktpipe.models import OpenClipModel
 from ktpipe.params import FinetuneParams, Params, load_params
@@ -80,7 +80,7 @@ def preset_params(preset: str) -> Params:
 
 @functools.lru_cache(maxsize=None)
 def concept_texts(path: str) -> dict[str, ConceptText]:
-    return load_captions(REPO / path)
+    return load_concepts_file(REPO / path)
 
 
 def run_arch(params: Params) -> str:
@@ -89,14 +89,10 @@ def run_arch(params: Params) -> str:
     return STAND_IN.get(arch, arch)
 
 
-def recipe_lr(params: Params, cfg: FinetuneParams) -> float:
-    return params.lr * cfg.lr_multiplier
-
-
 def control_key(preset: str, recipe: str, params: Params, cfg: FinetuneParams) -> tuple:
     """What a loss-times-0 run's result depends on: not the images, captions, loss or temperature."""
     key = (run_arch(params), params.seed, cfg.towers, cfg.visual_layers, cfg.optimizer, cfg.weight_decay,
-           tuple(cfg.betas), cfg.eps, recipe_lr(params, cfg), cfg.kd_weight)
+           tuple(cfg.betas), cfg.eps, params.recipe_lr(recipe), cfg.kd_weight)
     return key + ((preset, recipe) if cfg.kd_weight > 0 else ())
 
 
@@ -115,8 +111,8 @@ CASES = preset_cases()
 
 
 def chosen_concepts(params: Params, cfg: FinetuneParams) -> list[ConceptText]:
-    texts = concept_texts(params.captions.file)
-    return choose_concepts([texts[name] for name in params.concepts], cfg)
+    texts = concept_texts(params.concepts.file)
+    return choose_concepts([texts[name] for name in params.concepts.names], cfg)
 
 
 def synthetic_images(cfg: FinetuneParams, concept: str, size: int) -> torch.Tensor:
@@ -198,9 +194,10 @@ def control_run(net: Net, key: tuple, pixels, labels, captions, cfg, lr, seed, r
     net.control = None
     assert ktpipe.finetune.FINETUNE_LOSSES is ktpipe.losses.FINETUNE_LOSSES  # finetune sees the patch
     original = ktpipe.losses.FINETUNE_LOSSES[cfg.loss]
+    zeroed = dataclasses.replace(original, loss=lambda *args: 0 * original.loss(*args))  # same needs
     net.restore()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(ktpipe.losses.FINETUNE_LOSSES, cfg.loss, lambda *args: 0 * original(*args))
+        patch.setitem(ktpipe.losses.FINETUNE_LOSSES, cfg.loss, zeroed)
         log = finetune(net.model, pixels, labels, captions, cfg, lr, seed=seed, progress=False, recipe=recipe)
     assert log[0]["loss"] == 0  # the patched objective ran
     trained = trainable_named(net.model, cfg)
@@ -226,7 +223,7 @@ def test_one_step_of_preset_recipe_learns(preset, recipe, nets):
     pixels = torch.cat([synthetic_images(cfg, c.name, model.image_size) for c in concepts])
     labels = torch.arange(len(concepts)).repeat_interleave(IMAGES_PER_CONCEPT)
     step_cfg = dataclasses.replace(cfg, epochs=1, batch_size=len(pixels))  # one step over every image
-    lr = recipe_lr(params, cfg)
+    lr = params.recipe_lr(recipe)
     run = dict(pixels=pixels, labels=labels, captions=captions, cfg=step_cfg, lr=lr, seed=params.seed, recipe=recipe)
 
     # A step runs once per distinct input (module docstring); identical recipes reuse its figures.
@@ -286,7 +283,7 @@ def test_eq2_on_a_one_concept_recipe_is_refused(preset, recipe, tiny_checkpoint)
     pixels = synthetic_images(cfg, concepts[0].name, model.image_size)
     labels = torch.zeros(len(pixels), dtype=torch.long)
     with pytest.raises(ValueError, match=re.escape(f"recipe {recipe!r}")) as error:
-        finetune(model, pixels, labels, captions, cfg, recipe_lr(params, cfg), progress=False, recipe=recipe)
+        finetune(model, pixels, labels, captions, cfg, params.recipe_lr(recipe), progress=False, recipe=recipe)
     assert "eq2" in str(error.value)
     after = model.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # refused before any step

@@ -6,16 +6,20 @@ The short runs shrink what only repeats work (one concept, one recipe, 2 inverte
 2 inversion steps, 3 ImageNet classes, the first prompt template of each set) and keep
 everything else as the preset has it.
 
-Stand-in: a random-init ViT-L-14 (428M parameters) costs over a minute per run on the test
-machine's one thread (build, save, five loads, a 1.7 GB fine-tuned save), so ViT-L-14 runs at
-its real size once, in table3_vit_l14, and table1_vit_l14 runs its own preset config (lr,
-recipes, concepts, sets, templates, report) on the random-init ViT-B-32 that the ViT-B-32 presets
-use (`STAND_IN`: the same CLIP ViT family at the same 224 px input, as tests/test_preset_learning.py
-does for both ViT-L-14 presets). tests/test_models.py also loads and runs ViT-L-14 at 224 px.
-Checkpoints come from conftest's session fixture `random_checkpoint`, built once per architecture.
+Stand-in: a random-init ViT-L-14 (428M parameters) costs about 100 s per run on the test
+machine's one thread (build, save, five loads, a 1.7 GB fine-tuned save), so both ViT-L-14
+presets run their own preset config (lr, recipes, concepts, sets, templates, report) on the
+random-init ViT-B-32 that the ViT-B-32 presets use (`STAND_IN`: the same CLIP ViT family at the
+same 224 px input, as tests/test_preset_learning.py does). ViT-L-14 itself is built, saved,
+loaded offline and run at 224 px in tests/test_models.py.
+Checkpoints come from conftest's session fixture `random_checkpoint`, built once per architecture,
+and each checkpoint folder is loaded through the open_clip backend once per module (`load_once`):
+later loads of the same folder get a copy, as a fresh load would give (loading itself is
+tested in tests/test_models.py and tests/test_export.py).
 """
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -26,11 +30,14 @@ from PIL import Image
 from ruamel.yaml import YAML
 from safetensors.torch import load_file
 
+from archs import ARCHS
 from conftest import REPO, deep_merge
+from ktpipe import models
 from ktpipe.base_model import run_base_model
-from ktpipe.captions import load_captions, run_captions
+from ktpipe.concepts import load_concepts_file
+from ktpipe.datasets import run_data
+from ktpipe.describe import run_concepts
 from ktpipe.eval import run_evaluate
-from ktpipe.evalsets import run_data
 from ktpipe.finetune import run_finetune
 from ktpipe.invert import run_invert
 from ktpipe.params import load_params
@@ -39,7 +46,7 @@ from ktpipe.templates import load_templates
 
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 ARCH = {"ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "biomedclip"}
-STAND_IN = {"table1_vit_l14": "ViT-B-32"}  # preset -> the architecture it runs on here (docstring)
+STAND_IN = {"table1_vit_l14": "ViT-B-32", "table3_vit_l14": "ViT-B-32"}  # preset -> the architecture it runs on here (docstring)
 CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
 
@@ -57,8 +64,9 @@ def test_preset_validates_and_its_references_exist(name, monkeypatch):
     monkeypatch.chdir(REPO)
     params = load_params(REPO / "presets" / f"{name}.yaml")
     assert params.model.backend == "open_clip" and params.model.name in ARCH
-    captions = load_captions(REPO / params.captions.file)
-    assert set(params.concepts) <= set(captions)
+    described = load_concepts_file(REPO / params.concepts.file)
+    assert set(params.concepts.names) <= set(described)
+    assert list(params.evaluate.models) == ["baseline", *params.recipes]
     assert params.invert.steps == 5000 and params.invert.tv_weight == 0.005 and params.invert.samples == 10
     for recipe in params.recipes:
         cfg = params.recipe(recipe)
@@ -70,11 +78,13 @@ def test_preset_validates_and_its_references_exist(name, monkeypatch):
         assert not load_paper_results(params.report.paper).empty
 
 
-def test_every_preset_architecture_runs_at_real_size_in_some_preset():
-    """The stand-ins (module docstring) leave every architecture a preset names a real-size run."""
+def test_every_preset_architecture_runs_at_real_size():
+    """The stand-ins (module docstring) leave every architecture a preset names a real-size run:
+    a preset's stage chain, or tests/test_models.py's load-and-run of each of `archs.ARCHS`."""
     named = {ARCH[read_preset(name)["model"]["name"]] for name in PRESETS}
-    run = {STAND_IN.get(name, ARCH[read_preset(name)["model"]["name"]]) for name in PRESETS}
-    assert named == run and set(STAND_IN) <= set(PRESETS)
+    chained = {STAND_IN.get(name, ARCH[read_preset(name)["model"]["name"]]) for name in PRESETS}
+    assert named <= chained | set(ARCHS) and set(STAND_IN) <= set(PRESETS)
+    assert set(STAND_IN.values()) <= chained  # a stand-in is an architecture some preset runs as itself
 
 
 # --- generated datasets in the presets' layouts ----------------------------------------------
@@ -109,6 +119,25 @@ def write_datasets(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def loaded() -> dict:
+    """(name, pretrained) -> the model the open_clip backend loaded, for this module."""
+    return {}
+
+
+@pytest.fixture
+def load_once(loaded, monkeypatch):
+    """The open_clip backend, loading each (name, pretrained) once per module and handing out copies."""
+    load = models.BACKENDS["open_clip"]
+
+    def load_copy(name: str, pretrained: str | None, device: str):
+        if (name, pretrained) not in loaded:
+            loaded[name, pretrained] = load(name, pretrained, device)
+        return copy.deepcopy(loaded[name, pretrained])
+
+    monkeypatch.setitem(models.BACKENDS, "open_clip", load_copy)
+
+
+@pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> Path:
     return write_datasets(tmp_path_factory.mktemp("datasets"))
 
@@ -123,7 +152,7 @@ def first_template(name: str, folder: Path) -> str:
 def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
     """The preset with only repeated work cut down (see the module docstring)."""
     recipe, overrides = next(iter(preset["recipes"].items()))
-    concepts = list(overrides.get("concepts") or preset["concepts"][:1])
+    concepts = list(overrides.get("concepts") or preset["concepts"]["names"][:1])
     default = preset["evaluate"]["templates"]
     sets = {}
     for name, spec in preset["evaluate"]["sets"].items():
@@ -131,11 +160,11 @@ def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
         if spec["format"] == "imagenet":
             sets[name]["classes"] = ["tench", "goldfish", "great white shark"]
     out = deep_merge(preset, {
-        "concepts": concepts,
+        "concepts": {"names": concepts},
         "model": {"name": f"local-dir:{checkpoint}", "pretrained": None, "device": "cpu"},
         "invert": {"steps": 2, "samples": 2, "progressive_sizes": [64], "progressive_steps": [1]},
         "finetune": {"epochs": 1},
-        "evaluate": {"batch_size": 8, "workers": 0, "sets": sets},
+        "evaluate": {"batch_size": 8, "workers": 0, "sets": sets, "models": ["baseline", recipe]},
     })
     out["recipes"] = {recipe: overrides}  # replaced, not merged: the others name other concepts
     return out
@@ -143,13 +172,13 @@ def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint, tmp_path, monkeypatch):
+def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint, load_once, tmp_path, monkeypatch):
     preset = read_preset(name)
     arch = STAND_IN.get(name, ARCH[preset["model"]["name"]])
     if name in STAND_IN:  # a stand-in only replaces ViT-L-14 by its smaller ViT sibling
         assert (ARCH[preset["model"]["name"]], arch) == ("ViT-L-14", "ViT-B-32")
     project = tmp_path / "project"
-    shutil.copytree(REPO / "captions", project / "captions")
+    shutil.copytree(REPO / "concepts", project / "concepts")
     with (project / "params.yaml").open("w") as fh:
         YAML(typ="safe", pure=True).dump(shrink(preset, random_checkpoint(arch), project), fh)
     monkeypatch.chdir(project)
@@ -159,24 +188,24 @@ def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint,
 
     sets = run_data(params, Path("data/eval"))
     assert set(sets) == set(params.evaluate.sets) and all(s["n_images"] > 0 for s in sets.values())
-    assert run_base_model(params, Path("models/base"), Path("metrics/base_model.json"))["image_size"] == 224
-    run_captions(Path(params.captions.file), Path(params.captions.generated), params.concepts, Path("data/captions"),
-                 params.captions.generator)
-    for concept in params.concepts:
-        meta = run_invert(params, Path(f"data/captions/{concept}.json"), Path(f"data/inverted/{concept}"))
+    assert run_base_model(params, Path("models/baseline"), Path("metrics/base_model.json"))["image_size"] == 224
+    run_concepts(Path(params.concepts.file), Path(params.concepts.generated), params.concepts, Path("data/concepts"))
+    for concept in params.concepts.names:
+        meta = run_invert(params, Path(f"data/concepts/{concept}.json"), Path(f"data/inverted/{concept}"))
         assert meta["concept"] == concept
         pixels = load_file(f"data/inverted/{concept}/images.safetensors")["pixels"]
         assert pixels.shape == (2, 3, 224, 224) and 0 <= pixels.min() and pixels.max() <= 1
-    summary = run_finetune(params, recipe, Path("data/captions"), Path("data/inverted"),
-                           Path(f"models/finetuned/{recipe}"), Path(f"metrics/finetune/{recipe}.json"))
-    assert summary["n_images"] == 2 * len(params.recipe(recipe).concepts or params.concepts)
+    summary = run_finetune(params, recipe, Path("data/concepts"), Path("data/inverted"),
+                           Path(f"models/{recipe}"), Path(f"metrics/finetune/{recipe}.json"))
+    assert summary["n_images"] == 2 * len(params.recipe(recipe).concepts or params.concepts.names)
     assert summary["lr"] == pytest.approx(params.lr * params.recipe(recipe).lr_multiplier)
-    for tag, checkpoint in (("baseline", None), (recipe, Path(f"models/finetuned/{recipe}"))):
-        metrics = run_evaluate(params, tag, checkpoint, Path("data/eval"), Path("data/captions"),
-                               Path(f"metrics/eval/{tag}.json"))
+    for model in params.evaluate.models:
+        result = run_evaluate(params, model, Path(f"models/{model}"), Path("data/eval"), Path("data/concepts"),
+                              Path(f"metrics/eval/{model}.json"))
+        assert result["tasks"] == {set_name: "classification" for set_name in params.evaluate.sets}
         for set_name in params.evaluate.sets:
-            assert 0 <= metrics[f"{set_name}_name_overall_acc"] <= 1
-    report = run_report(params, Path("metrics/eval"), Path("data/captions"), Path("data/inverted"), Path("reports"))
+            assert 0 <= result["metrics"][set_name]["classification"]["name_overall_acc"] <= 1
+    report = run_report(params, Path("metrics/eval"), Path("data/concepts"), Path("data/inverted"), Path("reports"))
     head = report["headline"][recipe]
     assert head["target"] is not None and head["retention"] is not None
     if params.report.paper:

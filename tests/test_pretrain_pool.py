@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ktpipe.pretrain as pretrain_module
-from conftest import DEMO_CAPTIONS
-from ktpipe.captions import load_captions, world_concepts
+from conftest import DEMO_CONCEPTS_FILE
+from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.params import PretrainParams
 from ktpipe.pretrain import build_pool, image_batch, pretrain
 from ktpipe.templates import load_templates
@@ -20,7 +20,7 @@ CFG = PretrainParams(batch_size=20, pool_size=40, concept_fraction=0.3, definiti
 
 @pytest.fixture(scope="module")
 def world():
-    return load_world(concepts=world_concepts(load_captions(DEMO_CAPTIONS)))
+    return load_world(concepts=world_concepts(load_concepts_file(DEMO_CONCEPTS_FILE)))
 
 
 def test_pool_splits_like_a_batch_and_keeps_novel_combinations_out(world):

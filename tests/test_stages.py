@@ -1,12 +1,12 @@
-"""Smoke test of every stage script, run as `dvc repro` runs it, on a tiny random-init CLIP.
+"""Smoke test of every stage command, run as `dvc repro` runs it, on a tiny random-init CLIP.
 
 The pipeline runs once per module (fixture `pipeline`); each test checks one stage's outputs.
-Each stage script the pipeline uses runs once as a subprocess (captions, data, invert@blicket,
-finetune@paper, evaluate@paper, report); their second runs (invert@lantern, finetune@full,
-evaluate_baseline) and the base_model tests run the script in-process through its own `__main__`
-(conftest `run_stage_here`: the same code path and result minus the 5-10 s interpreter
-start-up), and the 9 inversions no test looks at directly run in-process through the same library
-call. tests/test_dvc_e2e.py runs every stage, base_model included, as a subprocess under `dvc repro`.
+The concepts stage runs as a subprocess (`python -m ktpipe concepts ...`, as dvc.yaml runs it);
+every other stage command runs in-process through the `ktpipe` click group (conftest
+`run_stage_here`: the same code path and result minus the 5-8 s interpreter start-up that each
+subprocess pays), evaluate@full through click's CliRunner, and the 9 inversions no test looks at
+directly through the same library call. tests/test_dvc_e2e.py runs every stage command as a
+subprocess under `dvc repro`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from ktpipe.invert import run_invert
 from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
 from ktpipe.params import load_params
 
-STAGE_INVERTED = ["blicket", "lantern"]  # one novel, one known concept through the stage script
+STAGE_INVERTED = ["blicket", "lantern"]  # one novel, one known concept through the stage command
 SAMPLES, SIZE = 2, 16
 
 
@@ -38,49 +38,46 @@ def check(result) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
-    """Run data -> captions -> invert -> finetune -> evaluate -> report in one tiny project."""
+    """Run concepts -> data -> invert -> finetune -> evaluate -> report in one tiny project."""
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_checkpoint)
     runs = {}
-    runs["captions"] = run_stage(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions",
+    runs["concepts"] = run_stage(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
                                  "data/world.json")
-    check(runs["captions"])
-    runs["data"] = run_stage(project, "data", "data/world.json", "data/eval")
+    check(runs["concepts"])
+    runs["data"] = run_stage_here(project, "data", "data/world.json", "data/eval")
     check(runs["data"])
     for name in STAGE_INVERTED:
-        run = run_stage if name == STAGE_INVERTED[0] else run_stage_here  # see the module docstring
-        runs[f"invert@{name}"] = run(project, "invert", f"data/captions/{name}.json", f"data/inverted/{name}",
-                                     f"metrics/invert/{name}.json")
+        runs[f"invert@{name}"] = run_stage_here(project, "invert", f"data/concepts/{name}.json",
+                                                f"data/inverted/{name}", "--timing", f"metrics/invert/{name}.json")
         check(runs[f"invert@{name}"])
     params = load_params(project / "params.yaml")
     for name in DEMO_CONCEPTS:
         if name not in STAGE_INVERTED:
-            run_invert(params, project / "data/captions" / f"{name}.json", project / "data/inverted" / name)
+            run_invert(params, project / "data/concepts" / f"{name}.json", project / "data/inverted" / name)
     for recipe in ("paper", "full"):
-        run = run_stage if recipe == "paper" else run_stage_here
-        runs[f"finetune@{recipe}"] = run(
-            project, "finetune", recipe, "data/captions", "data/inverted",
-            f"models/finetuned/{recipe}", f"metrics/finetune/{recipe}.json",
+        runs[f"finetune@{recipe}"] = run_stage_here(
+            project, "finetune", recipe, "data/concepts", "data/inverted",
+            f"models/{recipe}", f"metrics/finetune/{recipe}.json",
         )
         check(runs[f"finetune@{recipe}"])
-    runs["evaluate_baseline"] = run_stage_here(
-        project, "evaluate", "baseline", "base", "data/eval", "data/captions", "metrics/eval/baseline.json")
-    check(runs["evaluate_baseline"])
-    runs["evaluate@paper"] = run_stage(
-        project, "evaluate", "paper", "models/finetuned/paper", "data/eval", "data/captions",
-        "metrics/eval/paper.json",
+    runs["evaluate@baseline"] = run_stage_here(
+        project, "evaluate", "baseline", "models/baseline", "data/eval", "data/concepts", "metrics/eval/baseline.json")
+    check(runs["evaluate@baseline"])
+    runs["evaluate@paper"] = run_stage_here(
+        project, "evaluate", "paper", "models/paper", "data/eval", "data/concepts", "metrics/eval/paper.json",
     )
     check(runs["evaluate@paper"])
-    # evaluate@full through the click CLI in-process (same library call, no interpreter start-up)
+    # evaluate@full through click's CliRunner from another working directory (absolute paths)
     runs["cli_evaluate@full"] = CliRunner().invoke(cli, [
-        "evaluate", "--params", str(project / "params.yaml"), "--checkpoint", str(project / "models/finetuned/full"),
-        str(project / "data/eval"), str(project / "data/captions"), str(project / "metrics/eval/full.json"),
+        "evaluate", "--params", str(project / "params.yaml"), "full", str(project / "models/full"),
+        str(project / "data/eval"), str(project / "data/concepts"), str(project / "metrics/eval/full.json"),
     ])
-    runs["report"] = run_stage(project, "report", "metrics/eval", "data/captions", "data/inverted", "reports")
+    runs["report"] = run_stage_here(project, "report", "metrics/eval", "data/concepts", "data/inverted", "reports")
     check(runs["report"])
     return {"project": project, "runs": runs, "checkpoint": tiny_checkpoint}
 
 
-# --- world, captions, invert ----------------------------------------------------------------
+# --- world, concepts, invert ----------------------------------------------------------------
 
 
 def test_data_renders_demo_sets_and_writes_manifests(pipeline):
@@ -98,8 +95,8 @@ def test_data_renders_demo_sets_and_writes_manifests(pipeline):
                 assert image.size == (SIZE, SIZE)
 
 
-def test_captions_writes_one_json_per_concept(pipeline):
-    folder = pipeline["project"] / "data/captions"
+def test_concepts_writes_one_json_per_concept(pipeline):
+    folder = pipeline["project"] / "data/concepts"
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.json" for n in DEMO_CONCEPTS)
     world = json.loads((pipeline["project"] / "data/world.json").read_text())
     assert world["blicket"] == {"shape": "ring", "color": "orange", "fill": "striped", "role": "novel"}
@@ -135,7 +132,7 @@ def test_invert_writes_images_grid_and_summary(pipeline, name):
 
 @pytest.mark.parametrize("recipe", ["paper", "full"])
 def test_finetune_checkpoint_loads_in_plain_open_clip(pipeline, recipe):
-    folder = pipeline["project"] / "models/finetuned" / recipe
+    folder = pipeline["project"] / "models" / recipe
     assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     saved = load_file(str(folder / WEIGHTS_FILE))
@@ -175,7 +172,7 @@ def changed_by_tower(base: Path, tuned: Path) -> dict[str, set[str]]:
 
 
 def test_finetune_stage_default_trains_only_the_visual_tower(pipeline):
-    changed = changed_by_tower(pipeline["checkpoint"], pipeline["project"] / "models/finetuned/paper")
+    changed = changed_by_tower(pipeline["checkpoint"], pipeline["project"] / "models/paper")
     assert changed["visual"] and not changed["text"] and not changed["other"]
 
 
@@ -185,7 +182,7 @@ def test_finetune_towers_freezes_the_other_tower_bit_exactly(pipeline, tmp_path,
     params = load_params(project / "params.yaml")
     params = dataclasses.replace(params, finetune=dataclasses.replace(params.finetune, towers=towers))
     out = tmp_path / "tuned"
-    run_finetune(params, "paper", project / "data/captions", project / "data/inverted", out, tmp_path / "log.json")
+    run_finetune(params, "paper", project / "data/concepts", project / "data/inverted", out, tmp_path / "log.json")
     changed = changed_by_tower(pipeline["checkpoint"], out)
     base = load_file(str(pipeline["checkpoint"] / WEIGHTS_FILE))
     trained_keys = {k for k in base if tower_of(k) == trained}
@@ -197,33 +194,42 @@ def test_finetune_towers_freezes_the_other_tower_bit_exactly(pipeline, tmp_path,
 # --- evaluate and report --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tag", ["baseline", "paper", "full"])
-def test_evaluate_writes_the_shared_schema(pipeline, tag):
-    record = json.loads((pipeline["project"] / "metrics/eval" / f"{tag}.json").read_text())
-    assert list(record) == ["task", "dataset", "model", "params", "metrics"]
-    assert record["task"] == "zeroshot_classification" and record["model"] == tag
-    metrics = record["metrics"]
+@pytest.mark.parametrize("model", ["baseline", "paper", "full"])
+def test_evaluate_writes_the_shared_schema(pipeline, model):
+    record = json.loads((pipeline["project"] / "metrics/eval" / f"{model}.json").read_text())
+    assert list(record) == ["model", "checkpoint", "params", "tasks", "metrics", "summary", "unevaluated"]
+    assert record["model"] == model and set(record["params"]) == {"evaluate", "model"}
+    assert record["tasks"] == {"val": "classification", "test": "classification"}
+    assert record["unevaluated"] == []
     for split in ("val", "test"):
-        assert metrics[f"{split}_n_images"] == 2 * len(DEMO_CONCEPTS)
+        assert list(record["metrics"][split]) == ["classification"]
+        metrics = record["metrics"][split]["classification"]
+        assert metrics["n_images"] == 2 * len(DEMO_CONCEPTS)
         for key in ("name_target_acc", "name_retention_acc", "description_target_acc", "name_class_blicket_acc"):
-            assert 0.0 <= metrics[f"{split}_{key}"] <= 1.0
+            assert 0.0 <= metrics[key] <= 1.0
+        summary = record["summary"][split]["classification"]
+        assert summary["target"] == metrics["name_target_acc"]
+        assert summary["retention"] == metrics["name_retention_acc"]
+        assert summary["description_target"] == metrics["description_target_acc"]
+        assert {name: summary[name] for name in NOVEL} == {n: metrics[f"name_class_{n}_acc"] for n in NOVEL}
     # with 2 images per class every accuracy is a multiple of 1/2 per class
-    assert metrics["test_name_class_blicket_acc"] in (0.0, 0.5, 1.0)
+    assert record["metrics"]["test"]["classification"]["name_class_blicket_acc"] in (0.0, 0.5, 1.0)
 
 
 def test_evaluate_records_the_checkpoint(pipeline):
     project = pipeline["project"]
     paper = json.loads((project / "metrics/eval/paper.json").read_text())
-    assert paper["params"]["checkpoint"] == "models/finetuned/paper"
-    assert "paper on test: target" in pipeline["runs"]["evaluate@paper"].stdout
+    assert paper["checkpoint"] == "models/paper"
+    assert json.loads((project / "metrics/eval/baseline.json").read_text())["checkpoint"] is None  # params `model`
+    assert "paper on test (classification): target" in pipeline["runs"]["evaluate@paper"].stdout
 
 
 def test_cli_evaluate_matches_the_stage_schema(pipeline):
     result = pipeline["runs"]["cli_evaluate@full"]
     assert result.exit_code == 0, result.output
-    assert "test_name_target_acc:" in result.output
+    assert "full on test (classification): target" in result.output
     record = json.loads((pipeline["project"] / "metrics/eval/full.json").read_text())
-    assert record["model"] == "full"  # the CLI's default tag is the checkpoint folder's name
+    assert record["model"] == "full" and record["checkpoint"] == str(pipeline["project"] / "models/full")
 
 
 def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
@@ -236,12 +242,16 @@ def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
     assert markdown.count("| lantern | retention |") == 2
     assert "## Headline (target on `test`, retention on `test`)" in markdown
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert 0.0 <= metrics["test"]["full"]["target"] <= 1.0
+    assert set(metrics) == {"lr", "headline", "val", "test"}
+    assert set(metrics["test"]) == {"classification"}
+    assert set(metrics["test"]["classification"]) == {"baseline", "paper", "full"}
+    assert 0.0 <= metrics["test"]["classification"]["full"]["target"] <= 1.0
     assert metrics["lr"] == pytest.approx(1e-4)
     evaluated = json.loads((pipeline["project"] / "metrics/eval/full.json").read_text())["metrics"]
-    assert metrics["test"]["full"]["target"] == evaluated["test_name_target_acc"]
-    assert metrics["headline"]["full"]["target"] == evaluated["test_name_target_acc"]
-    assert metrics["headline"]["full"]["retention"] == evaluated["test_name_retention_acc"]
+    evaluated = evaluated["test"]["classification"]
+    assert metrics["test"]["classification"]["full"]["target"] == evaluated["name_target_acc"]
+    assert metrics["headline"]["full"]["target"] == evaluated["name_target_acc"]
+    assert metrics["headline"]["full"]["retention"] == evaluated["name_retention_acc"]
     curve = json.loads((reports / "lr_curve.json").read_text())
     assert isinstance(curve, list) and len(curve) == 1 and curve[0]["lr"] == pytest.approx(1e-4)
     assert set(curve[0]) >= {"paper_val_target", "full_val_retention"}
@@ -254,8 +264,8 @@ def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
 
 
 def test_base_model_stage_records_a_real_backend_model(tiny_project, tiny_checkpoint):
-    check(run_stage_here(tiny_project, "base_model", "data/world.json", "models/base", "metrics/base_model.json"))
-    record = json.loads((tiny_project / "models/base/model.json").read_text())
+    check(run_stage_here(tiny_project, "base_model", "data/world.json", "models/baseline", "metrics/base_model.json"))
+    record = json.loads((tiny_project / "models/baseline/model.json").read_text())
     assert record["backend"] == "open_clip" and record["name"] == f"local-dir:{tiny_checkpoint}"
     assert record["image_size"] == SIZE and record["kind"] == "dual_encoder"
     assert record["n_parameters"] == sum(v.numel() for v in load_file(str(tiny_checkpoint / WEIGHTS_FILE)).values())
@@ -272,7 +282,7 @@ def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
         pretrain={"steps": 2, "batch_size": 16, "name_batch": 8},
         world={"image_size": 32},
     )
-    check(run_stage_here(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/captions",
+    check(run_stage_here(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
                          "data/world.json"))
     check(run_stage_here(project, "base_model", "data/world.json", out, "metrics/pretrain.json"))
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
@@ -290,7 +300,7 @@ def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
 
 # --- command line ---------------------------------------------------------------------------
 
-COMMANDS = ["data", "base_model", "captions", "invert", "finetune", "evaluate", "report"]
+COMMANDS = ["data", "base_model", "concepts", "invert", "finetune", "evaluate", "report"]
 
 
 def test_cli_lists_every_command():
@@ -307,34 +317,36 @@ def test_cli_command_help(command):
     assert f"Usage: main {command}" in result.output and "--params" in result.output
 
 
-def test_cli_captions_writes_concept_files(tiny_project):
+def concepts_command(project: Path, out: Path) -> list[str]:
+    """`ktpipe concepts` on the project's files with absolute paths (CliRunner keeps the cwd)."""
+    return ["concepts", "--params", str(project / "params.yaml"), str(project / "concepts/demo.yaml"),
+            str(project / "concepts/generated.yaml"), str(out), str(project / "world.json")]
+
+
+def test_cli_concepts_writes_concept_files(tiny_project):
     out = tiny_project / "out"
-    result = CliRunner().invoke(cli, [
-        "captions", "--params", str(tiny_project / "params.yaml"), "--world", str(tiny_project / "world.json"),
-        str(tiny_project / "captions/demo.yaml"), str(out),
-    ])
+    result = CliRunner().invoke(cli, concepts_command(tiny_project, out))
     assert result.exit_code == 0, result.output
-    assert f"wrote {len(DEMO_CONCEPTS)} concept files" in result.output
+    assert f"wrote {len(DEMO_CONCEPTS)} concept descriptions to {out}" in result.output
     assert sorted(p.stem for p in out.iterdir()) == sorted(DEMO_CONCEPTS)
     assert json.loads((out / "dax.json").read_text())["description"] == "an outlined pink triangle"
 
 
 def test_cli_user_error_exits_2_with_one_line(tiny_project):
-    write_params(tiny_project, concepts=["blicket", "moongate"])
+    write_params(tiny_project, concepts={"names": ["blicket", "moongate"]})
     out = tiny_project / "out"
-    result = CliRunner().invoke(cli, [
-        "captions", "--params", str(tiny_project / "params.yaml"), "--world", str(tiny_project / "world.json"),
-        str(tiny_project / "captions/demo.yaml"), str(out),
-    ])
+    result = CliRunner().invoke(cli, concepts_command(tiny_project, out))
     assert result.exit_code == 2
     assert "moongate" in result.output and "Traceback" not in result.output
+    assert result.output.startswith("ktpipe: error: ") and result.output.count("\n") == 1
     assert not out.exists()
 
 
 def test_cli_finetune_rejects_non_positive_lr(tiny_project):
     result = CliRunner().invoke(cli, [
-        "finetune", "--params", str(tiny_project / "params.yaml"), "--recipe", "paper", "--lr", "0",
-        "captions", "inverted", str(tiny_project / "out"),
+        "finetune", "--params", str(tiny_project / "params.yaml"), "--lr", "0", "paper",
+        str(tiny_project / "concepts"), str(tiny_project / "inverted"), str(tiny_project / "out"),
+        str(tiny_project / "log.json"),
     ])
     assert result.exit_code == 2 and "--lr must be a finite positive number" in result.output
-    assert not (tiny_project / "out").exists()
+    assert not (tiny_project / "out").exists() and not (tiny_project / "log.json").exists()

@@ -3,8 +3,6 @@ refusal, distillation, non-finite params and losses, inversion options and min-m
 from __future__ import annotations
 
 import math
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +12,26 @@ import torch.nn.functional as F
 from PIL import Image
 from ruamel.yaml import YAML
 
-from conftest import DEMO_CONCEPTS, NOVEL, STAGES, deep_merge, make_project, tiny_params
-from ktpipe.captions import run_captions
-from ktpipe.errors import NonFiniteError
-from ktpipe.finetune import finetune, minmax_png, run_finetune
+from conftest import DEMO_CONCEPTS, NOVEL, deep_merge, make_project, run_stage_here, tiny_params
+from ktpipe.describe import run_concepts
+from ktpipe.errors import KtpipeError, NonFiniteError
+from ktpipe.finetune import check_capabilities, finetune, minmax_png, run_finetune
+from ktpipe.images import save_inversion
 from ktpipe.invert import (
     inversion_choices,
     inversion_loss,
     invert_text,
     random_affine,
-    save_inversion,
     to_model_size,
 )
-from ktpipe.losses import authors_loss, distillation_loss, eq2_loss
+from ktpipe.losses import authors_infonce, distillation_loss, eq2_loss
 from ktpipe.models import OpenClipModel
-from ktpipe.params import FinetuneParams, InvertParams, ParamsError, load_params
+from ktpipe.params import ConceptsParams, FinetuneParams, InvertParams, ParamsError, load_params
 
 TEXT = "a striped orange ring"
 CAPTIONS = ["A blicket is a striped orange ring.", "A wug is a solid purple crescent."]
 SAMPLES, SIZE = 2, 16  # inverted images per concept, tiny model's input side
-FINETUNE_ARGS = ("paper", "data/captions", "data/inverted", "models/finetuned/paper", "metrics/finetune/paper.json")
+FINETUNE_ARGS = ("paper", "data/concepts", "data/inverted", "models/paper", "metrics/finetune/paper.json")
 
 
 def unit_rows(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -97,24 +95,24 @@ def authors_reference(image_emb: torch.Tensor, text_emb: torch.Tensor, targets: 
 @pytest.mark.parametrize("temperature", [0.07, 0.5])
 @pytest.mark.parametrize("targets", [[0], [1, 0], [2, 0, 1], [0, 2, 1, 2, 0], [1, 1, 0, 2, 2, 0, 1]],
                          ids=lambda t: f"B{len(t)}")
-def test_authors_loss_matches_brute_force(targets, temperature):
+def test_authors_infonce_matches_brute_force(targets, temperature):
     image_emb, text_emb = unit_rows(len(targets), seed=len(targets)), unit_rows(3, seed=100)
-    loss = authors_loss(image_emb, text_emb, torch.tensor(targets), temperature)
+    loss = authors_infonce(image_emb, text_emb[targets], temperature)  # each image's own caption row
     assert loss.item() == pytest.approx(authors_reference(image_emb, text_emb, targets, temperature), rel=1e-9, abs=1e-12)
 
 
-def test_authors_loss_accepts_a_tensor_temperature():
-    image_emb, text_emb, targets = unit_rows(4), unit_rows(2, seed=1), torch.tensor([0, 1, 1, 0])
-    torch.testing.assert_close(authors_loss(image_emb, text_emb, targets, torch.tensor(0.2, dtype=torch.float64)),
-                               authors_loss(image_emb, text_emb, targets, 0.2))
+def test_authors_infonce_accepts_a_tensor_temperature():
+    image_emb, caption_emb = unit_rows(4), unit_rows(2, seed=1)[[0, 1, 1, 0]]
+    torch.testing.assert_close(authors_infonce(image_emb, caption_emb, torch.tensor(0.2, dtype=torch.float64)),
+                               authors_infonce(image_emb, caption_emb, 0.2))
 
 
 @pytest.mark.parametrize("temperature", [0.07, 0.5])
-def test_authors_loss_on_one_concept_still_has_a_gradient(temperature):
+def test_authors_infonce_on_one_concept_still_has_a_gradient(temperature):
     """All images share one caption: Eq. 2 would give 0, here the images still repel each other."""
     image_emb = unit_rows(4, seed=3).requires_grad_(True)
     text_emb, targets = unit_rows(1, seed=4), [0, 0, 0, 0]
-    loss = authors_loss(image_emb, text_emb, torch.tensor(targets), temperature)
+    loss = authors_infonce(image_emb, text_emb[targets], temperature)
     assert loss.item() > 0.1
     assert loss.item() == pytest.approx(authors_reference(image_emb.detach(), text_emb, targets, temperature), rel=1e-9)
     loss.backward()
@@ -126,13 +124,13 @@ def test_authors_loss_on_one_concept_still_has_a_gradient(temperature):
 
 def test_eq2_loss_with_one_caption_is_zero_with_zero_gradient():
     image_emb = unit_rows(4, seed=5).requires_grad_(True)
-    loss = eq2_loss(image_emb, unit_rows(1, seed=6), torch.zeros(4, dtype=torch.long), 0.07)
+    loss = eq2_loss(image_emb @ unit_rows(1, seed=6).T, torch.zeros(4, dtype=torch.long), 0.07)  # (4, 1) scores
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(image_emb.grad, torch.zeros_like(image_emb))
     # ... while two captions do give a loss and a gradient
     image_emb.grad = None
-    loss = eq2_loss(image_emb, unit_rows(2, seed=6), torch.tensor([0, 1, 0, 1]), 0.07)
+    loss = eq2_loss(image_emb @ unit_rows(2, seed=6).T, torch.tensor([0, 1, 0, 1]), 0.07)
     loss.backward()
     assert loss.item() > 0 and image_emb.grad.abs().sum() > 0
 
@@ -176,6 +174,43 @@ def test_frozen_text_target_is_computed_in_eval_mode(tiny_checkpoint, monkeypatc
     finetune(model, images(4), torch.tensor([0, 1, 0, 1]), CAPTIONS[:2], FinetuneParams(batch_size=2, towers="text"),
              1e-3, progress=False)
     assert modes == [True, True]  # a training text tower embeds the captions anew at every step
+
+
+class PairScorer:
+    """A trainable cross-encoder stand-in: scores pairs, embeds nothing."""
+
+    image_size = SIZE
+    module = torch.nn.Linear(1, 1)
+
+    def preprocess(self, image):
+        raise NotImplementedError
+
+    def text_targets(self, texts):
+        return texts
+
+    def score_targets(self, pixels, targets):
+        return torch.zeros(len(pixels), len(targets))
+
+    def score_pairs(self, pixels, texts):
+        return torch.zeros(len(pixels))
+
+    def tower_parameters(self, tower, last_blocks=None):
+        return self.module.parameters()
+
+    def save(self, out_dir):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("cfg, needed", [
+    (FinetuneParams(loss="authors", temperature=0.07), "EmbedsImages"),
+    (FinetuneParams(loss="eq2", temperature=0.07, kd_weight=1.0), "EmbedsImages"),
+    (FinetuneParams(loss="eq2", temperature=None), "EmbedsTexts"),
+], ids=["authors-loss", "distillation", "own-temperature"])
+def test_finetune_names_the_capability_a_recipe_needs(cfg, needed):
+    model = PairScorer()
+    check_capabilities(model, FinetuneParams(loss="eq2", temperature=0.07), "ok")  # Eq. 2 needs scores only
+    with pytest.raises(KtpipeError, match=rf"recipe 'cross'.*\({needed}\); PairScorer does not"):
+        finetune(model, images(4), torch.tensor([0, 1, 0, 1]), CAPTIONS, cfg, 1e-3, progress=False, recipe="cross")
 
 
 # --- distillation ---------------------------------------------------------------------------
@@ -271,10 +306,10 @@ def test_old_logit_scale_key_says_it_was_renamed(tmp_path, tiny_checkpoint):
 
 
 def finetune_project(folder: Path, checkpoint: Path, nan_in: str | None = None, **overrides) -> Path:
-    """A project with its captions and fake inversions written (NaN in one pixel of `nan_in`)."""
+    """A project with its concept files and fake inversions written (NaN in one pixel of `nan_in`)."""
     project = make_project(folder, checkpoint, **overrides)
-    run_captions(project / "captions/demo.yaml", project / "captions/generated.yaml", tuple(DEMO_CONCEPTS),
-                 project / "data/captions")
+    run_concepts(project / "concepts/demo.yaml", project / "concepts/generated.yaml",
+                 ConceptsParams(names=tuple(DEMO_CONCEPTS)), project / "data/concepts")
     for k, name in enumerate(NOVEL):
         pixels = images(SAMPLES, seed=k)
         if name == nan_in:
@@ -285,21 +320,17 @@ def finetune_project(folder: Path, checkpoint: Path, nan_in: str | None = None, 
 
 @pytest.mark.parametrize("lr, ok", [(1.0e-4, True), (float("inf"), False), (float("nan"), False)],
                          ids=["finite", "inf", "nan"])
-def test_finetune_stage_script_rejects_non_finite_lr(tmp_path, tiny_checkpoint, monkeypatch, capsys, lr, ok):
-    """The stage script's `__main__`, run in-process (a subprocess spends ~10 s importing torch)."""
+def test_finetune_stage_rejects_non_finite_lr(tmp_path, tiny_checkpoint, lr, ok):
+    """`ktpipe finetune`, run in-process (a subprocess spends ~10 s importing torch)."""
     project = finetune_project(tmp_path / "project", tiny_checkpoint, lr=lr)
-    monkeypatch.chdir(project)
-    script = STAGES / "finetune.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *FINETUNE_ARGS])
+    result = run_stage_here(project, "finetune", *FINETUNE_ARGS)
     if ok:
-        runpy.run_path(str(script), run_name="__main__")
-        assert (project / "models/finetuned/paper").is_dir()
+        assert result.returncode == 0, result.stderr
+        assert (project / "models/paper").is_dir()
         return
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("ktpipe: error: ") and "'lr'" in err and "finite" in err
+    assert result.returncode == 2
+    assert result.stderr.startswith("ktpipe: error: ") and "'lr'" in result.stderr and "finite" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (project / "models").exists() and not (project / "metrics").exists()
 
 
@@ -342,7 +373,7 @@ def test_run_finetune_on_nan_inversion_writes_nothing(tmp_path, tiny_checkpoint)
     params = load_params(project / "params.yaml")
     out_dir, log_path = project / "models/paper", project / "metrics/paper.json"
     with pytest.raises(NonFiniteError, match=r"'paper'.*loss is nan at step 0\b"):
-        run_finetune(params, "paper", project / "data/captions", project / "data/inverted", out_dir, log_path)
+        run_finetune(params, "paper", project / "data/concepts", project / "data/inverted", out_dir, log_path)
     assert not out_dir.exists() and not log_path.exists()
     assert not [p for p in project.rglob("*") if p.name.startswith(".")]  # no temporary folder left
 

@@ -1,5 +1,6 @@
-"""Tests for the procedural image world: loading, sampling, rendering, captions, splits."""
+"""Tests for the procedural image world: loading, sampling, rendering, descriptions, splits."""
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import torch
 from PIL import Image
 
 import ktpipe.world as world_module
-from conftest import DEMO_CAPTIONS
-from ktpipe.captions import load_captions, world_concepts
+from conftest import DEMO_CONCEPTS_FILE
+from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.world import (
     Attributes,
     World,
@@ -36,8 +37,8 @@ concepts:
 
 @pytest.fixture(scope="module")
 def world() -> World:
-    """The packaged vocabularies with the demo captions file's concepts, as the pipeline builds it."""
-    return load_world(concepts=world_concepts(load_captions(DEMO_CAPTIONS)))
+    """The packaged vocabularies with the demo concepts file's concepts, as the pipeline builds it."""
+    return load_world(concepts=world_concepts(load_concepts_file(DEMO_CONCEPTS_FILE)))
 
 
 def write_yaml(tmp_path: Path, text: str) -> Path:
@@ -138,6 +139,65 @@ def test_render_batch_shape_and_range(world):
     assert 0.0 <= batch.min() and batch.max() <= 1.0
     first = torch.from_numpy(render(attrs[0], world, np.random.default_rng(0))).float() / 255
     assert torch.equal(batch[0], first.permute(2, 0, 1))
+
+
+def test_render_batch_equals_renders_one_by_one(world):
+    attrs = sample_attributes(world, np.random.default_rng(0), 60, exclude_novel=False)
+    batch_rng, single_rng = np.random.default_rng(3), np.random.default_rng(3)
+    batch = render_batch(attrs, world, batch_rng)
+    singles = np.stack([render(a, world, single_rng) for a in attrs])
+    assert torch.equal(batch, torch.from_numpy(singles).permute(0, 3, 1, 2).float() / 255)
+    assert batch_rng.random() == single_rng.random()  # the same draws, in the same order
+
+
+def plain_coverage(shape: str, fill: str, pose, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage as plain supersampling computes it, every supersample in the sdfs' own
+    arithmetic; and the supersamples' sdf."""
+    gx, gy = world_module.build_grid(size)
+    dx, dy = gx - pose.center[0], gy - pose.center[1]
+    cos, sin = np.cos(pose.angle), np.sin(pose.angle)
+    local_x, local_y = (cos * dx + sin * dy) / pose.radius, (-sin * dx + cos * dy) / pose.radius
+    sdf = world_module.SHAPES[shape].sdf(local_x, local_y) * pose.radius
+    u = gx * np.cos(pose.stripe_angle) + gy * np.sin(pose.stripe_angle)
+    stripes = np.mod(u / pose.stripe_period + pose.stripe_phase, 1.0) < 0.5
+    painted = {
+        "solid": sdf < 0,
+        "outlined": (sdf < 0) & (sdf > -pose.border),
+        "striped": (sdf < 0) & (stripes | (sdf > -pose.border / 2.5)),
+    }[fill]
+    s = world_module.SUPERSAMPLE
+    return painted.reshape(size, s, size, s).mean(axis=(1, 3), dtype=np.float32), sdf
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_coverage_equals_plain_supersampling(size):
+    rng = np.random.default_rng(size)
+    for shape, fill in itertools.product(world_module.SHAPES, world_module.FILLS):
+        for _ in range(8):
+            pose = world_module.sample_pose(shape, rng, size)
+            expected, _ = plain_coverage(shape, fill, pose, size)
+            assert np.array_equal(world_module.compute_coverage(shape, fill, pose, size), expected), (shape, fill)
+
+
+@pytest.mark.parametrize("shape", list(world_module.SHAPES))
+def test_coverage_equals_plain_supersampling_with_thresholds_on_supersamples(shape):
+    """Borders and stripe edges put exactly on supersamples, where float32 cannot decide."""
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        pose = world_module.sample_pose(shape, rng, 32)
+        _, sdf = plain_coverage(shape, "solid", pose, 32)
+        for value in rng.choice(sdf[sdf < 0], 4):
+            for fill, border in (("outlined", -float(value)), ("striped", -2.5 * float(value))):
+                posed = dataclasses.replace(pose, border=border)
+                expected, _ = plain_coverage(shape, fill, posed, 32)
+                assert np.array_equal(world_module.compute_coverage(shape, fill, posed, 32), expected), (shape, fill)
+        gx, gy = world_module.build_grid(32)
+        for i in rng.choice(gx.size, 4):  # stripe phase 1/2 or 0 at supersample i
+            u = gx.flat[i] * np.cos(pose.stripe_angle) + gy.flat[i] * np.sin(pose.stripe_angle)
+            for edge in (0.5, 1.0):
+                posed = dataclasses.replace(pose, stripe_phase=float(np.mod(edge - u / pose.stripe_period, 1.0)))
+                expected, _ = plain_coverage(shape, "striped", posed, 32)
+                assert np.array_equal(world_module.compute_coverage(shape, "striped", posed, 32), expected), shape
 
 
 def test_sample_attributes_excludes_novel_but_covers_values(world):

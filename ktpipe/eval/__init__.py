@@ -1,40 +1,41 @@
-"""Evaluation tasks: one module each, same signature, dispatched through `TASKS`.
+"""Evaluation: every set of `evaluate.sets` runs the task its `task:` key names, from `TASKS`.
 
-Each task is `evaluate(model, manifest, extra_classes, concepts, templates, params, progress)`
-and returns a flat `dict[str, float]`; `run_evaluate` writes them in one JSON schema.
+A task (ktpipe.eval.base.Task) reads a set's records and returns flat metrics; `run_evaluate`
+writes one JSON per model with every set's metrics nested as `<set>.<task>.<metric>`, so
+`dvc exp show` and the report read any task the same way. A new task is one module here and one
+entry of `TASKS`.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
 
-from ktpipe.captions import ConceptText, read_concepts
-from ktpipe.datasets import Manifest, normalize_class
+from ktpipe.concepts import ConceptText, read_concepts
+from ktpipe.datasets import Manifest, load_eval_set, normalize_class
 from ktpipe.errors import warn
-from ktpipe.eval import classification
-from ktpipe.evalsets import load_eval_set
+from ktpipe.eval.base import Task, TaskInput
+from ktpipe.eval.classification import ZeroShotClassification
 from ktpipe.io import write_json
-from ktpipe.models import load_base_model, load_checkpoint
 from ktpipe.params import Params, ParamsError
 from ktpipe.templates import load_templates
 
-TASKS: dict[str, Callable[..., dict[str, float]]] = {
-    "zeroshot_classification": classification.evaluate,
-}
+BASELINE = "baseline"  # the model before transfer, evaluated beside every recipe
+TASKS: dict[str, Task] = {task.name: task for task in (ZeroShotClassification(),)}
 
 
-def run_task(task: str, *args, **kwargs) -> dict[str, float]:
-    """Run a task by name, with a clear error for unknown names."""
-    if task not in TASKS:
-        raise ParamsError(f"unknown evaluation task {task!r}; known tasks: {sorted(TASKS)}")
-    return TASKS[task](*args, **kwargs)
+def get_task(name: str, set_name: str) -> Task:
+    """The task a set names, with an error naming the set and the known tasks."""
+    if name not in TASKS:
+        raise ParamsError(f"params key 'evaluate.sets.{set_name}.task': unknown task {name!r}; "
+                          f"known tasks: {sorted(TASKS)}")
+    return TASKS[name]
 
 
-def write_result(path: Path, task: str, dataset: str, model: str, params: dict, metrics: dict[str, float]) -> None:
-    """The one JSON schema every task writes."""
-    record = {"task": task, "dataset": dataset, "model": model, "params": params, "metrics": metrics}
-    write_json(path, record)
+def check_records(task: Task, manifest: Manifest, set_name: str) -> None:
+    """A task reads one record kind; a set of another kind is an error naming both."""
+    if manifest.kind != task.record_kind:
+        raise ParamsError(f"evaluation set {set_name!r} holds {manifest.kind} images, but its task {task.name!r} "
+                          f"reads {task.record_kind} ones")
 
 
 def unevaluated_concepts(concepts: list[ConceptText], sets: dict[str, Manifest]) -> list[str]:
@@ -43,25 +44,51 @@ def unevaluated_concepts(concepts: list[ConceptText], sets: dict[str, Manifest])
     return [c.name for c in concepts if not {normalize_class(c.name), normalize_class(c.text_name)} & classes]
 
 
-def run_evaluate(params: Params, tag: str, checkpoint: Path | None, eval_dir: Path,
-                 captions_dir: Path, out_path: Path) -> dict[str, float]:
-    """Zero-shot classification on every evaluation set; one JSON with `<set>_<metric>` keys.
+def load_evaluated_model(params: Params, model: str, model_dir: Path):
+    """The baseline as params `model` names it, or a recipe's fine-tuned checkpoint folder."""
+    from ktpipe.models import load_base_model, load_checkpoint  # the backends import only here
 
-    `checkpoint` None evaluates the model before transfer (params.model).
-    """
-    concepts = read_concepts(captions_dir, params.concepts)
-    sets = {name: load_eval_set(eval_dir, name) for name in params.evaluate.sets}
-    for name in unevaluated_concepts(concepts, sets):
-        warn(f"concept {name!r} is in no evaluation set (evaluate.sets): it is inverted and trained on but "
-             "never scored; the report lists it as not evaluated")
-    model = load_base_model(params.model) if checkpoint is None else load_checkpoint(params.model, checkpoint)
-    metrics: dict[str, float] = {}
+    if model == BASELINE:
+        return load_base_model(params.model)
+    params.recipe(model)  # an unknown name is an error naming the recipes
+    return load_checkpoint(params.model, model_dir)
+
+
+def task_inputs(params: Params, sets: dict[str, Manifest], concepts: list[ConceptText]) -> dict[str, TaskInput]:
+    """Set name -> what its task reads (records, concepts, templates, candidate classes of other sets)."""
+    inputs = {}
     for name, spec in params.evaluate.sets.items():
         extra = [c for other in spec.extra_classes for c in sets[other].classes]
         templates = load_templates(spec.templates or params.evaluate.templates)
-        found = run_task("zeroshot_classification", model, sets[name], extra, concepts, templates, params.evaluate)
-        metrics.update({f"{name}_{k}": v for k, v in found.items()})
-    run_params = {**dataclasses.asdict(params.evaluate), **dataclasses.asdict(params.model),
-                  "checkpoint": str(checkpoint) if checkpoint else None}
-    write_result(out_path, "zeroshot_classification", str(eval_dir), tag, run_params, metrics)
-    return metrics
+        inputs[name] = TaskInput(name, sets[name], spec, concepts, templates, extra, params.evaluate)
+    return inputs
+
+
+def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, concepts_dir: Path,
+                 out_path: Path) -> dict:
+    """Evaluate one model (`baseline` or a recipe) on every evaluation set with the set's task;
+    write and return {model, params, tasks, metrics: {set: {task: {...}}}, summary, unevaluated}."""
+    concepts = read_concepts(concepts_dir, params.concepts.names)
+    tasks = {name: get_task(spec.task, name) for name, spec in params.evaluate.sets.items()}
+    sets = {name: load_eval_set(eval_dir, name) for name in params.evaluate.sets}
+    for name, task in tasks.items():
+        check_records(task, sets[name], name)
+    unevaluated = unevaluated_concepts(concepts, sets)
+    for name in unevaluated:
+        warn(f"concept {name!r} is in no evaluation set (evaluate.sets): it is inverted and trained on but "
+             "never scored; the report lists it as not evaluated")
+    network = load_evaluated_model(params, model, Path(model_dir))
+    metrics, summary = {}, {}
+    for name, data in task_inputs(params, sets, concepts).items():
+        task = tasks[name]
+        found = task.evaluate(network, data)
+        metrics[name] = {task.name: found}
+        summary[name] = {task.name: task.summary(found, concepts)}
+    result = {
+        "model": model, "checkpoint": None if model == BASELINE else str(model_dir),
+        "params": {"evaluate": dataclasses.asdict(params.evaluate), "model": dataclasses.asdict(params.model)},
+        "tasks": {name: task.name for name, task in tasks.items()},
+        "metrics": metrics, "summary": summary, "unevaluated": unevaluated,
+    }
+    write_json(out_path, result)
+    return result

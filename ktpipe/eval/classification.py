@@ -6,6 +6,10 @@ in its `extra_classes` (Table 1 classifies a moongate among the novel concepts a
 and aliases; it counts as *target* when novel, *retention* when known. Every other class
 counts as retention. When every candidate is a described concept, the description itself
 is also tried as the class prompt (the description-prompt baseline).
+
+A model that embeds images and texts classifies by CLIP's recipe (each class's prompt embeddings
+averaged and renormalized); a model that only scores pairs (a cross-encoder) scores every image
+against every prompt and averages a class's prompt scores.
 """
 from __future__ import annotations
 
@@ -17,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktpipe.captions import ConceptText
+from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest, normalize_class as normalize
+from ktpipe.eval.base import TaskInput, pct
 from ktpipe.eval.metrics import accuracy, per_class_accuracy
 from ktpipe.images import open_image
-from ktpipe.models import ImageTextModel
-from ktpipe.params import EvaluateParams
+from ktpipe.models.base import EmbedsImages, EmbedsTexts, ScoresPairs, TakesImages, require
 
 GROUPS = {"novel": "target", "known": "retention"}
 PER_CLASS_LIMIT = 20  # sets with more classes report per-class accuracy for concepts only
@@ -53,11 +57,6 @@ def description_prompt(description: str) -> str:
     return description.rstrip(".") + "."
 
 
-def description_prompts(concept: ConceptText) -> list[str]:
-    """The description prompt of a concept, as a one-prompt ensemble."""
-    return [description_prompt(concept.description)]
-
-
 def build_candidates(class_names: list[str], concepts: list[ConceptText], templates: list[str]) -> list[Candidate]:
     """One candidate per class name, prompted through its concept when it is one."""
     by_name = {normalize(n): c for c in concepts for n in (c.name, c.text_name)}
@@ -85,7 +84,7 @@ def candidate_classes(manifest: Manifest, extra: list[str]) -> tuple[list[str], 
 
 
 @torch.no_grad()
-def class_embeddings(model: ImageTextModel, prompts: list[list[str]] | list[tuple[str, ...]]) -> torch.Tensor:
+def class_embeddings(model: EmbedsTexts, prompts: list[list[str]] | list[tuple[str, ...]]) -> torch.Tensor:
     """(K, D): per class, the renormalized mean of its prompts' embeddings."""
     rows = [F.normalize(model.encode_texts(list(p)).mean(0), dim=-1) for p in prompts]
     return torch.stack(rows)
@@ -94,7 +93,7 @@ def class_embeddings(model: ImageTextModel, prompts: list[list[str]] | list[tupl
 class ImageList(torch.utils.data.Dataset):
     """Preprocessed pixels of a list of image files (errors name the corrupt file)."""
 
-    def __init__(self, paths: tuple[str, ...], model: ImageTextModel):
+    def __init__(self, paths: tuple[str, ...], model: TakesImages):
         self.paths, self.model = paths, model
 
     def __len__(self) -> int:
@@ -104,14 +103,45 @@ class ImageList(torch.utils.data.Dataset):
         return self.model.preprocess(open_image(Path(self.paths[i])))
 
 
-@torch.no_grad()
-def embed_images(model: ImageTextModel, paths: tuple[str, ...], batch_size: int, workers: int = 0,
-                 progress: bool = True) -> torch.Tensor:
-    """(N, D) image embeddings, decoded by `workers` processes (0: in this process)."""
+def image_batches(model: TakesImages, paths: tuple[str, ...], batch_size: int, workers: int = 0,
+                  progress: bool = True, desc: str = "images"):
+    """Batches of preprocessed pixels (B, 3, S, S), decoded by `workers` processes (0: in this process)."""
     loader = torch.utils.data.DataLoader(ImageList(paths, model), batch_size=batch_size, num_workers=workers)
-    feats = [model.encode_images(pixels).cpu()
-             for pixels in tqdm(loader, desc="embed images", disable=not progress, leave=False)]
-    return torch.cat(feats)
+    return tqdm(loader, desc=desc, disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def embed_images(model: EmbedsImages, paths: tuple[str, ...], batch_size: int, workers: int = 0,
+                 progress: bool = True) -> torch.Tensor:
+    """(N, D) image embeddings."""
+    batches = image_batches(model, paths, batch_size, workers, progress, "embed images")
+    return torch.cat([model.encode_images(pixels).cpu() for pixels in batches])
+
+
+@torch.no_grad()
+def pair_class_scores(model: ScoresPairs, paths: tuple[str, ...], prompts: list[tuple[str, ...]],
+                      batch_size: int, workers: int = 0, progress: bool = True) -> torch.Tensor:
+    """(N, K) scores of every image against every class: the mean of its prompts' pair scores."""
+    flat = [p for class_prompts in prompts for p in class_prompts]
+    owner = torch.tensor([k for k, class_prompts in enumerate(prompts) for _ in class_prompts])
+    counts = torch.bincount(owner, minlength=len(prompts)).float()
+    rows = []
+    for pixels in image_batches(model, paths, batch_size, workers, progress, "score pairs"):
+        scores = model.score_targets(pixels, model.text_targets(flat)).cpu()  # (B, P)
+        rows.append(torch.zeros(len(pixels), len(prompts)).index_add_(1, owner, scores) / counts)
+    return torch.cat(rows)
+
+
+def class_scores(model, paths: tuple[str, ...], kinds: dict[str, list], batch_size: int, workers: int = 0,
+                 progress: bool = True) -> dict[str, torch.Tensor]:
+    """Prompt kind -> (N, K) class scores of the images: by embeddings when the model has them
+    (images embedded once for every prompt kind), else by pair scores."""
+    if isinstance(model, EmbedsImages) and isinstance(model, EmbedsTexts):
+        image_emb = embed_images(model, paths, batch_size, workers, progress)
+        return {kind: image_emb @ class_embeddings(model, prompts).cpu().T for kind, prompts in kinds.items()}
+    require(model, ScoresPairs, "zero-shot classification")
+    return {kind: pair_class_scores(model, paths, prompts, batch_size, workers, progress)
+            for kind, prompts in kinds.items()}
 
 
 def score(pred: torch.Tensor, labels: torch.Tensor, candidates: list[Candidate], prefix: str,
@@ -129,20 +159,56 @@ def score(pred: torch.Tensor, labels: torch.Tensor, candidates: list[Candidate],
     return out
 
 
-def evaluate(model: ImageTextModel, manifest: Manifest, extra_classes: list[str], concepts: list[ConceptText],
-             templates: list[str], params: EvaluateParams, progress: bool = True) -> dict[str, float]:
-    """Zero-shot accuracy of one set, with name prompts and (when possible) description prompts."""
-    model.module.eval()
-    names, label_map = candidate_classes(manifest, extra_classes)
-    candidates = build_candidates(names, concepts, templates)
-    image_emb = embed_images(model, manifest.paths, params.batch_size, params.workers, progress)  # (N, D)
-    labels = torch.tensor([label_map[k] for k in manifest.labels])
-    per_class = len(candidates) <= PER_CLASS_LIMIT
-    kinds = {"name": [c.prompts for c in candidates]}
-    if all(c.description for c in candidates):
-        kinds["description"] = [(description_prompt(c.description),) for c in candidates]
-    metrics: dict[str, float] = {"n_images": float(len(manifest))}
-    for kind, prompts in kinds.items():
-        logits = image_emb @ class_embeddings(model, prompts).cpu().T  # (N, K)
-        metrics.update(score(logits.argmax(-1), labels, candidates, kind, per_class))
-    return metrics
+class ZeroShotClassification:
+    """Zero-shot classification (the `classification` task): name prompts, and description
+    prompts when every candidate is a described concept."""
+
+    name = "classification"
+    record_kind = "labeled"
+
+    def evaluate(self, model, data: TaskInput, progress: bool = True) -> dict[str, float]:
+        """Accuracy overall, per group (target, retention) and per class, per prompt kind."""
+        model.module.eval()
+        names, label_map = candidate_classes(data.manifest, data.extra_classes)
+        candidates = build_candidates(names, data.concepts, data.templates)
+        labels = torch.tensor([label_map[k] for k in data.manifest.labels])
+        per_class = len(candidates) <= PER_CLASS_LIMIT
+        kinds = {"name": [c.prompts for c in candidates]}
+        if all(c.description for c in candidates):
+            kinds["description"] = [(description_prompt(c.description),) for c in candidates]
+        metrics: dict[str, float] = {"n_images": float(len(data.manifest))}
+        scores = class_scores(model, data.manifest.paths, kinds, data.params.batch_size, data.params.workers, progress)
+        for kind, logits in scores.items():
+            metrics.update(score(logits.argmax(-1), labels, candidates, kind, per_class))
+        return metrics
+
+    def summary(self, metrics: dict[str, float], concepts: list[ConceptText]) -> dict[str, float]:
+        """Target and retention accuracy (name prompts), the description-prompt target, and each
+        novel concept's accuracy."""
+        out = {g: metrics[f"name_{g}_acc"] for g in ("target", "retention") if f"name_{g}_acc" in metrics}
+        if "description_target_acc" in metrics:
+            out["description_target"] = metrics["description_target_acc"]
+        out.update({c.name: metrics[f"name_class_{c.name}_acc"] for c in concepts
+                    if c.role == "novel" and f"name_class_{c.name}_acc" in metrics})
+        return out
+
+    def report_table(self, results: dict[str, dict[str, float]], concepts: list[ConceptText]) -> list[str]:
+        """Per-concept accuracy, then pooled target, retention and overall: the baseline, its
+        description prompt, and each recipe after transfer."""
+        models = list(results)
+        baseline = results[models[0]]
+        cols = ["Baseline", "Description prompt", *[f"Transfer ({m})" for m in models[1:]]]
+        lines = ["| Class | Group | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+
+        def row(label: str, group: str, key: str) -> str:
+            values = [baseline.get(key.format("name")), baseline.get(key.format("description"))]
+            values += [results[m].get(key.format("name")) for m in models[1:]]
+            return f"| {label} | {group} | " + " | ".join(pct(v) for v in values) + " |"
+
+        for role, group in (("novel", "target"), ("known", "retention")):
+            present = [c for c in concepts if c.role == role and f"name_class_{c.name}_acc" in baseline]
+            lines += [row(c.name, group, f"{{}}_class_{c.name}_acc") for c in present]
+            if f"name_{group}_acc" in baseline:
+                lines.append(row(f"**{group} (pooled)**", group, f"{{}}_{group}_acc"))
+        lines.append(row("**overall**", "all", "{}_overall_acc"))
+        return lines

@@ -18,8 +18,3 @@ def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, n_classes: int)
         mask = target == k
         out.append(accuracy(pred[mask], target[mask]) if mask.any() else None)
     return out
-
-
-def topk_predictions(logits: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """(N, K) scores -> (N, k) indices of the k highest classes."""
-    return logits.topk(k, dim=-1).indices

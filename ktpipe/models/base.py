@@ -1,30 +1,42 @@
 """Small capability interfaces that inversion, fine-tuning and evaluation talk to.
 
-A backend implements the capabilities its model family has. Images enter as float pixels in
-[0, 1], shape (B, 3, S, S) with S = `image_size`; each backend applies its own normalization, so
-inversion can optimize raw pixels. Inversion and fine-tuning never ask which kind a model is:
-they ask it for a text target and a similarity (`Invertible`), and train what `Trainable` names.
+A backend implements the capabilities its model family has: an open_clip CLIP embeds images and
+texts, scores pairs, exposes its vision blocks and trains; a cross-encoder (ViLT) only scores
+pairs; a captioner (CoCa) also generates captions. Images enter as float pixels in [0, 1], shape
+(B, 3, S, S) with S = `image_size`; each backend applies its own normalization, so inversion can
+optimize raw pixels. Callers ask `isinstance(model, <capability>)`, never which family a model is.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
+
+from ktpipe.errors import KtpipeError
+
+class ModelLoadError(KtpipeError):
+    """A model name, pretrained tag or checkpoint cannot be resolved (each backend raises it for its own)."""
+
 
 DUAL_ENCODER = "dual_encoder"  # separate image and text embeddings (CLIP, CoCa, BiomedCLIP)
 CROSS_ENCODER = "cross_encoder"  # scores an image-text pair jointly (ViLT)
 
 
 @runtime_checkable
-class EmbedsImages(Protocol):
-    """Pixels to embeddings (dual encoders)."""
+class TakesImages(Protocol):
+    """Decoded images to the pixels every other capability takes."""
 
     image_size: int
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, S, S) float tensor in [0, 1]."""
+
+
+@runtime_checkable
+class EmbedsImages(TakesImages, Protocol):
+    """Pixels to embeddings (dual encoders)."""
 
     def encode_images(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, 3, S, S) pixels in [0, 1] -> (B, D) embeddings, L2-normalized unless `normalize` is False."""
@@ -42,11 +54,40 @@ class EmbedsTexts(Protocol):
 
 
 @runtime_checkable
-class ScoresPairs(Protocol):
-    """A match score per aligned image-text pair (every model; a cross-encoder's only view)."""
+class ScoresPairs(TakesImages, Protocol):
+    """Match scores of images against texts (every model; a cross-encoder's only view)."""
+
+    def text_targets(self, texts: list[str]) -> Any:
+        """What `score_targets` compares images with: the (T, D) normalized text embeddings of a
+        dual encoder (computed once when its text tower is frozen), the texts for a cross-encoder."""
+
+    def score_targets(self, pixels: torch.Tensor, targets: Any) -> torch.Tensor:
+        """(B, 3, S, S) pixels against T targets -> (B, T) scores (cosine, or a match logit)."""
 
     def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """(B, 3, S, S) pixels and B texts -> (B,) match scores."""
+        """(B, 3, S, S) pixels and B aligned texts -> (B,) scores."""
+
+
+@runtime_checkable
+class GeneratesCaptions(TakesImages, Protocol):
+    """Image captioning (CoCa)."""
+
+    def generate_captions(self, pixels: torch.Tensor, **settings: Any) -> list[str]:
+        """(B, 3, S, S) pixels -> B captions, cleaned of special tokens; `settings` are the
+        decoding settings (method, beams, max length, ...)."""
+
+
+@runtime_checkable
+class VisionFeatures(Protocol):
+    """A vision tower's intermediate tokens, and the forward pass continued from edited ones
+    (saliency: M2IB's bottleneck replaces one block's output)."""
+
+    vision_layers: int  # number of vision transformer blocks
+
+    def encode_images_through(self, pixels: torch.Tensor, layer: int,
+                              edit: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(B, D) normalized image embeddings, computed with the output tokens (B, N, W) of vision
+        block `layer` (0-based) replaced by `edit(tokens)`; an edit that stores its input reads them."""
 
 
 @runtime_checkable
@@ -77,12 +118,8 @@ class Trainable(Protocol):
         """Write a checkpoint folder that the backend's own library loads again."""
 
 
-@runtime_checkable
-class ImageTextModel(EmbedsImages, EmbedsTexts, ScoresPairs, Invertible, Trainable, Protocol):
-    """A dual encoder with every capability the classification pipeline uses (open_clip, demo)."""
-
-    kind: str  # DUAL_ENCODER or CROSS_ENCODER, recorded in the base model's description
-    can_caption: bool  # has a captioning head (CoCa)
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> token ids as the backend's text tower expects."""
+def require(model: Any, capability: type, what: str) -> None:
+    """Stop with a clear error when `model` lacks the capability `what` needs."""
+    if not isinstance(model, capability):
+        raise KtpipeError(f"{what} needs a model that {capability.__doc__.split('(')[0].strip().lower()} "
+                          f"({capability.__name__}); {type(model).__name__} does not")

@@ -5,7 +5,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from ktpipe.models.openclip import CONFIG_FILE, LOCAL_DIR, ModelLoadError, OpenClipModel, TextBudget, build_tokenizer
+from ktpipe.models.base import ModelLoadError
+from ktpipe.models.openclip import CONFIG_FILE, LOCAL_DIR, OpenClipModel, TextBudget, build_tokenizer
 
 DEMO_ARCH = "ktpipe-demo"
 

@@ -1,4 +1,5 @@
-"""open_clip backend: CLIP, CoCa and BiomedCLIP-style models behind `ImageTextModel`.
+"""open_clip backend: CLIP, CoCa and BiomedCLIP-style models behind the capability interfaces
+(ktpipe.models.base).
 
 Checkpoints are written as an open_clip 'local-dir' folder (`open_clip_config.json` plus
 `open_clip_model.safetensors`, and the tokenizer files for hf text towers). Plain open_clip
@@ -12,7 +13,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import open_clip
 import torch
@@ -22,17 +23,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.transforms import v2 as T
 
-from ktpipe.errors import KtpipeError
-from ktpipe.models.base import DUAL_ENCODER
+from ktpipe.models import LOCAL_DIR
+from ktpipe.models.base import DUAL_ENCODER, ModelLoadError
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 
-
-class ModelLoadError(KtpipeError):
-    """A model name, pretrained tag or checkpoint cannot be resolved."""
 
 
 def read_config_file(name: str) -> dict[str, Any]:
@@ -222,7 +219,7 @@ class OpenClipModel:
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self.mean = torch.tensor(pp["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(pp["std"], device=device).view(1, 3, 1, 1)
-        self.can_caption = isinstance(module, open_clip.CoCa)
+        self.vision_layers = len(self.vision_blocks())
         self._to_pixels = T.Compose([
             T.ToImage(),
             T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
@@ -278,8 +275,39 @@ class OpenClipModel:
         features = self.module.encode_text(self.tokenize(texts))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def text_targets(self, texts: list[str]) -> torch.Tensor:
+        """(T, D) normalized text embeddings."""
+        return self.encode_texts(texts)
+
+    def score_targets(self, pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, T) cosine similarities of the images to the text embeddings `targets`."""
+        return self.encode_images(pixels) @ targets.T
+
     def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return (self.encode_images(pixels) * self.encode_texts(texts)).sum(-1)
+
+    def vision_blocks(self) -> torch.nn.ModuleList:
+        """The vision tower's transformer blocks, batch-first tokens (B, N, W): open_clip's ViT,
+        or a timm ViT trunk (BiomedCLIP); empty for a convolutional tower."""
+        visual = self.module.visual
+        if hasattr(visual, "transformer"):
+            return visual.transformer.resblocks
+        if hasattr(getattr(visual, "trunk", None), "blocks"):
+            return visual.trunk.blocks
+        return torch.nn.ModuleList()
+
+    def encode_images_through(self, pixels: torch.Tensor, layer: int,
+                              edit: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Normalized (B, D) embeddings with block `layer`'s output tokens replaced by `edit(tokens)`
+        (a forward hook on that block, removed afterwards)."""
+        blocks = self.vision_blocks()
+        if not 0 <= layer < len(blocks):
+            raise ValueError(f"vision layer {layer} out of range: the model has {len(blocks)} blocks")
+        handle = blocks[layer].register_forward_hook(lambda module, args, output: edit(output))
+        try:
+            return self.encode_images(pixels)
+        finally:
+            handle.remove()
 
     def text_target(self, text: str, similarity: str = "cosine") -> torch.Tensor:
         """(D,) the text's embedding: normalized for cosine, raw for l2 (authors' BiomedCLIP code)."""

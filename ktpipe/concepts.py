@@ -1,8 +1,10 @@
-"""Concept descriptions: read from `captions/*.yaml`, turned into fine-tuning captions.
+"""Concepts and their descriptions: read from `concepts/*.yaml`, checked against the text tower,
+written one file per concept, turned into fine-tuning captions.
 
-A captions file may leave a concept undescribed (`name:` with no `description`); the captions
-stage then takes its description from the generated file (`captions.generated`), asking the LLM
-of `captions.generator` (ktpipe.describe) only for concepts that file does not hold yet.
+A concepts file may leave a concept undescribed (`name:` with no `description`); the concepts
+stage (`ktpipe.describe.run_concepts`) then takes its description from the generated file
+(`concepts.generated`), asking the LLM of `concepts.generator` only for concepts that file does
+not hold yet.
 """
 from __future__ import annotations
 
@@ -17,31 +19,30 @@ from typing import TYPE_CHECKING
 from ruamel.yaml import YAML
 
 from ktpipe.errors import KtpipeError, warn
-from ktpipe.io import atomic_dir, write_json, write_text
-from ktpipe.params import GeneratorParams
+from ktpipe.io import write_text
 
 if TYPE_CHECKING:
     from ktpipe.models import TextBudget
 
 ROLES = ("novel", "known")
-CONCEPT_KEYS = ("description", "role", "aliases", "prompt", "source", "label", "render")  # keys of a captions entry
+CONCEPT_KEYS = ("description", "role", "aliases", "prompt", "source", "label", "render")  # keys of a concepts-file entry
 RENDER_KEYS = ("shape", "color", "fill")  # a demo-world concept's `render` entry
-GENERATED_KEYS = ("description", "source")  # keys of a generated entry (the rest belongs in the captions file)
+GENERATED_KEYS = ("description", "source")  # keys of a generated entry (the rest belongs in the concepts file)
 
 # Top of a new generated file; the stage keeps whatever a user writes below it.
 GENERATED_HEADER = """\
-# Concept descriptions written by an LLM (params `captions.generator`) for the concepts that the
-# captions file (params `captions.file`) leaves undescribed. The captions stage reuses every entry
+# Concept descriptions written by an LLM (params `concepts.generator`) for the concepts that the
+# concepts file (params `concepts.file`) leaves undescribed. The concepts stage reuses every entry
 # here and runs the LLM only for concepts that have none, so this file caches the LLM's work and
 # can be committed. Edit freely: your edits are kept. Delete an entry to regenerate it. Move an
-# entry into your captions file to make it hand-written (a description there always wins).
+# entry into your concepts file to make it hand-written (a description there always wins).
 # Each entry's `source` records the model, the decoding settings and the prompt it came from.
 concepts: {}
 """
 
 
-class CaptionsError(KtpipeError):
-    """A captions file is missing, malformed, or lacks a concept that params ask for."""
+class ConceptsError(KtpipeError):
+    """A concepts file is missing, malformed, or lacks a concept that params ask for."""
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # concept names become file and stage names
@@ -57,11 +58,11 @@ class ConceptText:
     source: str = ""  # where the description comes from (paper table, hand-written, LLM)
     label: str = ""  # the name as written in prompts and captions ("" : name with '_' as spaces)
     render: dict | None = None  # demo world only: {shape, color, fill} it is drawn with (None: not drawn)
-    truncated: dict | None = None  # text -> what the text tower keeps, when captions.truncate cut it
+    truncated: dict | None = None  # text -> what the text tower keeps, when concepts.truncate cut it
 
     @property
     def described(self) -> bool:
-        """False for a concept its captions file leaves to be generated."""
+        """False for a concept its concepts file leaves to be generated."""
         return bool(self.description)
 
     @property
@@ -98,21 +99,21 @@ def finetune_caption(concept: ConceptText, name_prefix: bool = True) -> str:
 
 
 def check_name(name: object, where: str) -> str:
-    """A concept name usable in file names, stage names and metric keys, or a CaptionsError."""
+    """A concept name usable in file names, stage names and metric keys, or a ConceptsError."""
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise CaptionsError(
+        raise ConceptsError(
             f"{where}: concept name {name!r} is not an identifier: use letters, digits, '_' and '-' "
             "(e.g. lung_cancer), and put the name as written in captions in 'label'")
     return name
 
 
 def _string(raw: dict, key: str, name: str, path: Path, default: str | None) -> str | None:
-    """raw[key] if it is a non-empty string, `default` if absent or null, else a CaptionsError."""
+    """raw[key] if it is a non-empty string, `default` if absent or null, else a ConceptsError."""
     value = raw.get(key)
     if value is None:
         return default
     if not isinstance(value, str) or not value.strip():
-        raise CaptionsError(f"{path}: concept {name!r}: {key} must be a non-empty string")
+        raise ConceptsError(f"{path}: concept {name!r}: {key} must be a non-empty string")
     return value
 
 
@@ -122,21 +123,21 @@ def _parse_concept(name: object, raw: object, source: str, path: Path,
     name = check_name(name, str(path))
     raw = {} if raw is None else {"description": raw} if isinstance(raw, str) else raw
     if not isinstance(raw, dict):
-        raise CaptionsError(f"{path}: concept {name!r} must be a mapping, a description string or null")
+        raise ConceptsError(f"{path}: concept {name!r} must be a mapping, a description string or null")
     unknown = sorted(set(raw) - set(keys))
     if unknown:
-        where = "" if keys == CONCEPT_KEYS else " (the other keys belong in the captions file)"
-        raise CaptionsError(f"{path}: concept {name!r} has unknown key(s) {unknown}; known: {sorted(keys)}{where}")
+        where = "" if keys == CONCEPT_KEYS else " (the other keys belong in the concepts file)"
+        raise ConceptsError(f"{path}: concept {name!r} has unknown key(s) {unknown}; known: {sorted(keys)}{where}")
     description = raw.get("description")
     if description is not None and (not isinstance(description, str) or not description.strip()):
-        raise CaptionsError(f"{path}: concept {name!r} has no description text; write one, or drop the "
-                            "'description' key to have params 'captions.generator' write it")
+        raise ConceptsError(f"{path}: concept {name!r} has no description text; write one, or drop the "
+                            "'description' key to have params 'concepts.generator' write it")
     role = raw.get("role", "novel")
     if role not in ROLES:
-        raise CaptionsError(f"{path}: concept {name!r} has role {role!r}; expected one of {ROLES}")
+        raise ConceptsError(f"{path}: concept {name!r} has role {role!r}; expected one of {ROLES}")
     aliases = raw.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-        raise CaptionsError(f"{path}: concept {name!r}: aliases must be a list of strings")
+        raise ConceptsError(f"{path}: concept {name!r}: aliases must be a list of strings")
     return ConceptText(
         name, (description or "").strip(), role, tuple(aliases),
         prompt=_string(raw, "prompt", name, path, None),
@@ -151,29 +152,29 @@ def _render(raw: object, name: str, path: Path) -> dict | None:
     if raw is None:
         return None
     if not isinstance(raw, dict) or sorted(raw) != sorted(RENDER_KEYS) or not all(isinstance(v, str) for v in raw.values()):
-        raise CaptionsError(f"{path}: concept {name!r}: render must map exactly {list(RENDER_KEYS)} to names, got {raw!r}")
+        raise ConceptsError(f"{path}: concept {name!r}: render must map exactly {list(RENDER_KEYS)} to names, got {raw!r}")
     return {k: raw[k] for k in RENDER_KEYS}
 
 
 def _read_mapping(path: Path, what: str) -> dict:
-    """The top-level mapping of a YAML file, or a CaptionsError naming the file."""
+    """The top-level mapping of a YAML file, or a ConceptsError naming the file."""
     try:
         data = YAML(typ="safe", pure=True).load(path.read_text())
     except Exception as err:  # ruamel raises several parser error types
-        raise CaptionsError(f"cannot parse {what} {path}: {err}") from err
+        raise ConceptsError(f"cannot parse {what} {path}: {err}") from err
     if not isinstance(data, dict) or "concepts" not in data:
-        raise CaptionsError(f"{path}: expected a mapping with a 'concepts' mapping")
+        raise ConceptsError(f"{path}: expected a mapping with a 'concepts' mapping")
     return data
 
 
-def load_captions(path: str | Path) -> dict[str, ConceptText]:
-    """Read a captions file: {source: ..., concepts: {name: {description, role, label, ...}}}."""
+def load_concepts_file(path: str | Path) -> dict[str, ConceptText]:
+    """Read a concepts file: {source: ..., concepts: {name: {description, role, label, ...}}}."""
     path = Path(path)
     if not path.is_file():
-        raise CaptionsError(f"captions file not found: {path}")
-    data = _read_mapping(path, "captions file")
+        raise ConceptsError(f"concepts file not found: {path}")
+    data = _read_mapping(path, "concepts file")
     if not isinstance(data["concepts"], dict) or not data["concepts"]:
-        raise CaptionsError(f"{path}: expected a mapping with a non-empty 'concepts' mapping")
+        raise ConceptsError(f"{path}: expected a mapping with a non-empty 'concepts' mapping")
     source = str(data.get("source", ""))
     return {str(n): _parse_concept(n, raw, source, path) for n, raw in data["concepts"].items()}
 
@@ -184,63 +185,28 @@ def load_generated(path: str | Path) -> dict[str, ConceptText]:
     if not path.exists():
         return {}
     if not path.is_file():
-        raise CaptionsError(f"generated descriptions file {path} is not a file")
+        raise ConceptsError(f"generated descriptions file {path} is not a file")
     entries = _read_mapping(path, "generated descriptions file")["concepts"] or {}
     if not isinstance(entries, dict):
-        raise CaptionsError(f"{path}: 'concepts' must be a mapping of name -> {{description, source}}")
+        raise ConceptsError(f"{path}: 'concepts' must be a mapping of name -> {{description, source}}")
     return {str(n): _parse_concept(n, raw, "", path, GENERATED_KEYS) for n, raw in entries.items()}
 
 
-def undescribed_error(names: list[str], captions_file: str | Path = "the captions file",
-                      generated_file: str | Path = "params 'captions.generated'") -> CaptionsError:
+def undescribed_error(names: list[str], concepts_file: str | Path = "the concepts file",
+                      generated_file: str | Path = "params 'concepts.generated'") -> ConceptsError:
     """The error for concepts that nothing describes: where to write them, or how to generate them."""
     listed = ", ".join(repr(n) for n in names)
     subject = f"concept {listed} has" if len(names) == 1 else f"concepts {listed} have"
-    return CaptionsError(
-        f"{subject} no description in {captions_file}: write one there, or set params "
-        f"'captions.generator' to have an LLM write it into {generated_file}")
+    return ConceptsError(
+        f"{subject} no description in {concepts_file}: write one there, or set params "
+        f"'concepts.generator' to have an LLM write it into {generated_file}")
 
 
-def select_concepts(captions: dict[str, ConceptText], names: list[str] | tuple[str, ...]) -> list[ConceptText]:
-    """The concepts that params name, in order; every one must have a description."""
-    if not names:
-        raise CaptionsError("params 'concepts' is empty: nothing to invert")
-    missing = [n for n in names if n not in captions]
-    if missing:
-        raise CaptionsError(f"concept(s) {missing} in params have no description; described: {sorted(captions)}")
-    undescribed = [n for n in names if not captions[n].described]
-    if undescribed:
-        raise undescribed_error(undescribed)
-    return [captions[n] for n in names]
-
-
-def wanted_concepts(captions: dict[str, ConceptText], names: tuple[str, ...]) -> list[ConceptText]:
+def wanted_concepts(entries: dict[str, ConceptText], names: tuple[str, ...]) -> list[ConceptText]:
     """The concepts params name, in order; a name the file lacks becomes an undescribed novel concept."""
     if not names:
-        raise CaptionsError("params 'concepts' is empty: nothing to invert")
-    return [captions.get(n) or ConceptText(check_name(n, "params 'concepts'"), "") for n in names]
-
-
-def complete_concepts(wanted: list[ConceptText], generated: dict[str, ConceptText],
-                      generator: GeneratorParams | None, captions_file: Path,
-                      generated_file: Path) -> tuple[list[ConceptText], list[ConceptText]]:
-    """Describe every wanted concept: its own text, else the generated file's, else a new LLM one.
-
-    Returns (all concepts in order, the newly generated ones). The LLM runs only when needed.
-    """
-    known = {n: c for n, c in generated.items() if c.described}
-    todo = [c for c in wanted if not c.described and c.name not in known]
-    if todo and generator is None:
-        raise undescribed_error([c.name for c in todo], captions_file, generated_file)
-    new: list[ConceptText] = []
-    if todo:
-        from ktpipe.describe import describe_concepts  # imports transformers: only when generating
-
-        new = describe_concepts(todo, generator)
-    known.update({c.name: c for c in new})
-    filled = [c if c.described else replace(c, description=known[c.name].description,
-                                            source=known[c.name].source) for c in wanted]
-    return filled, new
+        raise ConceptsError("params 'concepts.names' is empty: nothing to invert")
+    return [entries.get(n) or ConceptText(check_name(n, "params 'concepts.names'"), "") for n in names]
 
 
 def write_generated(path: Path, new: list[ConceptText]) -> None:
@@ -274,13 +240,13 @@ def read_concept_file(path: str | Path) -> ConceptText:
     """Read back a per-concept JSON written by `write_concept_files`."""
     path = Path(path)
     if not path.is_file():
-        raise CaptionsError(f"concept file not found: {path}; run the captions stage first")
+        raise ConceptsError(f"concept file not found: {path}; run the concepts stage first")
     try:
         record = json.loads(path.read_text())
         record["aliases"] = tuple(record.get("aliases", ()))
         return ConceptText(**record)
     except (json.JSONDecodeError, TypeError, AttributeError) as err:
-        raise CaptionsError(f"{path}: malformed concept file ({err}); rerun the captions stage") from err
+        raise ConceptsError(f"{path}: malformed concept file ({err}); rerun the concepts stage") from err
 
 
 def concept_texts(concept: ConceptText) -> dict[str, str]:
@@ -301,9 +267,9 @@ def check_text_lengths(concepts: list[ConceptText], budget: "TextBudget", trunca
         long = {kind: n for kind, text in texts.items() if (n := budget.count(text)) > budget.context_length}
         if long and not truncate:
             found = ", ".join(f"its {kind} has {n} tokens" for kind, n in long.items())
-            raise CaptionsError(
+            raise ConceptsError(
                 f"concept {concept.name!r}: {found}, over the text tower's context of {budget.context_length}; "
-                "shorten the description, or set params 'captions.truncate: true' to cut it (with a warning)")
+                "shorten the description, or set params 'concepts.truncate: true' to cut it (with a warning)")
         if long:
             kept = {kind: budget.kept(texts[kind]) for kind in long}
             warn(f"concept {concept.name!r}: {', '.join(long)} cut to {budget.context_length} tokens: "
@@ -313,38 +279,11 @@ def check_text_lengths(concepts: list[ConceptText], budget: "TextBudget", trunca
     return out
 
 
-def world_concepts(captions: dict[str, ConceptText]) -> dict[str, dict[str, str]]:
-    """name -> {shape, color, fill, role} of every captions entry that the demo world draws."""
-    return {c.name: {**c.render, "role": c.role} for c in captions.values() if c.render is not None}
+def world_concepts(entries: dict[str, ConceptText]) -> dict[str, dict[str, str]]:
+    """name -> {shape, color, fill, role} of every concepts-file entry that the demo world draws."""
+    return {c.name: {**c.render, "role": c.role} for c in entries.values() if c.render is not None}
 
 
-def run_captions(captions_file: Path, generated_file: Path, concept_names: tuple[str, ...], out_dir: Path,
-                 generator: GeneratorParams | None = None, budget: "TextBudget | None" = None,
-                 truncate: bool = False, world_path: Path | None = None) -> list[ConceptText]:
-    """Describe every params concept and split the descriptions into one file per concept.
-
-    Concepts `captions_file` leaves undescribed take the entry of `generated_file`, or a new one
-    from the `generator` LLM, which is added there. `generated_file` always exists afterwards
-    (a DVC output), untouched when nothing new was generated. With a `budget` every text must fit
-    the text tower (see check_text_lengths). `world_path` receives the demo world's concepts
-    (world_concepts), a file of its own so that editing a description does not rerun pretraining.
-    """
-    captions_file, generated_file = Path(captions_file), Path(generated_file)
-    captions = load_captions(captions_file)
-    wanted = wanted_concepts(captions, tuple(concept_names))
-    generated = load_generated(generated_file)
-    concepts, new = complete_concepts(wanted, generated, generator, captions_file, generated_file)
-    if budget is not None:
-        concepts = check_text_lengths(concepts, budget, truncate)
-    if new or not generated_file.exists():
-        write_generated(generated_file, new)
-    with atomic_dir(out_dir) as tmp:
-        write_concept_files(concepts, tmp)
-    if world_path is not None:
-        write_json(world_path, world_concepts(captions))
-    return concepts
-
-
-def read_concepts(captions_dir: Path, names: tuple[str, ...]) -> list[ConceptText]:
+def read_concepts(concepts_dir: Path, names: tuple[str, ...]) -> list[ConceptText]:
     """The per-concept files of `names`, in order."""
-    return [read_concept_file(Path(captions_dir) / f"{name}.json") for name in names]
+    return [read_concept_file(Path(concepts_dir) / f"{name}.json") for name in names]

@@ -1,0 +1,1 @@
+"""One module per `ktpipe` command (pipeline stage), each exposing a click `command`."""

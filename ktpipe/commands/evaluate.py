@@ -1,0 +1,29 @@
+"""Stage evaluate@<model>: every evaluation set's task, for the model before transfer or a recipe's."""
+from pathlib import Path
+
+import click
+
+from ktpipe.cli import PARAMS_OPTION, load_params, run_step
+
+
+@click.command("evaluate")
+@PARAMS_OPTION
+@click.argument("model")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("eval_dir", type=click.Path(file_okay=False))
+@click.argument("concepts_dir", type=click.Path(file_okay=False))
+@click.argument("out_path", type=click.Path(dir_okay=False))
+def command(params_path: str, model: str, model_dir: str, eval_dir: str, concepts_dir: str, out_path: str) -> None:
+    """Evaluate MODEL (`baseline`: the model before transfer, as params `model` names it; else a
+    recipe whose checkpoint is MODEL_DIR) on every set of params `evaluate.sets` in EVAL_DIR
+    (written by the data stage); write the metrics JSON OUT_PATH."""
+    from ktpipe.eval import run_evaluate
+
+    params = load_params(params_path)
+    result = run_step(run_evaluate, params, model, Path(model_dir), Path(eval_dir), Path(concepts_dir),
+                      Path(out_path))
+    for set_name, tasks in result["metrics"].items():
+        for task, metrics in tasks.items():
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in result["summary"][set_name][task].items())
+            click.echo(f"{model} on {set_name} ({task}): {shown}")
+    click.echo(f"-> {out_path}")

@@ -1,0 +1,50 @@
+"""The evaluation-task interface: what a task reads, the flat metrics it returns, how the report
+shows them. A task is one module under `ktpipe/eval/` and one entry of `ktpipe.eval.TASKS`; an
+evaluation set picks it with its `task:` key, and its metrics land under `<set>.<task>.<metric>`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ktpipe.concepts import ConceptText
+    from ktpipe.datasets import Manifest
+    from ktpipe.params import DatasetParams, EvaluateParams
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """Everything a task reads for one evaluation set."""
+
+    set_name: str
+    manifest: Manifest  # the set's records, of the kind the task reads
+    spec: DatasetParams  # the set's params entry
+    concepts: list[ConceptText]  # the experiment's concepts: names, roles, descriptions
+    templates: list[str]  # prompt templates ('{}' is the class name)
+    extra_classes: list[str]  # classes of the sets named in the set's `extra_classes`
+    params: EvaluateParams
+
+
+class Task(Protocol):
+    """One evaluation task (classification, retrieval, captioning, segmentation)."""
+
+    name: str  # registry key, and the <task> of `<set>.<task>.<metric>`
+    record_kind: str  # the manifest kind it reads: labeled, captioned or masked
+
+    def evaluate(self, model: Any, data: TaskInput, progress: bool = True) -> dict[str, float]:
+        """Run `model` on the set; flat `metric -> value`. The model is asked for capabilities
+        (ktpipe.models.base), never for its kind."""
+
+    def summary(self, metrics: dict[str, float], concepts: list[ConceptText]) -> dict[str, float]:
+        """The few numbers per model that the stage prints and `dvc exp show` lists; `target`
+        and `retention` when the task has them (the report's headline uses those two)."""
+
+    def report_table(self, results: dict[str, dict[str, float]], concepts: list[ConceptText]) -> list[str]:
+        """Markdown lines for one set: `results` maps model ('baseline' first, then recipes) to
+        this set's metrics."""
+
+
+def pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal, for report tables; '-' when missing or NaN."""
+    return "-" if value is None or value != value else f"{100 * value:.1f}%"
