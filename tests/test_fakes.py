@@ -15,7 +15,7 @@ from ktpipe import eval as evaluation
 from ktpipe import models
 from ktpipe.concepts import ConceptText, write_concept_files
 from ktpipe.datasets import CaptionedImage, Manifest, build_manifest, write_manifest
-from ktpipe.finetune import run_finetune
+from ktpipe.finetune import TrainingSet, run_finetune, training_set
 from ktpipe.images import load_inversion
 from ktpipe.invert import invert_text, run_invert
 from ktpipe.models import (EmbedsImages, EmbedsTexts, GeneratesCaptions, Invertible, ScoresPairs, Trainable,
@@ -62,6 +62,15 @@ def write_images(folder: Path, names: list[str], n: int = 3) -> list[tuple[Path,
     return items
 
 
+def caption_margin(model, data: TrainingSet) -> float:
+    """Mean score of each training image's own caption minus the mean of the other captions."""
+    with torch.no_grad():
+        scores = model.score_targets(data.pixels, model.text_targets(data.captions))  # (N, K)
+    own = scores.gather(1, data.labels[:, None]).squeeze(1)
+    others = (scores.sum(1) - own) / (scores.shape[1] - 1)
+    return float((own - others).mean())
+
+
 def fake_params(backend: str, sets: dict) -> Params:
     raw = {
         "concepts": {"names": [c.name for c in CONCEPTS]},
@@ -106,6 +115,9 @@ def test_fakes_run_through_inversion_finetuning_and_evaluation(family, tmp_path,
     moved = sum((a - b).abs().sum() for a, b in zip(tuned.module["visual"].parameters(),
                                                     base.module["visual"].parameters()))
     assert moved > 0 and torch.equal(tuned.module["text"].weight, base.module["text"].weight)  # visual only
+    data = training_set(params, params.recipe("paper"), tmp_path / "concepts", tmp_path / "inverted", 16)
+    before, after = (caption_margin(m, data) for m in (base, tuned))
+    assert after > before + 0.1, (before, after)  # own caption over the others: measured 0.026 -> 0.166
 
     results = {m: evaluation.run_evaluate(params, m, tmp_path / "models" / m, eval_dir, tmp_path / "concepts",
                                           tmp_path / f"{m}.json") for m in ("baseline", "paper")}

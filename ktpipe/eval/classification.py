@@ -125,9 +125,9 @@ def pair_class_scores(model: ScoresPairs, paths: tuple[str, ...], prompts: list[
     flat = [p for class_prompts in prompts for p in class_prompts]
     owner = torch.tensor([k for k, class_prompts in enumerate(prompts) for _ in class_prompts])
     counts = torch.bincount(owner, minlength=len(prompts)).float()
-    rows = []
+    targets, rows = model.text_targets(flat), []
     for pixels in image_batches(model, paths, batch_size, workers, progress, "score pairs"):
-        scores = model.score_targets(pixels, model.text_targets(flat)).cpu()  # (B, P)
+        scores = model.score_targets(pixels, targets).cpu()  # (B, P)
         rows.append(torch.zeros(len(pixels), len(prompts)).index_add_(1, owner, scores) / counts)
     return torch.cat(rows)
 
