@@ -4,13 +4,15 @@
     python benchmarks/pretrain_demo.py --threads 1 2 --steps 60
 
 Runs the pretraining step of the packaged demo world (`params.yaml`'s `pretrain` section) from
-scratch, without saving. After five warm-up steps it times whole steps, then separately the
-batch making (drawing captions and made-up names, rendering) of as many steps; the model's
-share (tokenizing, forward, backward, AdamW) is the difference.
+scratch, without saving. It times the stage's own loop (`ktpipe.pretrain.pretrain`) with and
+without `--steps` extra steps, then separately the batch making (drawing captions and made-up
+names, rendering) of as many steps; the model's share (tokenizing, forward, backward, AdamW) is
+the difference.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,9 +21,8 @@ import numpy as np
 import torch
 
 from ktpipe.concepts import load_concepts_file, world_concepts
-from ktpipe.models import build_demo_model
 from ktpipe.params import load_params
-from ktpipe.pretrain import build_pretrain_optimizer, image_batch, name_batch, pretrain_step
+from ktpipe.pretrain import image_batch, name_batch, pretrain
 from ktpipe.templates import load_templates
 from ktpipe.world import load_world
 
@@ -29,29 +30,21 @@ WARM_STEPS = 5
 
 
 def measure(params_path: Path, threads: int, steps: int) -> dict:
+    """Time `ktpipe.pretrain.pretrain` itself (the stage's loop) for WARM_STEPS and for
+    WARM_STEPS + `steps` steps; the difference is `steps` whole steps, without model build."""
     torch.set_num_threads(threads)
     params = load_params(params_path)
     cfg, size = params.pretrain, params.world.image_size
     world = load_world(concepts=world_concepts(load_concepts_file(Path(params.concepts.file))))
     templates = load_templates(params.evaluate.templates)
-    torch.manual_seed(params.seed)
+
+    def seconds(n: int) -> float:
+        start = time.perf_counter()
+        pretrain(world, templates, dataclasses.replace(cfg, steps=n), params.seed, size, progress=False)
+        return time.perf_counter() - start
+
+    per_step = (seconds(WARM_STEPS + steps) - seconds(WARM_STEPS)) / steps
     rng = np.random.default_rng(params.seed)
-    model = build_demo_model()
-    optimizer = build_pretrain_optimizer(model, cfg)
-    model.module.train()
-
-    def step() -> None:
-        losses = pretrain_step(model, world, templates, cfg, rng, size)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-
-    for _ in range(WARM_STEPS):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    per_step = (time.perf_counter() - start) / steps
     start = time.perf_counter()
     for _ in range(steps):
         image_batch(world, templates, cfg, rng, size)
@@ -67,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    parser.add_argument("--steps", type=int, default=40, help="timed steps (after 5 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps (beyond 5 warm-up steps)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     print(f"demo pretraining step, torch {torch.__version__}, {args.steps} timed steps")
