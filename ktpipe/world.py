@@ -297,6 +297,9 @@ def concept_attributes(
 # --- rendering ----------------------------------------------------------------------------
 
 
+STRIPE_ANGLES = (90.0, 45.0, 135.0)  # degrees: horizontal or diagonal stripes
+
+
 @dataclasses.dataclass(frozen=True)
 class Pose:
     """Random nuisance variables of one render, in output-pixel units."""
@@ -321,7 +324,7 @@ def sample_pose(shape: str, rng: np.random.Generator, size: int) -> Pose:
         angle=rng.uniform(-1.0, 1.0) * max_rot,
         border=rng.uniform(2.0, 2.75) * px,
         stripe_period=rng.uniform(4.0, 6.0) * px,
-        stripe_angle=np.deg2rad(rng.choice([90.0, 45.0, 135.0])),  # horizontal or diagonal
+        stripe_angle=np.deg2rad(STRIPE_ANGLES[rng.integers(len(STRIPE_ANGLES))]),  # as rng.choice, faster
         stripe_phase=rng.uniform(),
         color_jitter=rng.integers(-10, 11, size=(2, 3)),
     )
@@ -370,81 +373,148 @@ SDF_MARGIN = 1e-5  # radii
 PHASE_MARGIN = 1e-4  # stripe periods
 
 
+@dataclasses.dataclass(frozen=True)
+class Poses:
+    """The poses of several renders as float64 columns (K, 1), so that numpy paints them in one
+    pass; `take` gives one row per point (the supersampled pixels of many renders at once)."""
+
+    radius: np.ndarray
+    center_x: np.ndarray
+    center_y: np.ndarray
+    cos: np.ndarray  # of the rotation angle
+    sin: np.ndarray
+    border: np.ndarray
+    stripe_period: np.ndarray
+    stripe_cos: np.ndarray  # of the direction across the stripes
+    stripe_sin: np.ndarray
+    stripe_phase: np.ndarray
+
+    @classmethod
+    def stack(cls, poses: list[Pose]) -> "Poses":
+        """Columns of the poses' values; cosines and sines are taken one pose at a time, as numpy's
+        array kernels may round them differently from its scalar ones."""
+        def column(values: list[float]) -> np.ndarray:
+            return np.asarray(values, dtype=np.float64).reshape(-1, 1)
+
+        return cls(column([p.radius for p in poses]), column([p.center[0] for p in poses]),
+                   column([p.center[1] for p in poses]), column([np.cos(p.angle) for p in poses]),
+                   column([np.sin(p.angle) for p in poses]), column([p.border for p in poses]),
+                   column([p.stripe_period for p in poses]), column([np.cos(p.stripe_angle) for p in poses]),
+                   column([np.sin(p.stripe_angle) for p in poses]), column([p.stripe_phase for p in poses]))
+
+    def take(self, rows: np.ndarray) -> "Poses":
+        return Poses(*(getattr(self, field.name)[rows] for field in dataclasses.fields(self)))
+
+
 def compute_coverage(shape: str, fill: str, pose: Pose, size: int) -> np.ndarray:
     """Fraction of each output pixel painted in the shape color, (size, size) float32."""
-    cx, cy = build_pixel_centers(size)
-    whole, mixed = paint(shape, fill, pose, cx, cy, np.float32, reach=SAMPLE_REACH)
+    return compute_coverages(shape, fill, Poses.stack([pose]), size)[0]
+
+
+def compute_coverages(shape: str, fill: str, poses: Poses, size: int) -> np.ndarray:
+    """`compute_coverage` of K renders of one shape and fill at once, (K, size, size) float32;
+    each equals its own render's coverage bit for bit."""
+    cx, cy = (c.reshape(1, -1) for c in build_pixel_centers(size))  # (1, size*size)
+    whole, mixed = paint(shape, fill, poses, cx, cy, np.float32, reach=SAMPLE_REACH)  # (K, size*size)
     coverage = whole.astype(np.float32)
-    pixels = np.flatnonzero(mixed)
-    coverage.flat[pixels] = sample_coverage(shape, fill, pose, size, pixels)
-    return coverage
+    rows, pixels = np.nonzero(mixed)
+    coverage[rows, pixels] = sample_coverage(shape, fill, poses.take(rows), size, pixels)
+    return coverage.reshape(-1, size, size)
 
 
-def sample_coverage(shape: str, fill: str, pose: Pose, size: int, pixels: np.ndarray) -> np.ndarray:
-    """Painted fraction of the supersamples of output pixels `pixels` (flat indices), float32."""
+def sample_coverage(shape: str, fill: str, poses: Poses, size: int, pixels: np.ndarray) -> np.ndarray:
+    """Painted fraction of the supersamples of output pixels `pixels` (flat indices, one pose row
+    each), float32."""
     sx, sy = (g[pixels] for g in build_pixel_samples(size))  # (n, S*S)
-    painted, unsure = paint(shape, fill, pose, sx, sy, np.float32)
-    redo = np.flatnonzero(unsure)
-    if redo.size:
-        painted.flat[redo] = paint(shape, fill, pose, sx.ravel()[redo], sy.ravel()[redo], np.float64)[0]
+    painted, unsure = paint(shape, fill, poses, sx, sy, np.float32)
+    rows, cols = np.nonzero(unsure)
+    if rows.size:
+        redo = paint(shape, fill, poses.take(rows), sx[rows, cols, None], sy[rows, cols, None], np.float64)[0]
+        painted[rows, cols] = redo[:, 0]
     return painted.mean(axis=1, dtype=np.float32)
 
 
 def paint(
-    shape: str, fill: str, pose: Pose, x: np.ndarray, y: np.ndarray, dtype: type, reach: float = 0.0
+    shape: str, fill: str, poses: Poses, x: np.ndarray, y: np.ndarray, dtype: type, reach: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean paint decision at points (x, y) computed in `dtype`, and where it is unsure: it
-    may differ in exact arithmetic, or somewhere within `reach` pixels of the point."""
-    sdf = shape_sdf(shape, pose, x, y, dtype)
-    margin = reach + SDF_MARGIN * pose.radius
+    may differ in exact arithmetic, or somewhere within `reach` pixels of the point.
+
+    Pose values meet the points in `dtype`; the margins of a pass with a `reach` (pixel centers)
+    are compared in float64, those of a pass without (supersamples) in `dtype`.
+    """
+    limit = np.float64 if reach else dtype
+    sdf = shape_sdf(shape, poses, x, y, dtype)
+    margin = (reach + SDF_MARGIN * poses.radius).astype(limit)
     mask, unsure = sdf < 0, np.abs(sdf) < margin
     if fill == "solid":
         return mask, unsure
     if fill == "outlined":  # mask minus the mask eroded by `border`
-        unsure |= np.abs(sdf + pose.border) < margin
-        return mask & (sdf > -pose.border), unsure
+        unsure |= np.abs(sdf + poses.border.astype(dtype)) < margin
+        return mask & (sdf > (-poses.border).astype(dtype)), unsure
     if fill == "striped":  # stripes plus a hairline edge, so the silhouette stays readable
-        phase = stripe_phase(pose, x, y, dtype)
-        phase_margin = reach / pose.stripe_period + PHASE_MARGIN
-        unsure |= np.abs(sdf + pose.border / 2.5) < margin
-        near_stripe_edge = (np.abs(phase - 0.5) < phase_margin) | (phase < phase_margin) | (phase > 1 - phase_margin)
+        edge = poses.border / 2.5
+        phase = stripe_phase(poses, x, y, dtype)
+        phase_margin = reach / poses.stripe_period + PHASE_MARGIN
+        unsure |= np.abs(sdf + edge.astype(dtype)) < margin
+        near_stripe_edge = ((np.abs(phase - 0.5) < phase_margin.astype(limit)) | (phase < phase_margin.astype(limit))
+                            | (phase > (1 - phase_margin).astype(limit)))
         unsure |= near_stripe_edge & (sdf < margin)  # outside the shape, stripes do not matter
-        return mask & ((phase < 0.5) | (sdf > -pose.border / 2.5)), unsure
+        return mask & ((phase < 0.5) | (sdf > (-edge).astype(dtype))), unsure
     raise WorldError(f"unknown fill {fill!r}; known fills: {list(FILLS)}")
 
 
-def shape_sdf(shape: str, pose: Pose, x: np.ndarray, y: np.ndarray, dtype: type) -> np.ndarray:
+def shape_sdf(shape: str, poses: Poses, x: np.ndarray, y: np.ndarray, dtype: type) -> np.ndarray:
     """The posed shape's signed distance in pixels at points (x, y), computed in `dtype`."""
-    dx, dy = x - dtype(pose.center[0]), y - dtype(pose.center[1])
-    cos, sin = dtype(np.cos(pose.angle)), dtype(np.sin(pose.angle))
-    local_x = (cos * dx + sin * dy) / pose.radius  # rotate the grid by -angle
-    local_y = (-sin * dx + cos * dy) / pose.radius
-    return SHAPES[shape].sdf(local_x, local_y) * pose.radius  # a Python float keeps float32 sdfs float32
+    dx, dy = x - poses.center_x.astype(dtype), y - poses.center_y.astype(dtype)
+    cos, sin = poses.cos.astype(dtype), poses.sin.astype(dtype)
+    radius = poses.radius.astype(dtype)
+    local_x = (cos * dx + sin * dy) / radius  # rotate the grid by -angle
+    local_y = (-sin * dx + cos * dy) / radius
+    unit = SHAPES[shape].sdf(local_x, local_y)  # float32 for polygons (their distances round to float32)
+    return unit * poses.radius.astype(unit.dtype)
 
 
-def stripe_phase(pose: Pose, x: np.ndarray, y: np.ndarray, dtype: type) -> np.ndarray:
+def stripe_phase(poses: Poses, x: np.ndarray, y: np.ndarray, dtype: type) -> np.ndarray:
     """Position within the stripe period at points (x, y), in [0, 1]; stripes cover [0, 1/2)."""
-    cos, sin = dtype(np.cos(pose.stripe_angle)), dtype(np.sin(pose.stripe_angle))
-    periods = (x * cos + y * sin) / dtype(pose.stripe_period) + dtype(pose.stripe_phase)
+    cos, sin = poses.stripe_cos.astype(dtype), poses.stripe_sin.astype(dtype)
+    periods = (x * cos + y * sin) / poses.stripe_period.astype(dtype) + poses.stripe_phase.astype(dtype)
     return periods - np.floor(periods)  # equals np.mod(periods, 1.0), several times faster
 
 
 def render(a: Attributes, world: World, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """One anti-aliased render with random pose, color jitter and pixel noise; uint8 (H, W, 3)."""
-    pose = sample_pose(a.shape, rng, size)
-    coverage = compute_coverage(a.shape, a.fill, pose, size)[..., None]  # (H, W, 1)
-    fg = np.asarray(world.colors[a.color], dtype=np.float32) + pose.color_jitter[0]
-    bg = np.asarray(world.backgrounds[a.background], dtype=np.float32) + pose.color_jitter[1]
-    image = bg + coverage * (fg - bg)  # (H, W, 3)
-    image += rng.normal(0.0, 4.0, size=image.shape).astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return render_uint8([a], world, rng, size)[0]
+
+
+def render_uint8(attrs: list[Attributes], world: World, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Renders (N, H, W, 3) uint8, each as `render` makes it alone: the random draws (pose, then
+    pixel noise) run image by image, the painting runs once per shape and fill."""
+    poses, noise = [], []
+    for a in attrs:
+        poses.append(sample_pose(a.shape, rng, size))
+        noise.append(rng.normal(0.0, 4.0, size=(size, size, 3)).astype(np.float32))
+    coverage = np.empty((len(attrs), size, size, 1), dtype=np.float32)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, a in enumerate(attrs):
+        groups.setdefault((a.shape, a.fill), []).append(i)
+    for (shape, fill), rows in groups.items():
+        coverage[rows, ..., 0] = compute_coverages(shape, fill, Poses.stack([poses[i] for i in rows]), size)
+    # colors as one render computes them: float32 palette + int jitter, in float64
+    fg = np.stack([np.asarray(world.colors[a.color], dtype=np.float32) + p.color_jitter[0] for a, p in zip(attrs, poses)])
+    bg = np.stack([np.asarray(world.backgrounds[a.background], dtype=np.float32) + p.color_jitter[1]
+                   for a, p in zip(attrs, poses)])
+    fg, bg = fg[:, None, None, :], bg[:, None, None, :]
+    images = bg + coverage * (fg - bg)  # (N, H, W, 3)
+    images += np.stack(noise)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
 def render_batch(
     attrs: list[Attributes], world: World, rng: np.random.Generator, size: int = 32
 ) -> torch.Tensor:
     """Renders as a float32 (N, 3, size, size) tensor in [0, 1], quantized like saved PNGs."""
-    images = np.stack([render(a, world, rng, size) for a in attrs])  # (N, H, W, 3) uint8
+    images = render_uint8(attrs, world, rng, size)  # (N, H, W, 3) uint8
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -486,6 +556,6 @@ def write_concept(concept: Concept, world: World, root: Path, n: int, seed: int,
     rng = np.random.default_rng([seed, zlib.crc32(concept.name.encode())])
     folder = root / concept.name
     folder.mkdir()
-    for i, a in enumerate(concept_attributes(concept, world, rng, n)):
-        Image.fromarray(render(a, world, rng, size)).save(folder / f"{i:04d}.png")
+    for i, image in enumerate(render_uint8(concept_attributes(concept, world, rng, n), world, rng, size)):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
     return n

@@ -114,6 +114,25 @@ def test_biomedclip_layout_uses_hf_text_tower_and_tokenizer(random_checkpoint):
     assert "visual.head.proj.weight" in top and not any("patch_embed" in n or "pos_embed" in n for n in top)
 
 
+@pytest.mark.parametrize("arch", ["tiny", "biomedclip"])
+def test_tokenize_remembers_texts_and_matches_the_tokenizer(arch, random_checkpoint):
+    """Cached token ids equal the tokenizer's own batch output, for repeated and new texts."""
+    if arch == "tiny":
+        model = OpenClipModel.from_config(TINY)
+    else:
+        model = OpenClipModel.load(f"local-dir:{random_checkpoint('biomedclip')}")
+    texts = ["a photo of a dax.", "an outlined pink triangle on a gray background.", "a photo of a dax.",
+             "a very long caption " * 30]
+    first = model.tokenize(texts)
+    torch.testing.assert_close(first, model.tokenizer(texts), rtol=0, atol=0)
+    assert model._token_row.cache_info().hits == 1
+    again = model.tokenize(["a photo of a wug.", *texts])
+    torch.testing.assert_close(again, model.tokenizer(["a photo of a wug.", *texts]), rtol=0, atol=0)
+    assert model._token_row.cache_info().hits == 5
+    again[1] += 1  # the returned ids are a copy: editing them leaves the cache intact
+    torch.testing.assert_close(model.tokenize(texts[:1]), first[:1], rtol=0, atol=0)
+
+
 def test_demo_model_preprocess_gives_unit_range_pixels():
     from PIL import Image
 

@@ -265,13 +265,13 @@ def test_write_split_rejects_zero_and_leaves_nothing(world, tmp_path):
 def test_write_split_failure_leaves_nothing(world, tmp_path, monkeypatch):
     calls = []
 
-    def failing_render(*args, **kwargs):
+    def failing_render(attrs, *args, **kwargs):  # the second concept's renders fail
         calls.append(1)
-        if len(calls) > 3:
+        if len(calls) > 1:
             raise RuntimeError("disk full")
-        return np.zeros((32, 32, 3), dtype=np.uint8)
+        return np.zeros((len(attrs), 32, 32, 3), dtype=np.uint8)
 
-    monkeypatch.setattr(world_module, "render", failing_render)
+    monkeypatch.setattr(world_module, "render_uint8", failing_render)
     with pytest.raises(RuntimeError, match="disk full"):
         write_split(world, tmp_path / "split", n_per_concept=2, seed=0)
     assert list(tmp_path.iterdir()) == []

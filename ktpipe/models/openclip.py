@@ -10,6 +10,7 @@ architecture is built into open_clip, the config's "arch" entry names it, and
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ from ktpipe.models.base import DUAL_ENCODER, ModelLoadError
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 HF_HUB = "hf-hub:"
+TOKEN_CACHE_SIZE = 1 << 16  # distinct texts whose token ids a model keeps (pretraining repeats most captions)
 
 
 
@@ -220,6 +222,7 @@ class OpenClipModel:
         self.mean = torch.tensor(pp["mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(pp["std"], device=device).view(1, 3, 1, 1)
         self.vision_layers = len(self.vision_blocks())
+        self._token_row = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self._tokenize_one)
         self._to_pixels = T.Compose([
             T.ToImage(),
             T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
@@ -261,8 +264,13 @@ class OpenClipModel:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._to_pixels(image.convert("RGB"))
 
+    def _tokenize_one(self, text: str) -> torch.Tensor:
+        return self.tokenizer([text])[0]
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(texts).to(self.device)
+        """(T, context) token ids; each distinct text is tokenized once per model and then
+        remembered (pretraining and evaluation repeat most of their texts)."""
+        return torch.stack([self._token_row(text) for text in texts]).to(self.device)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
