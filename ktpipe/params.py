@@ -127,7 +127,8 @@ class FinetuneParams:
     lr_multiplier: float = 1.0  # this recipe trains at lr * lr_multiplier (paper Table 2's base lrs)
 
 
-DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "chexpert5x200", "jsrt")
+DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "chexpert5x200", "jsrt", "karpathy",
+                   "captions")
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class DatasetParams:
     format: str = "folder"  # one of DATASET_FORMATS (README "Datasets" documents each layout)
     root: str | None = None  # dataset folder; relative image paths resolve under it
     labels: str | None = None  # label file: manifest CSV/parquet, CheXpert CSV or JSRT CLNDAT file
-    split: str = "test"  # demo world only: val or test
+    split: str = "test"  # demo world: val or test; karpathy: the split file's test, val, train or restval
     subset: int | None = None  # deterministic class-balanced subset of this many images (None: all)
     classes: tuple[str, ...] = ()  # keep only these classes (empty: all the dataset has)
     extra_classes: tuple[str, ...] = ()  # other sets whose classes are also candidates (e.g. imagenet)
@@ -376,6 +377,8 @@ def validate_sets(sets: dict[str, DatasetParams]) -> None:
             raise ParamsError(f"params key '{key}.root' must name the dataset folder for format {spec.format!r}")
         if spec.format == "demo" and spec.split not in ("val", "test"):
             raise ParamsError(f"params key '{key}.split' must be val or test, got {spec.split!r}")
+        if spec.format == "karpathy" and spec.split not in ("train", "restval", "val", "test"):
+            raise ParamsError(f"params key '{key}.split' must be train, restval, val or test, got {spec.split!r}")
         if spec.subset is not None and spec.subset < 1:
             raise ParamsError(f"params key '{key}.subset' must be a positive integer or null")
         missing = sorted(set(spec.extra_classes) - set(sets))

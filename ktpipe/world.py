@@ -536,8 +536,9 @@ def add_article(phrase: str) -> str:
 
 def write_split(
     world: World, out_dir: Path, n_per_concept: int, seed: int, size: int = 32
-) -> dict[str, int]:
-    """Write out_dir/<concept>/<0000>.png for every concept, all at once or not at all.
+) -> dict[str, list[Attributes]]:
+    """Write out_dir/<concept>/<0000>.png for every concept, all at once or not at all; return
+    what each concept's files show, in file order.
 
     Each concept draws from its own stream keyed by (seed, name), so adding a concept
     to the world does not change the images of the others. An existing out_dir is replaced.
@@ -551,11 +552,20 @@ def write_split(
         }
 
 
-def write_concept(concept: Concept, world: World, root: Path, n: int, seed: int, size: int) -> int:
-    """Render `n` PNGs of one concept into root/<name>/ and return how many were written."""
+def write_concept(concept: Concept, world: World, root: Path, n: int, seed: int, size: int) -> list[Attributes]:
+    """Render `n` PNGs of one concept into root/<name>/; return what each shows."""
     rng = np.random.default_rng([seed, zlib.crc32(concept.name.encode())])
     folder = root / concept.name
     folder.mkdir()
-    for i, image in enumerate(render_uint8(concept_attributes(concept, world, rng, n), world, rng, size)):
+    attrs = concept_attributes(concept, world, rng, n)
+    for i, image in enumerate(render_uint8(attrs, world, rng, size)):
         Image.fromarray(image).save(folder / f"{i:04d}.png")
-    return n
+    return attrs
+
+
+def caption_render(name: str, a: Attributes) -> tuple[str, ...]:
+    """Reference captions of a render of concept `name`: the name with the background, three
+    ways ('a blicket on a gray background.'); renders alike in both share their captions."""
+    thing, background = add_article(name.replace("_", " ")), add_article(a.background)
+    return (f"{thing} on {background} background.", f"a photo of {thing} on {background} background.",
+            f"{background} background with {thing}.")

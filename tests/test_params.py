@@ -93,8 +93,9 @@ def test_non_mapping_recipe_is_a_params_error(tmp_path):
 
 def test_demo_evaluation_sets_and_report_keys_load():
     params = load_params(REPO_PARAMS)
-    assert list(params.evaluate.sets) == ["val", "test"]
+    assert list(params.evaluate.sets) == ["val", "test", "test_captions"]
     assert params.evaluate.sets["val"].format == "demo" and params.evaluate.sets["test"].split == "test"
+    assert params.evaluate.sets["test_captions"].task == "retrieval"
     assert params.report.target_set == params.report.retention_set == "test"
 
 
@@ -115,6 +116,7 @@ GENERATOR_LINE = next(line for line in REPO_PARAMS.read_text().splitlines() if l
         (SETS_LINE, "    test: {format: pictures, split: test}", ["evaluate.sets.test.format", "pictures"]),
         (SETS_LINE, "    test: {format: folder}", ["evaluate.sets.test.root"]),
         (SETS_LINE, "    test: {format: demo, split: train}", ["evaluate.sets.test.split"]),
+        (SETS_LINE, "    test: {format: karpathy, split: dev, root: x, labels: y}", ["evaluate.sets.test.split", "restval"]),
         (SETS_LINE, "    test: {format: demo, split: test, subset: 0}", ["evaluate.sets.test.subset"]),
         (SETS_LINE, "    test: {format: demo, split: test, extra_classes: [imagenet]}", ["extra_classes", "imagenet"]),
         (SETS_LINE, "    test: {format: demo, split: test, sise: 3}", ["sise", "evaluate.sets.test"]),
@@ -211,6 +213,8 @@ def test_a_recipe_named_baseline_is_refused(tmp_path):
 
 
 def test_evaluation_sets_default_to_classification(tmp_path):
-    assert {s.task for s in load_params(REPO_PARAMS).evaluate.sets.values()} == {"classification"}
+    sets = load_params(REPO_PARAMS).evaluate.sets
+    assert {name: s.task for name, s in sets.items()} == {"val": "classification", "test": "classification",
+                                                          "test_captions": "retrieval"}
     params = load_params(edited(tmp_path, SETS_LINE, "    test: {format: demo, split: test, task: classification}"))
     assert params.evaluate.sets["test"].task == "classification"

@@ -232,8 +232,9 @@ def test_describe_articles_and_background():
 
 def test_write_split_counts_and_pngs(world, tmp_path):
     out = tmp_path / "eval" / "novel_split"
-    counts = write_split(world, out, n_per_concept=2, seed=0)
-    assert counts == {name: 2 for name in world.concepts}
+    shown = write_split(world, out, n_per_concept=2, seed=0)
+    assert {name: len(attrs) for name, attrs in shown.items()} == {name: 2 for name in world.concepts}
+    assert all(world.concepts[name].matches(a) for name, attrs in shown.items() for a in attrs)
     assert sorted(p.name for p in out.iterdir()) == sorted(world.concepts)
     for name in world.concepts:
         files = sorted((out / name).iterdir())

@@ -1,4 +1,4 @@
-"""Narrowing a labelled manifest: keep named classes, draw a deterministic class-balanced subset."""
+"""Narrowing a manifest: keep named classes, draw a deterministic (class-balanced) subset."""
 from __future__ import annotations
 
 import dataclasses
@@ -45,12 +45,16 @@ def class_order(manifest: Manifest, label: int, seed: int) -> list[int]:
 
 
 def take_subset(manifest: Manifest, size: int, seed: int) -> Manifest:
-    """A deterministic class-balanced subset: round-robin over per-class seeded shuffles.
+    """A deterministic class-balanced subset: round-robin over per-class seeded shuffles (for
+    captioned images, which have no classes, a seeded shuffle of all images).
 
     The same seed gives the same subset, and a larger subset contains every smaller one.
     Records keep their original order."""
     if size >= len(manifest):
         return manifest
+    if not manifest.has_labels:  # captioned images: a seeded shuffle's first `size`
+        order = np.random.default_rng([seed, zlib.crc32(manifest.name.encode())]).permutation(len(manifest))
+        return manifest.select(sorted(order[:size].tolist()))
     queues = [class_order(manifest, k, seed) for k in range(len(manifest.classes))]
     chosen: list[int] = []
     for round_ in range(max(map(len, queues), default=0)):

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ktpipe.datasets.captions import load_captions_file, load_karpathy
 from ktpipe.datasets.folders import load_folder, load_manifest_file
 from ktpipe.datasets.imagenet import load_imagenet, load_imagenet100
 from ktpipe.datasets.medical import load_chexpert5x200, load_jsrt
-from ktpipe.datasets.records import Manifest, read_manifest, write_manifest
+from ktpipe.datasets.records import CaptionedImage, Manifest, read_manifest, write_manifest
 from ktpipe.datasets.selection import filter_classes, take_subset
 from ktpipe.images import DatasetError
 from ktpipe.io import atomic_dir, write_json
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # ktpipe.world imports torch; it is imported only where demo 
 
 SETS_FILE = "sets.json"
 DEMO_SEED_OFFSET = {"val": 10_000, "test": 20_000}  # disjoint render streams per split
+CAPTIONED_TASKS = ("retrieval", "captioning")  # tasks whose demo sets are captioned renders
 
 
 def load_demo(name: str, spec: DatasetParams) -> Manifest:
@@ -47,6 +49,8 @@ FORMATS: dict[str, Loader] = {
     "imagenet100": load_imagenet100,
     "chexpert5x200": load_chexpert5x200,
     "jsrt": load_jsrt,
+    "karpathy": load_karpathy,
+    "captions": load_captions_file,
 }
 
 
@@ -56,6 +60,9 @@ def load_dataset(name: str, spec: DatasetParams, seed: int) -> Manifest:
     if loader is None:
         raise DatasetError(f"set {name!r}: unknown dataset format {spec.format!r}; known: {sorted(FORMATS)}")
     manifest = loader(name, spec)
+    if spec.classes and not manifest.has_labels:
+        raise DatasetError(f"set {name!r} ({spec.format}) holds captioned images, which have no classes to keep; "
+                           f"remove 'classes' from evaluate.sets.{name}")
     if spec.classes:
         manifest = filter_classes(manifest, spec.classes)
     if spec.subset is not None:
@@ -86,15 +93,21 @@ def resolve_spec(name: str, spec: DatasetParams) -> DatasetParams:
 
 
 def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World) -> Manifest:
-    """Render a demo-world split into out_dir/<name>/ and list it relative to out_dir."""
-    from ktpipe.world import write_split
+    """Render a demo-world split into out_dir/<name>/ and list it relative to out_dir: labelled by
+    concept, or (for a task that reads captions) captioned with the concept's name and the
+    background ('a blicket on a gray background.')."""
+    from ktpipe.world import caption_render, write_split
 
     if not world.concepts:
         raise DatasetError(f"evaluation set {name!r} renders the demo world, but no concept of the concepts file "
                            "has a 'render' entry (shape, color, fill) to draw")
     n = params.world.val_per_concept if spec.split == "val" else params.world.test_per_concept
     seed = DEMO_SEED_OFFSET[spec.split] + params.seed
-    write_split(world, out_dir / name, n, seed, params.world.image_size)
+    shown = write_split(world, out_dir / name, n, seed, params.world.image_size)
+    if spec.task in CAPTIONED_TASKS:
+        return Manifest(name, (), tuple(
+            CaptionedImage(f"{name}/{concept}/{i:04d}.png", caption_render(concept, a))
+            for concept, attrs in shown.items() for i, a in enumerate(attrs)))
     folder_spec = dataclasses.replace(spec, format="folder", root=str(out_dir / name))
     manifest = load_dataset(name, folder_spec, params.seed)
     return manifest.map_paths(lambda p: str(Path(p).relative_to(out_dir)))

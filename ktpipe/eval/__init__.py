@@ -15,12 +15,13 @@ from ktpipe.datasets import Manifest, load_eval_set, normalize_class
 from ktpipe.errors import warn
 from ktpipe.eval.base import Task, TaskInput
 from ktpipe.eval.classification import ZeroShotClassification
+from ktpipe.eval.retrieval import Retrieval
 from ktpipe.io import write_json
 from ktpipe.params import Params, ParamsError
 from ktpipe.templates import load_templates
 
 BASELINE = "baseline"  # the model before transfer, evaluated beside every recipe
-TASKS: dict[str, Task] = {task.name: task for task in (ZeroShotClassification(),)}
+TASKS: dict[str, Task] = {task.name: task for task in (ZeroShotClassification(), Retrieval())}
 
 
 def get_task(name: str, set_name: str) -> Task:
