@@ -24,7 +24,7 @@ class ParamsError(KtpipeError):
 
 @dataclass(frozen=True)
 class ModelParams:
-    backend: str = "demo"  # registry key in ktpipe.models.BACKENDS (demo, open_clip)
+    backend: str = "demo"  # registry key in ktpipe.models.BACKENDS (demo, open_clip, vilt)
     name: str = "ktpipe-demo"  # open_clip architecture, 'local-dir:<path>' or 'hf-hub:<id>'
     pretrained: str | None = None  # pretrained tag, or a local checkpoint file or folder
     device: str = "auto"  # auto picks cuda when available, else cpu

@@ -123,3 +123,16 @@ def require(model: Any, capability: type, what: str) -> None:
     if not isinstance(model, capability):
         raise KtpipeError(f"{what} needs a model that {capability.__doc__.split('(')[0].strip().lower()} "
                           f"({capability.__name__}); {type(model).__name__} does not")
+
+
+def square_pixels(size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """A backend's preprocess: PIL image -> (3, size, size) float pixels in [0, 1], the shorter
+    side resized (bicubic, antialiased) and the center cropped."""
+    from torchvision.transforms import v2 as T  # heavy to import; only the backends call this
+
+    return T.Compose([
+        T.ToImage(),
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(size),
+        T.ToDtype(torch.float32, scale=True),
+    ])

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from open_clip.tokenizer import HFTokenizer
 from PIL import Image
 from safetensors.torch import save_file
-from torchvision.transforms import v2 as T
 
 from ktpipe.models import LOCAL_DIR
-from ktpipe.models.base import DUAL_ENCODER, ModelLoadError
+from ktpipe.models.base import DUAL_ENCODER, ModelLoadError, square_pixels
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -223,12 +222,7 @@ class OpenClipModel:
         self.std = torch.tensor(pp["std"], device=device).view(1, 3, 1, 1)
         self.vision_layers = len(self.vision_blocks())
         self._token_row = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self._tokenize_one)
-        self._to_pixels = T.Compose([
-            T.ToImage(),
-            T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(self.image_size),
-            T.ToDtype(torch.float32, scale=True),
-        ])
+        self._to_pixels = square_pixels(self.image_size)
 
     @classmethod
     def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "OpenClipModel":

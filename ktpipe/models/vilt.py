@@ -1,0 +1,222 @@
+"""ViLT backend: a cross-encoder that only scores image-text pairs (image-text matching, ITM),
+through transformers' `ViltForImageAndTextRetrieval` and `ViltProcessor`.
+
+A checkpoint is a hub id or a local folder in transformers' layout (`config.json`, weights,
+tokenizer files); 'local-dir:<folder>' names a folder as the other backends do. The match score
+is one logit: a retrieval checkpoint's `rank_output`, or, for checkpoints that keep ViLT's
+pretraining head (`itm_score.fc`, two-way: no match, match), its log-odds (row 1 minus row 0, for
+weight and bias), which ranks pairs as the softmax match probability does. A checkpoint with
+neither is refused: `from_pretrained` would start the head at random.
+
+Pixels keep the backend contract: (B, 3, S, S) in [0, 1] at the config's `image_size`; the
+backend normalizes them (ViLT's mean and std, 0.5) and masks nothing (square images fill the
+grid). Texts take at most `max_position_embeddings` tokens (40), start and end included.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from ktpipe.models import LOCAL_DIR
+from ktpipe.models.base import CROSS_ENCODER, ModelLoadError, square_pixels
+
+ITM_HEAD = ("itm_score.fc.weight", "itm_score.fc.bias")  # ViLT pretraining's two-way head
+RANK_HEAD = ("rank_output.weight", "rank_output.bias")  # transformers' one-logit retrieval head
+PAIR_CHUNK = 64  # image-text pairs per forward pass when scoring every pair
+
+
+def checkpoint_source(name: str) -> str:
+    """A hub id or a folder, from a model name ('local-dir:<folder>' as the other backends)."""
+    return name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else name
+
+
+def checkpoint_file(source: str) -> Path:
+    """The weights file of a folder or hub checkpoint: model.safetensors, else pytorch_model.bin."""
+    names = ("model.safetensors", "pytorch_model.bin")
+    if Path(source).is_dir():
+        found = [Path(source) / name for name in names if (Path(source) / name).is_file()]
+    else:  # a hub id, reached only at sites with hub access (or its cache)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        found = []
+        for name in names:
+            try:
+                found.append(Path(hf_hub_download(source, name)))
+                break
+            except EntryNotFoundError:
+                continue
+    if not found:
+        raise ModelLoadError(f"ViLT checkpoint {source!r} has neither {names[0]} nor {names[1]}")
+    return found[0]
+
+
+def checkpoint_state(source: str) -> dict[str, torch.Tensor]:
+    """The raw weights of a checkpoint (safetensors, or a PyTorch file read with weights_only),
+    to find a head that the model class does not have."""
+    path = checkpoint_file(source)
+    return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+
+
+def match_head(missing: list[str], source: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight (1, H), bias (1,)) of the one match logit when the checkpoint has no `rank_output`:
+    the two-way ITM head's log-odds. None when `rank_output` loaded; an error when neither head
+    is in the checkpoint."""
+    absent = [key for key in RANK_HEAD if key in missing]
+    if not absent:
+        return None
+    state = checkpoint_state(source)
+    if not all(key in state for key in ITM_HEAD):
+        raise ModelLoadError(
+            f"ViLT checkpoint {source!r} has no image-text matching head: missing {absent} (retrieval head) and "
+            f"{[k for k in ITM_HEAD if k not in state]} (pretraining head); transformers would start it at random"
+        )
+    weight, bias = (state[key] for key in ITM_HEAD)
+    if weight.shape[0] != 2:
+        raise ModelLoadError(f"ViLT checkpoint {source!r}: {ITM_HEAD[0]} has {weight.shape[0]} rows, expected 2")
+    return (weight[1] - weight[0]).unsqueeze(0), (bias[1] - bias[0]).reshape(1)
+
+
+class ViltTextBudget:
+    """The text budget of a ViLT tokenizer: `context_length` tokens, [CLS] and [SEP] included."""
+
+    def __init__(self, tokenizer: Any, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, int(context_length)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def kept(self, text: str) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.context_length - 2]
+        return self.tokenizer.decode(ids)
+
+
+class ViltCrossEncoder:
+    """A ViLT image-text matching model behind the ktpipe interface (ScoresPairs, Invertible,
+    Trainable)."""
+
+    kind = CROSS_ENCODER
+
+    def __init__(self, module: torch.nn.Module, processor: Any, device: str = "cpu", base_model: str | None = None):
+        self.module = module.to(device)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.base_model = base_model
+        config = module.config
+        self.image_size = int(config.image_size)
+        self.context_length = int(config.max_position_embeddings)
+        self.mean = torch.tensor(processor.image_processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_processor.image_std, device=device).view(1, 3, 1, 1)
+        self._to_pixels = square_pixels(self.image_size)
+
+    @classmethod
+    def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "ViltCrossEncoder":
+        """A hub id or a folder; the match head as the module docstring says."""
+        from transformers import ViltForImageAndTextRetrieval, ViltProcessor
+
+        source = checkpoint_source(pretrained or name)
+        try:
+            module, info = ViltForImageAndTextRetrieval.from_pretrained(source, output_loading_info=True)
+            processor = ViltProcessor.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load ViLT checkpoint {source!r}: {err}") from err
+        head = match_head(info["missing_keys"], source)
+        if head is not None:
+            with torch.no_grad():
+                module.rank_output.weight.copy_(head[0])
+                module.rank_output.bias.copy_(head[1])
+        module.eval()
+        return cls(module, processor, device, base_model=source)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """(3, S, S) pixels in [0, 1]: shorter side resized to S, center crop."""
+        return self._to_pixels(image.convert("RGB"))
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, token_type_ids (T, L); a text over the context is an error
+        naming it and its length."""
+        over = [(t, n) for t in texts if (n := len(self.tokenizer(t)["input_ids"])) > self.context_length]
+        if over:
+            text, n = over[0]
+            raise ModelLoadError(f"text {text[:60]!r} has {n} tokens; ViLT reads at most {self.context_length}")
+        batch = self.tokenizer(texts, padding="max_length", max_length=self.context_length, return_tensors="pt")
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def match_logits(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) match logits of N (image, text) pairs, row by row."""
+        pixel_values = (pixels.to(self.device) - self.mean) / self.std
+        mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=self.device)
+        return self.module(pixel_values=pixel_values, pixel_mask=mask, **tokens).logits[:, 0]
+
+    def text_targets(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenize(texts)
+
+    def score_targets(self, pixels: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) match logits of every image with every text, PAIR_CHUNK pairs per pass."""
+        n_images, n_texts = pixels.shape[0], targets["input_ids"].shape[0]
+        image_index = torch.arange(n_images).repeat_interleave(n_texts)
+        text_index = torch.arange(n_texts).repeat(n_images)
+        scores = []
+        for start in range(0, n_images * n_texts, PAIR_CHUNK):
+            rows = slice(start, start + PAIR_CHUNK)
+            tokens = {key: value[text_index[rows].to(value.device)] for key, value in targets.items()}
+            scores.append(self.match_logits(pixels[image_index[rows]], tokens))
+        return torch.cat(scores).reshape(n_images, n_texts)
+
+    def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.match_logits(pixels, self.tokenize(texts))
+
+    def text_target(self, text: str, similarity: str = "cosine") -> dict[str, torch.Tensor]:
+        return self.tokenize([text])
+
+    def similarity(self, pixels: torch.Tensor, target: dict[str, torch.Tensor], similarity: str = "cosine") -> torch.Tensor:
+        """(N,) log-probability that each image matches the text: maximizing it is the
+        cross-entropy to 'match' that inverting ViLT minimizes."""
+        tokens = {key: value.expand(pixels.shape[0], -1) for key, value in target.items()}
+        return F.logsigmoid(self.match_logits(pixels, tokens))
+
+    def tower_parameters(self, tower: str, last_blocks: int | None = None) -> Iterable[torch.nn.Parameter]:
+        """ViLT is one transformer over both modalities: `text` is its text embeddings, `visual`
+        everything else (patch embeddings, encoder, pooler, match head; with `last_blocks`, only the
+        last blocks and what follows them), `both` all of it."""
+        if tower not in ("visual", "text", "both"):
+            raise ValueError(f"tower must be visual, text or both, got {tower!r}")
+        layers = self.module.config.num_hidden_layers
+        first = 0 if last_blocks is None else layers - last_blocks
+        for name, param in self.module.named_parameters():
+            text = name.startswith("vilt.embeddings.text_embeddings.")
+            if tower == "text" and text or tower == "both":
+                yield param
+            elif tower == "visual" and not text and self._after(name, first):
+                yield param
+
+    @staticmethod
+    def _after(name: str, first: int) -> bool:
+        """Whether parameter `name` is in encoder block `first` or later, or after the encoder."""
+        if name.startswith("vilt.encoder.layer."):
+            return int(name.split(".")[3]) >= first
+        return first == 0 or not name.startswith("vilt.embeddings.")
+
+    def save(self, out_dir: Path) -> None:
+        """transformers' folder layout (safetensors weights, config, processor), loadable by name."""
+        out_dir = Path(out_dir)
+        self.module.save_pretrained(out_dir, safe_serialization=True)
+        self.processor.save_pretrained(out_dir)
+
+
+def load_vilt_text_budget(name: str, pretrained: str | None = None) -> ViltTextBudget:
+    """The text budget of a ViLT checkpoint, from its tokenizer and config alone."""
+    from transformers import AutoTokenizer, ViltConfig
+
+    source = checkpoint_source(pretrained or name)
+    try:
+        return ViltTextBudget(AutoTokenizer.from_pretrained(source),
+                              ViltConfig.from_pretrained(source).max_position_embeddings)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load ViLT tokenizer of {source!r}: {err}") from err

@@ -1,0 +1,176 @@
+"""ViLT backend on a tiny random-init ViLT written offline: the match head (retrieval head, or the
+two-way pretraining head mapped to its log-odds, or a refusal), pair scores, the 40-token text
+limit, save and load, the tower split, the inversion objective and retrieval pair by pair."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import ktpipe.models.vilt as vilt_module
+from archs import write_tiny_bert
+from ktpipe.models import ModelLoadError, ScoresPairs, load_base_text_budget, load_model
+from ktpipe.models.vilt import ITM_HEAD, RANK_HEAD
+from ktpipe.params import ModelParams
+
+WEIGHTS = "model.safetensors"
+
+
+def write_tiny_vilt(folder: Path, head: str = "retrieval", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide ViLT at 32 px (patch 16) with a word-piece tokenizer, in transformers'
+    layout; `head` is retrieval (rank_output), itm (ViLT's two-way head instead) or none."""
+    from transformers import BertTokenizerFast, ViltConfig, ViltForImageAndTextRetrieval, ViltImageProcessor, ViltProcessor
+
+    tokenizer = BertTokenizerFast.from_pretrained(write_tiny_bert(folder / "bert"))
+    config = ViltConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, image_size=32, patch_size=16, max_position_embeddings=40)
+    torch.manual_seed(seed)
+    ViltForImageAndTextRetrieval(config).save_pretrained(folder, safe_serialization=True)
+    ViltProcessor(ViltImageProcessor(), tokenizer).save_pretrained(folder)
+    state = load_file(str(folder / WEIGHTS))
+    if head != "retrieval":
+        for key in RANK_HEAD:
+            del state[key]
+    if head == "itm":
+        generator = torch.Generator().manual_seed(seed + 1)
+        state[ITM_HEAD[0]] = torch.randn(2, 32, generator=generator)
+        state[ITM_HEAD[1]] = torch.randn(2, generator=generator)
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vilt_folder(tmp_path_factory) -> Path:
+    return write_tiny_vilt(tmp_path_factory.mktemp("vilt"))
+
+
+def pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_retrieval_checkpoint_scores_every_pair_as_pair_by_pair(vilt_folder, monkeypatch):
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    assert isinstance(model, ScoresPairs) and model.kind == "cross_encoder" and model.image_size == 32
+    texts = ["a photo of a heart", "a chest x ray", "a lung scan with a tumor"]
+    images = pixels(4)
+    monkeypatch.setattr(vilt_module, "PAIR_CHUNK", 5)  # 12 pairs in passes of 5
+    with torch.no_grad():
+        grid = model.score_targets(images, model.text_targets(texts))
+        expected = torch.stack([model.score_pairs(images, [t] * 4) for t in texts], dim=1)
+    assert grid.shape == (4, 3)
+    torch.testing.assert_close(grid, expected, rtol=1e-5, atol=1e-5)
+    assert grid.std() > 0  # a real head: pairs score differently
+
+
+def test_two_way_head_becomes_its_log_odds(tmp_path):
+    folder = write_tiny_vilt(tmp_path / "itm", head="itm")
+    model = load_model("vilt", f"local-dir:{folder}", device="cpu")
+    state = load_file(str(folder / WEIGHTS))
+    weight, bias = state[ITM_HEAD[0]], state[ITM_HEAD[1]]
+    images = pixels(5, seed=3)
+    tokens = model.tokenize(["a heart"] * 5)
+    with torch.no_grad():
+        mask = torch.ones(5, 32, 32, dtype=torch.long)
+        pooled = model.module.vilt(pixel_values=(images - 0.5) / 0.5, pixel_mask=mask, **tokens).pooler_output
+        match_probability = torch.softmax(pooled @ weight.T + bias, dim=-1)[:, 1]
+        logits = model.score_pairs(images, ["a heart"] * 5)
+    torch.testing.assert_close(torch.sigmoid(logits), match_probability, rtol=1e-5, atol=1e-6)
+    assert torch.equal(logits.argsort(), match_probability.argsort())
+
+
+def test_checkpoint_without_a_match_head_is_refused(tmp_path):
+    folder = write_tiny_vilt(tmp_path / "headless", head="none")
+    with pytest.raises(ModelLoadError, match=r"no image-text matching head.*rank_output.weight.*itm_score.fc.weight"):
+        load_model("vilt", f"local-dir:{folder}", device="cpu")
+    with pytest.raises(ModelLoadError, match="cannot load ViLT checkpoint"):
+        load_model("vilt", f"local-dir:{tmp_path / 'nowhere'}", device="cpu")
+
+
+def test_text_over_forty_tokens_is_an_error_naming_it(vilt_folder):
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    long = " ".join(["heart"] * 45)
+    with pytest.raises(ModelLoadError, match=r"has 47 tokens; ViLT reads at most 40"):
+        model.text_targets(["a heart", long])
+    budget = load_base_text_budget(ModelParams(backend="vilt", name=f"local-dir:{vilt_folder}"))
+    assert budget.context_length == 40 and budget.count(long) == 47 and budget.count(budget.kept(long)) == 40
+
+
+def test_save_and_load_keep_the_scores(vilt_folder, tmp_path):
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    model.save(tmp_path / "saved")
+    again = load_model("vilt", f"local-dir:{tmp_path / 'saved'}", device="cpu")
+    images = pixels(2)
+    with torch.no_grad():
+        torch.testing.assert_close(again.score_pairs(images, ["a heart", "a lung"]),
+                                   model.score_pairs(images, ["a heart", "a lung"]))
+
+
+def test_towers_split_text_embeddings_from_the_rest(vilt_folder):
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    names = {id(p): n for n, p in model.module.named_parameters()}
+    text = {names[id(p)] for p in model.tower_parameters("text")}
+    visual = {names[id(p)] for p in model.tower_parameters("visual")}
+    assert text and all(n.startswith("vilt.embeddings.text_embeddings.") for n in text)
+    assert not text & visual and text | visual == set(names.values())
+    top = {names[id(p)] for p in model.tower_parameters("visual", last_blocks=1)}
+    assert any(n.startswith("vilt.encoder.layer.1.") for n in top) and "rank_output.weight" in top
+    assert not any(n.startswith(("vilt.encoder.layer.0.", "vilt.embeddings.")) for n in top)
+
+
+def test_inversion_objective_is_the_match_log_probability_and_reaches_the_pixels(vilt_folder):
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    images = pixels(3).requires_grad_(True)
+    target = model.text_target("a heart")
+    sims = model.similarity(images, target)
+    with torch.no_grad():
+        expected = torch.nn.functional.logsigmoid(model.score_pairs(images, ["a heart"] * 3))
+    torch.testing.assert_close(sims.detach(), expected)
+    assert (sims <= 0).all()
+    sims.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_retrieval_scores_every_pair_through_vilt(vilt_folder, tmp_path):
+    from ktpipe.datasets import CaptionedImage, Manifest
+    from ktpipe.eval import TASKS
+    from ktpipe.eval.base import TaskInput
+    from ktpipe.eval.retrieval import caption_index, retrieval_metrics
+    from ktpipe.params import DatasetParams, EvaluateParams
+
+    records = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 32), (60 * i, 30, 200 - 40 * i)).save(path)
+        records.append(CaptionedImage(str(path), (f"a heart {i}", f"a lung scan {i}")))
+    manifest = Manifest("pairs", (), tuple(records))
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    data = TaskInput("pairs", manifest, DatasetParams(task="retrieval", format="captions"), [], [],
+                     [], EvaluateParams(batch_size=3))
+    metrics = TASKS["retrieval"].evaluate(model, data, progress=False)
+    captions, positives = caption_index(manifest)
+    with torch.no_grad():
+        images = torch.stack([model.preprocess(Image.open(r.path)) for r in records])
+        scores = torch.stack([model.score_pairs(images, [c] * 4) for c in captions], dim=1)
+    assert metrics == pytest.approx(retrieval_metrics(scores, positives))
+
+
+def test_inversion_raises_the_match_probability(vilt_folder):
+    from ktpipe.invert import invert_text
+    from ktpipe.params import InvertParams
+
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    with torch.no_grad():  # a trained head's scale: at init (std 0.02) every pair scores about 0
+        model.module.rank_output.weight.mul_(300.0)
+    cfg = InvertParams(steps=60, lr=0.2, samples=3, affine_p=0.0, tv_weight=0.0)
+    noise = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        start = model.score_pairs(noise, ["a heart"] * 3)
+    images, sims = invert_text(model, "a heart", cfg, seed=0, progress=False)
+    assert images.shape == (3, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    with torch.no_grad():
+        end = model.score_pairs(images, ["a heart"] * 3)
+    torch.testing.assert_close(sims, torch.nn.functional.logsigmoid(end))
+    assert (end > start.max() + 0.1).all()  # every image's match logit rose (random init saturates near +0.16)
