@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ktpipe.concepts import ConceptsError, ConceptText, concept_seed, finetune_caption, read_concepts
 from ktpipe.errors import KtpipeError, check_finite
-from ktpipe.images import load_inversion
+from ktpipe.images import initial_pixels, load_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.losses import FINETUNE_LOSSES, distillation_loss
 from ktpipe.models import EmbedsImages, EmbedsTexts, Trainable, load_base_model, require
@@ -40,14 +40,20 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: FinetuneParams, lr: f
     return opt(params, lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def check_objective(cfg: FinetuneParams, captions: list[str], recipe: str) -> None:
-    """Eq. 2 contrasts an image only against the recipe's captions: with a single distinct caption
-    its logits are (B, 1), the loss is 0 and nothing is learned, so refuse to start."""
+def check_objective(cfg: FinetuneParams, captions: list[str], negatives: list[str], recipe: str) -> None:
+    """Refuse objectives that would learn nothing: Eq. 2 contrasts an image only against the
+    recipe's captions, so with one distinct caption its logits are (B, 1) and its loss is 0;
+    image-text matching needs a caption to call a mismatch."""
     if cfg.loss == "eq2" and len(set(captions)) < 2:
         raise ParamsError(
             f"recipe {recipe!r}: finetune.loss 'eq2' needs at least two distinct captions, the recipe has "
             f"{len(set(captions))} ({captions[:1]}); its loss and gradient would be 0 at every step. "
             "Use loss 'authors' (contrasts the batch's images and captions), or learn more concepts together")
+    if cfg.loss == "itm" and len(set(captions) | set(negatives)) < 2:
+        raise ParamsError(
+            f"recipe {recipe!r}: finetune.loss 'itm' pushes an image's own caption to match and other captions to "
+            f"no match, but the recipe and the experiment have one caption only ({captions[:1]}); add concepts to "
+            "params 'concepts.names' (their captions become the negatives)")
 
 
 def frozen_copy(model: Trainable) -> Trainable:
@@ -71,12 +77,13 @@ def frozen_text_targets(model: Any, captions: list[str], text_trains: bool) -> A
 
 def check_capabilities(model: Any, cfg: FinetuneParams, recipe: str) -> None:
     """The recipe's objective, distillation and default temperature use only what the model has."""
-    for capability in FINETUNE_LOSSES[cfg.loss].needs:
+    objective = FINETUNE_LOSSES[cfg.loss]
+    for capability in objective.needs:
         require(model, capability, f"recipe {recipe!r}: finetune.loss {cfg.loss!r}")
     require(model, Trainable, f"recipe {recipe!r}: fine-tuning")
     if cfg.kd_weight > 0:
         require(model, EmbedsImages, f"recipe {recipe!r}: distillation (finetune.kd_weight)")
-    if cfg.temperature is None:
+    if cfg.temperature is None and objective.uses_temperature:
         require(model, EmbedsTexts, f"recipe {recipe!r}: finetune.temperature null (the model's own)")
 
 
@@ -92,6 +99,14 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trainabl
     optimizer.step()
 
 
+def temperature_of(model: Any, cfg: FinetuneParams) -> Any:
+    """The objective's temperature: the recipe's, else the model's own (1 / logit scale); None for
+    objectives without one."""
+    if not FINETUNE_LOSSES[cfg.loss].uses_temperature:
+        return None
+    return cfg.temperature if cfg.temperature is not None else 1.0 / model.logit_scale().detach()
+
+
 def finetune(
     model: Any,
     pixels: torch.Tensor,
@@ -102,24 +117,29 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     recipe: str = "finetune",
+    negatives: list[str] | None = None,
 ) -> list[dict]:
     """Train `cfg.towers` for `cfg.epochs` on pixels (N, 3, S, S) whose labels (N,) index captions.
 
-    The objective is `cfg.loss` (losses.FINETUNE_LOSSES) at `cfg.temperature` (None: the model's
-    own), plus `cfg.kd_weight` times the distillation MSE to the frozen model. Returns the per-step log.
+    The objective is `cfg.loss` (losses.FINETUNE_LOSSES), at `cfg.temperature` (None: the model's
+    own) where it has one, plus `cfg.kd_weight` times the distillation MSE to the frozen model. An
+    objective that scores mismatches (image-text matching) also scores every image against
+    `negatives`, captions no image has. Returns the per-step log.
     """
     if pixels.shape[0] == 0:
         raise KtpipeError(f"recipe {recipe!r}: no images to fine-tune on")
-    check_objective(cfg, captions, recipe)
+    spec = FINETUNE_LOSSES[cfg.loss]
+    negatives = [n for n in (negatives or []) if n not in captions] if spec.negatives else []
+    check_objective(cfg, captions, negatives, recipe)
     check_capabilities(model, cfg, recipe)
-    objective = FINETUNE_LOSSES[cfg.loss].loss
+    texts = [*captions, *negatives]
     teacher = frozen_copy(model) if cfg.kd_weight > 0 else None
     trainable = set_trainable(model, cfg.towers, cfg.visual_layers)
     optimizer = build_optimizer(trainable, cfg, lr)
     generator = torch.Generator().manual_seed(seed)
-    text_trains = cfg.towers in ("text", "both")
-    frozen_targets = frozen_text_targets(model, captions, text_trains)
-    temperature = cfg.temperature if cfg.temperature is not None else 1.0 / model.logit_scale().detach()
+    text_trains = cfg.towers in ("text", "both") and spec.targets is None
+    run_targets = spec.targets(model, texts, seed) if spec.targets else frozen_text_targets(model, texts, text_trains)
+    temperature = temperature_of(model, cfg)
     model.module.train()
     log, step = [], 0
     for epoch in range(cfg.epochs):
@@ -127,8 +147,8 @@ def finetune(
         batches = order.split(cfg.batch_size)
         for batch in tqdm(batches, desc=f"finetune {recipe} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                           leave=False):
-            targets = model.text_targets(captions) if text_trains else frozen_targets
-            loss = objective(model, pixels[batch], targets, labels[batch], temperature)
+            targets = model.text_targets(texts) if text_trains else run_targets
+            loss = spec.loss(model, pixels[batch], targets, labels[batch], temperature)
             record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6)}
             if teacher is not None:
                 with torch.no_grad():
@@ -149,6 +169,7 @@ class TrainingSet:
     labels: torch.Tensor  # (N,) index into captions
     captions: list[str]  # (K,) one fine-tuning caption per concept
     concepts: list[str]  # (K,) concept names, in caption order
+    negatives: list[str]  # captions of the experiment's other concepts (image-text matching's mismatches)
 
 
 def choose_concepts(concepts: list[ConceptText], cfg: FinetuneParams) -> list[ConceptText]:
@@ -169,9 +190,10 @@ def choose_concepts(concepts: list[ConceptText], cfg: FinetuneParams) -> list[Co
     return chosen
 
 
-def noise_images(n: int, size: int, seed: int) -> torch.Tensor:
-    """(n, 3, size, size) uniform random pixels in [0, 1): the ablation's stand-in for inversions."""
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+def noise_images(n: int, size: int, seed: int, init: str = "uniform") -> torch.Tensor:
+    """(n, 3, size, size) random pixels drawn as inversion starts (`invert.init`): the ablation's
+    stand-in for inversions, and implicit transfer's images (paper Sec. 8.9)."""
+    return initial_pixels(n, size, torch.Generator().manual_seed(seed), init)
 
 
 def minmax_png(pixels: torch.Tensor) -> torch.Tensor:
@@ -192,18 +214,21 @@ def concept_images(params: Params, cfg: FinetuneParams, name: str, inverted_dir:
         return minmax_png(pixels) if cfg.pixels == "minmax_png" else pixels
     if image_size is None:
         raise ValueError("noise images need the model's input size (training_set image_size)")
-    return noise_images(params.invert.samples, image_size, concept_seed(params.seed, f"noise/{name}"))
+    return noise_images(params.invert.samples, image_size, concept_seed(params.seed, f"noise/{name}"),
+                        params.invert.init)
 
 
 def training_set(params: Params, cfg: FinetuneParams, concepts_dir: Path, inverted_dir: Path,
                  image_size: int | None = None) -> TrainingSet:
     """Images, labels and captions of a recipe's fine-tuning (`cfg`, from `params.recipe`);
     `image_size` sizes noise images."""
-    chosen = choose_concepts(read_concepts(concepts_dir, params.concepts.names), cfg)
+    every = read_concepts(concepts_dir, params.concepts.names)
+    chosen = choose_concepts(every, cfg)
     images = [concept_images(params, cfg, c.name, inverted_dir, image_size) for c in chosen]
     labels = torch.cat([torch.full((len(x),), k) for k, x in enumerate(images)])
     captions = [finetune_caption(c, cfg.name_prefix) for c in chosen]
-    return TrainingSet(torch.cat(images), labels, captions, [c.name for c in chosen])
+    negatives = [finetune_caption(c, cfg.name_prefix) for c in every if c not in chosen]
+    return TrainingSet(torch.cat(images), labels, captions, [c.name for c in chosen], negatives)
 
 
 def run_finetune(params: Params, recipe: str, concepts_dir: Path, inverted_dir: Path,
@@ -211,15 +236,18 @@ def run_finetune(params: Params, recipe: str, concepts_dir: Path, inverted_dir: 
     """Fine-tune the base model with a recipe; write the checkpoint folder and a training log."""
     cfg = params.recipe(recipe)
     model = load_base_model(params.model)
+    check_capabilities(model, cfg, recipe)  # before reading any image
     data = training_set(params, cfg, concepts_dir, inverted_dir, model.image_size)
     lr = params.recipe_lr(recipe)
     start = time.time()
-    log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed, recipe=recipe)
+    log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed, recipe=recipe,
+                   negatives=data.negatives)
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
     summary = {"recipe": recipe, "lr": lr, "base_lr": params.lr, "lr_multiplier": cfg.lr_multiplier,
                "images": cfg.images, "loss": cfg.loss, "concepts": data.concepts, "config": dataclasses.asdict(cfg),
-               "captions": data.captions, "n_images": int(data.pixels.shape[0]),
+               "captions": data.captions, "negatives": data.negatives if FINETUNE_LOSSES[cfg.loss].negatives else [],
+               "n_images": int(data.pixels.shape[0]),
                "seconds": round(time.time() - start, 2), "log": log}
     write_json(log_path, summary)
     return summary

@@ -22,6 +22,20 @@ SUMMARY_FILE = "summary.json"  # ... and the final similarities with the setting
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+INITS = ("uniform", "normal")  # how optimized (or noise) pixels start: params invert.init
+
+
+def initial_pixels(n: int, size: int, generator: torch.Generator, init: str = "uniform") -> torch.Tensor:
+    """(n, 3, size, size) starting pixels in [0, 1]: uniform noise, or `normal`, N(0.5, 0.5^2)
+    clamped to [0, 1], which ViLT's normalization (mean and std 0.5) turns into the N(0, 1) input
+    its inversion starts from (paper Sec. 4.3)."""
+    if init == "uniform":
+        return torch.rand(n, 3, size, size, generator=generator)
+    if init == "normal":
+        return (0.5 + 0.5 * torch.randn(n, 3, size, size, generator=generator)).clamp(0.0, 1.0)
+    raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+
+
 class DatasetError(KtpipeError):
     """An image folder or manifest is missing, empty, or holds unreadable images."""
 

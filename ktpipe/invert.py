@@ -1,7 +1,10 @@
 """Inversion (paper Eq. 3): synthesize images of a concept from its description alone.
 
 Pixels start as noise and are optimized so that the normalized visual embedding of a randomly
-augmented view matches the description's text embedding, with a total-variation penalty.
+augmented view matches the description's text embedding, with a total-variation penalty. A
+cross-encoder has no embeddings: its similarity is the log-probability of "match" (ViLT, paper
+Sec. 8.2, which also starts from N(0, 1) noise without the random affine: `invert.init: normal`,
+`invert.affine_p: 0`).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ktpipe.concepts import concept_seed, read_concept_file
 from ktpipe.errors import check_finite
-from ktpipe.images import save_inversion
+from ktpipe.images import initial_pixels, save_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import Invertible, load_base_model
 from ktpipe.params import InvertParams, Params, ParamsError
@@ -188,7 +191,7 @@ def invert_text(
     check_progressive(cfg, model.image_size)
     size = resolution_at(0, cfg, model.image_size)
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(cfg.samples, 3, size, size, generator=generator).to(next(model.module.parameters()))
+    pixels = initial_pixels(cfg.samples, size, generator, cfg.init).to(next(model.module.parameters()))
     pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
     _freeze(model)
     target = model.text_target(text, cfg.similarity)
@@ -211,8 +214,9 @@ def invert_text(
 
 def inversion_choices(cfg: InvertParams, model: Invertible) -> dict:
     """The settings where the paper's text and the authors' code differ, as this run used them."""
-    return {"image_size": model.image_size, "similarity": cfg.similarity, "reduction": cfg.reduction,
-            "padding": cfg.padding, "interpolation": cfg.interpolation, "grad_clip": cfg.grad_clip,
+    return {"image_size": model.image_size, "resize": model.resize_rule, "init": cfg.init, "affine_p": cfg.affine_p,
+            "similarity": cfg.similarity, "reduction": cfg.reduction, "padding": cfg.padding,
+            "interpolation": cfg.interpolation, "grad_clip": cfg.grad_clip,
             "resolutions": resolution_schedule(cfg, model.image_size)}  # [first step, side]
 
 

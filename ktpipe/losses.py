@@ -2,8 +2,10 @@
 
 An objective asks the model for scores or embeddings through its capabilities (ktpipe.models.base)
 and names the capabilities it needs, so fine-tuning takes any model family that has them: Eq. 2
-needs only match scores (a cross-encoder's too); the authors' InfoNCE and distillation need image
-embeddings. The loss arithmetic is in small pure functions, unit-tested on tiny tensors.
+and image-text matching need only match scores (a cross-encoder's too); the authors' InfoNCE and
+distillation need image embeddings; masked language modelling needs a model that predicts masked
+words from an image and a text (ViLT). The loss arithmetic is in small pure functions,
+unit-tested on tiny tensors.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ktpipe.models.base import EmbedsImages, ScoresPairs
+from ktpipe.models.base import EmbedsImages, PredictsMaskedWords, ScoresPairs
 
 AUTHORS_BASE_TEMPERATURE = 0.07  # the authors' loss is scaled by temperature / 0.07 (1 at their default)
 
@@ -53,14 +55,31 @@ def distillation_loss(image_emb: torch.Tensor, teacher_emb: torch.Tensor) -> tor
     return F.mse_loss(image_emb, teacher_emb)
 
 
+def itm_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Image-text matching: each image's own caption pushed to "match", every other caption to
+    "no match", the two halves weighted equally (ViLT pretrains on as many matches as mismatches).
+
+    scores (B, K) are match logits of every image with every caption; targets (B,) index the
+    positives. Binary cross-entropy on the one match logit is the two-way head's cross-entropy.
+    """
+    positive = F.one_hot(targets, scores.shape[1]).bool()
+    match = F.binary_cross_entropy_with_logits(scores[positive], torch.ones_like(scores[positive]))
+    mismatch = F.binary_cross_entropy_with_logits(scores[~positive], torch.zeros_like(scores[~positive]))
+    return 0.5 * (match + mismatch)
+
+
 @dataclass(frozen=True)
 class Objective:
     """A fine-tuning loss: `loss(model, pixels, text_targets, labels, temperature)` and the model
-    capabilities it uses. `text_targets` come from `model.text_targets(captions)`; labels (B,)
-    index them."""
+    capabilities it uses. `text_targets` come from `model.text_targets(texts)`, or from `targets`
+    (made once per run) when set; labels (B,) index the recipe's captions, the first of `texts`
+    (negative-only captions follow them when `negatives` is set)."""
 
     loss: Callable[[Any, torch.Tensor, Any, torch.Tensor, Any], torch.Tensor]
     needs: tuple[type, ...]
+    uses_temperature: bool = True  # scales cosine similarities (a match logit or a word loss has no temperature)
+    negatives: bool = False  # also scores the experiment's other concepts' captions as mismatches
+    targets: Callable[[Any, list[str], int], Any] | None = None  # (model, captions, seed) -> targets for the run
 
 
 def eq2_objective(model: ScoresPairs, pixels: torch.Tensor, text_targets: Any, labels: torch.Tensor,
@@ -77,7 +96,38 @@ def authors_objective(model: EmbedsImages, pixels: torch.Tensor, text_targets: t
     return authors_infonce(image_emb, text_targets[labels.to(image_emb.device)], temperature)
 
 
+def itm_objective(model: ScoresPairs, pixels: torch.Tensor, text_targets: Any, labels: torch.Tensor,
+                  temperature: Any = None) -> torch.Tensor:
+    """Image-text matching on the match logits of the batch against every caption (the recipe's
+    and the negative-only ones)."""
+    scores = model.score_targets(pixels, text_targets)
+    return itm_loss(scores, labels.to(scores.device))
+
+
+@dataclass(frozen=True)
+class WordMasking:
+    """The recipe's captions and the model's seeded whole-word masker, made once per run so that
+    every step masks the captions afresh."""
+
+    captions: list[str]
+    masker: Callable[[list[str]], Any]
+
+
+def word_masking(model: PredictsMaskedWords, captions: list[str], seed: int) -> WordMasking:
+    return WordMasking(list(captions), model.word_masker(seed))
+
+
+def mlm_objective(model: PredictsMaskedWords, pixels: torch.Tensor, targets: WordMasking, labels: torch.Tensor,
+                  temperature: Any = None) -> torch.Tensor:
+    """Masked language modelling (paper Sec. 8.9): each image's caption with whole words masked,
+    the masked words predicted from the image and the rest of the caption."""
+    texts = [targets.captions[int(k)] for k in labels]
+    return model.masked_word_loss(pixels, targets.masker(texts))
+
+
 FINETUNE_LOSSES: dict[str, Objective] = {
     "eq2": Objective(eq2_objective, (ScoresPairs,)),
     "authors": Objective(authors_objective, (ScoresPairs, EmbedsImages)),
+    "itm": Objective(itm_objective, (ScoresPairs,), uses_temperature=False, negatives=True),
+    "mlm": Objective(mlm_objective, (PredictsMaskedWords,), uses_temperature=False, targets=word_masking),
 }

@@ -104,6 +104,7 @@ class InvertParams:
     reduction: str = "sum"  # sum or mean of the per-sample objective over the batch (authors' code: mean)
     padding: str = "zeros"  # fill outside an affine-moved image: zeros, or border (authors' code)
     interpolation: str = "bilinear"  # resizing to the model and between progressive sizes: bilinear or bicubic (authors')
+    init: str = "uniform"  # starting pixels: uniform noise, or normal (N(0, 1) after ViLT's normalization; paper Sec. 4.3)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ class FinetuneParams:
     optimizer: str = "adamw"  # adamw (decoupled decay, as CLIP) or adam (L2 decay)
     betas: tuple[float, ...] = (0.9, 0.999)  # Adam betas (torch's default; authors' code: 0.9, 0.98)
     eps: float = 1.0e-8  # Adam epsilon (torch's default; authors' code: 1e-6)
-    loss: str = "eq2"  # eq2: each image against the recipe's captions (needs >= 2); authors: image+caption batch InfoNCE
+    loss: str = "eq2"  # eq2: each image against the recipe's captions (needs >= 2); authors: image+caption batch
+    # InfoNCE; itm: image-text matching, other concepts' captions as mismatches; mlm: masked words (cross-encoders)
     towers: str = "visual"  # which towers train: visual, text or both (paper Fig. 4)
     visual_layers: int | None = None  # train only the last N visual blocks + head (None: whole tower)
     rehearsal: bool = False  # also fine-tune on inverted images of known concepts (beyond the paper)
@@ -132,6 +134,12 @@ DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "che
 
 
 @dataclass(frozen=True)
+class RerankParams:
+    k: int = 16  # candidates per query (a caption's images, an image's captions) that the cross-encoder rescores
+    model: ModelParams = field(default_factory=ModelParams)  # the dual encoder proposing them by cosine similarity
+
+
+@dataclass(frozen=True)
 class DatasetParams:
     task: str = "classification"  # evaluation task (ktpipe.eval.TASKS); metrics land under <set>.<task>.<metric>
     format: str = "folder"  # one of DATASET_FORMATS (README "Datasets" documents each layout)
@@ -142,6 +150,7 @@ class DatasetParams:
     classes: tuple[str, ...] = ()  # keep only these classes (empty: all the dataset has)
     extra_classes: tuple[str, ...] = ()  # other sets whose classes are also candidates (e.g. imagenet)
     templates: str | None = None  # prompt templates for this set (None: evaluate.templates)
+    rerank: RerankParams | None = None  # retrieval with a cross-encoder: rescore a dual encoder's top k (None: all pairs)
 
 
 @dataclass(frozen=True)
@@ -200,7 +209,8 @@ CHOICES: dict[str, tuple[str, ...]] = {  # string params with a fixed set of val
     "towers": ("visual", "text", "both"),
     "optimizer": ("adam", "adamw"),
     "images": ("inverted", "noise"),
-    "loss": ("eq2", "authors"),
+    "loss": ("eq2", "authors", "itm", "mlm"),
+    "init": ("uniform", "normal"),
     "pixels": ("raw", "minmax_png"),
     "similarity": ("cosine", "l2"),
     "reduction": ("sum", "mean"),
@@ -379,6 +389,10 @@ def validate_sets(sets: dict[str, DatasetParams]) -> None:
             raise ParamsError(f"params key '{key}.split' must be val or test, got {spec.split!r}")
         if spec.format == "karpathy" and spec.split not in ("train", "restval", "val", "test"):
             raise ParamsError(f"params key '{key}.split' must be train, restval, val or test, got {spec.split!r}")
+        if spec.rerank is not None and spec.task != "retrieval":
+            raise ParamsError(f"params key '{key}.rerank' applies to task 'retrieval' only, the set's task is {spec.task!r}")
+        if spec.rerank is not None and spec.rerank.k < 1:
+            raise ParamsError(f"params key '{key}.rerank.k' must be at least 1, got {spec.rerank.k}")
         if spec.subset is not None and spec.subset < 1:
             raise ParamsError(f"params key '{key}.subset' must be a positive integer or null")
         missing = sorted(set(spec.extra_classes) - set(sets))

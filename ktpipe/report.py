@@ -119,8 +119,10 @@ PAPER_METRICS = {"target": ("target", "top1"), "retention": ("retention",)}  # T
 
 
 def paper_value(paper: pd.DataFrame, recipe: str, metric: str, lr: float | None) -> float | None:
-    """A published number: at `lr` (None: the baseline column), for a recipe or `all`."""
-    rows = paper[(paper["recipe"].isin([recipe, "all"])) & (paper["metric"].isin(PAPER_METRICS[metric]))]
+    """A published number: at `lr` (None: the baseline column), for a recipe or `all`; `metric`
+    is a headline metric (PAPER_METRICS) or a task's metric key (as `t2i_r1`)."""
+    names = PAPER_METRICS.get(metric, (metric,))
+    rows = paper[(paper["recipe"].isin([recipe, "all"])) & (paper["metric"].isin(names))]
     if lr is None:
         rows = rows[rows["lr"] == BASELINE]
     else:
@@ -144,11 +146,31 @@ def headline_table(params: Params, heads: dict[str, dict]) -> list[str]:
     return lines
 
 
+def paper_beside(params: Params, ours: dict[str, dict[str, float]]) -> list[str]:
+    """Our metrics beside the paper's for every task metric that `report.paper` publishes (as
+    the recalls of Tables 5 and 8): one row per model, at its lr; empty when none is published."""
+    if not params.report.paper or BASELINE not in ours:
+        return []
+    paper = load_paper_results(params.report.paper)
+    metrics = [m for m in dict.fromkeys(paper["metric"]) if m in ours[BASELINE]]
+    if not metrics:
+        return []
+    lines = [f"Beside the paper (`{params.report.paper}`, at the same lr):", "",
+             "| Model | lr | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for model, found in ours.items():
+        lr = None if model == BASELINE else params.recipe_lr(model)
+        cells = [f"{pct(found.get(m))} (paper {pct(paper_value(paper, model, m, lr))})" for m in metrics]
+        lines.append(f"| {model} | {'-' if lr is None else f'{lr:g}'} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def set_section(params: Params, results: dict, concepts: list[ConceptText], set_name: str) -> list[str]:
-    """A set's heading and its task's table (baseline first, then each recipe)."""
+    """A set's heading, its task's table (baseline first, then each recipe) and the paper's
+    numbers beside ours where published."""
     spec = params.evaluate.sets[set_name]
-    table = TASKS[spec.task].report_table(set_results(results, set_name, spec.task), concepts)
-    return [f"## Set `{set_name}` ({spec.task}, {spec.format})", "", *table, ""]
+    ours = set_results(results, set_name, spec.task)
+    table = TASKS[spec.task].report_table(ours, concepts)
+    return [f"## Set `{set_name}` ({spec.task}, {spec.format})", "", *table, "", *paper_beside(params, ours)]
 
 
 def render_markdown(params: Params, results: dict, concepts: list[ConceptText], heads: dict) -> str:
@@ -180,7 +202,8 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
     missing = results[BASELINE]["unevaluated"]
     if missing:
         parts += [f"**Not evaluated**: {', '.join(f'`{m}`' for m in missing)}: inverted and trained on, but no "
-                  "evaluation set holds images of them, so they have no accuracy anywhere below.", ""]
+                  "evaluation set holds images of them (as a class or named in a caption), so they have no "
+                  "score anywhere below.", ""]
     for set_name in sets:
         parts += set_section(params, results, concepts, set_name)
     parts += ["![Inverted images](inverted.png)", ""]

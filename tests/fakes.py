@@ -23,6 +23,7 @@ class FakeImageModel:
     """What every fake shares: 16 px pixels in [0, 1], a tiny conv net, save and load by folder."""
 
     image_size = 16
+    resize_rule = "resized to 16x16 (PIL's default filter)"
 
     def __init__(self, module: torch.nn.Module):
         self.module = module

@@ -241,3 +241,50 @@ def test_failed_evaluate_run_leaves_the_previous_result_intact(tiny_project):
     (tiny_project / "images/test/wug/0000.png").write_bytes(b"garbage")
     assert_user_error(run_stage_here(tiny_project, "evaluate", *args), "cannot read image", "test/wug/0000.png")
     assert snapshot(tiny_project / "metrics") == before
+
+
+# --- retrieval with a cross-encoder (evaluate stage) ----------------------------------------
+
+
+def captioned_demo_set(project: Path, rerank: dict) -> None:
+    """A retrieval set of the demo world's test renders (2 per concept, 3 captions each), reranked."""
+    write_concepts(project)
+    write_params(project, evaluate={"sets": {
+        "val": {"format": "demo", "split": "val"},
+        "test": {"task": "retrieval", "format": "demo", "split": "test", "rerank": rerank}}})
+    result = run_stage_here(project, "data", "data/world.json", "data/eval")
+    assert result.returncode == 0, result.stderr
+
+
+def test_evaluate_stage_rejects_a_rerank_k_larger_than_the_set(tiny_project, tiny_checkpoint, tmp_path):
+    from archs import write_vilt
+
+    vilt = write_vilt(tmp_path / "vilt", head="itm")
+    proposer = {"backend": "open_clip", "name": f"local-dir:{tiny_checkpoint}", "device": "cpu"}
+    captioned_demo_set(tiny_project, {"k": 1000, "model": proposer})
+    write_params(tiny_project, model={"backend": "vilt", "name": f"local-dir:{vilt}"})
+    result = run_stage_here(tiny_project, "evaluate", "baseline", "models/baseline", "data/eval", "data/concepts",
+                            "metrics/eval/baseline.json")
+    assert_user_error(result, "'evaluate.sets.test.rerank.k' is 1000", "k must lie in [1, ")
+    assert_absent(tiny_project, "metrics/eval/baseline.json")
+
+
+def test_evaluate_stage_rejects_a_rerank_of_a_dual_encoder(tiny_project, tiny_checkpoint):
+    proposer = {"backend": "open_clip", "name": f"local-dir:{tiny_checkpoint}", "device": "cpu"}
+    captioned_demo_set(tiny_project, {"k": 2, "model": proposer})
+    result = run_stage_here(tiny_project, "evaluate", "baseline", "models/baseline", "data/eval", "data/concepts",
+                            "metrics/eval/baseline.json")
+    assert_user_error(result, "'evaluate.sets.test.rerank'", "dual encoder")
+    assert_absent(tiny_project, "metrics/eval/baseline.json")
+
+
+def test_finetune_stage_rejects_a_dual_encoder_objective_for_vilt(tiny_project, tmp_path):
+    from archs import write_vilt
+
+    write_concepts(tiny_project)
+    vilt = write_vilt(tmp_path / "vilt", head="itm")
+    write_params(tiny_project, model={"backend": "vilt", "name": f"local-dir:{vilt}"},
+                 finetune={"loss": "authors", "temperature": 0.07})
+    result = run_stage_here(tiny_project, "finetune", *FINETUNE_ARGS)
+    assert_user_error(result, "recipe 'paper'", "finetune.loss 'authors'", "EmbedsImages")  # before any image is read
+    assert_absent(tiny_project, "models/paper", "metrics/finetune/paper.json")

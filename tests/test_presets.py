@@ -20,6 +20,7 @@ tested in tests/test_models.py and tests/test_export.py).
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from PIL import Image
 from ruamel.yaml import YAML
 from safetensors.torch import load_file
 
-from archs import ARCHS
+from archs import ARCHS, VILT_B32
 from conftest import REPO, deep_merge
 from ktpipe import models
 from ktpipe.base_model import run_base_model
@@ -45,7 +46,8 @@ from ktpipe.report import load_paper_results, run_report
 from ktpipe.templates import load_templates
 
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
-ARCH = {"ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "biomedclip"}
+ARCH = {"ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "biomedclip",
+        "dandelin/vilt-b32-mlm-itm": VILT_B32}
 STAND_IN = {"table1_vit_l14": "ViT-B-32", "table3_vit_l14": "ViT-B-32"}  # preset -> the architecture it runs on here (docstring)
 CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
@@ -56,23 +58,29 @@ def read_preset(name: str) -> dict:
 
 def test_every_paper_experiment_has_a_preset():
     assert set(PRESETS) >= {"table1_vit_b32", "table1_vit_l14", "table2_biomedclip", "table3_vit_b32",
-                            "table3_vit_l14", "fig4_towers", "fig5_name_prefix", "noise_baseline"}
+                            "table3_vit_l14", "fig4_towers", "fig5_name_prefix", "noise_baseline",
+                            "table1_vilt", "table5_vilt_flickr", "table11_vilt_mlm"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_validates_and_its_references_exist(name, monkeypatch):
     monkeypatch.chdir(REPO)
     params = load_params(REPO / "presets" / f"{name}.yaml")
-    assert params.model.backend == "open_clip" and params.model.name in ARCH
+    assert params.model.backend in ("open_clip", "vilt") and params.model.name in ARCH
     described = load_concepts_file(REPO / params.concepts.file)
     assert set(params.concepts.names) <= set(described)
     assert list(params.evaluate.models) == ["baseline", *params.recipes]
     assert params.invert.steps == 5000 and params.invert.tv_weight == 0.005 and params.invert.samples == 10
+    vilt = params.model.backend == "vilt"
+    if vilt:  # paper Sec. 4.3 and 8.2: N(0, 1) start, no random affine, ViLT's weight decay
+        assert params.invert.init == "normal" and params.invert.affine_p == 0.0
     for recipe in params.recipes:
         cfg = params.recipe(recipe)
-        assert cfg.optimizer == "adam" and cfg.weight_decay == 0.2
+        assert (cfg.optimizer, cfg.weight_decay) == (("adamw", 0.01) if vilt else ("adam", 0.2))
+        assert (cfg.loss in ("itm", "mlm")) == vilt
     for spec in params.evaluate.sets.values():
         assert spec.root and spec.root.startswith("$KTPIPE_DATASETS")
+        assert spec.labels is None or spec.labels.startswith("$KTPIPE_DATASETS")
         assert load_templates(spec.templates or params.evaluate.templates)
     if params.report.paper:
         assert not load_paper_results(params.report.paper).empty
@@ -115,7 +123,21 @@ def write_datasets(root: Path) -> Path:
     (root / "jsrt/CLNDAT_EN.txt").write_text("\n".join(lines) + "\n")
     for stem in ("JPCLN001", "JPCLN002"):
         write_png(root / "jsrt" / f"{stem}.png", rng)
+    write_flickr(root / "flickr30k", rng)
     return root
+
+
+def write_flickr(root: Path, rng: np.random.Generator) -> None:
+    """Flickr30k's layout: images/<filename> and the Karpathy split file dataset_flickr30k.json
+    (2 test images with 5 captions each, one train image)."""
+    words = ["a dog runs on the grass", "a man rides a bicycle", "two people sit on a bench", "a cat on a car"]
+    images = []
+    for i, split in enumerate(["test", "test", "train"]):
+        name = f"{1000 + i}.jpg"
+        write_png(root / "images" / name, rng, 12)
+        sentences = [{"raw": f"{words[(i + j) % len(words)]} {j}.", "tokens": []} for j in range(5)]
+        images.append({"filename": name, "split": split, "sentences": sentences, "imgid": i})
+    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +148,17 @@ def loaded() -> dict:
 
 @pytest.fixture
 def load_once(loaded, monkeypatch):
-    """The open_clip backend, loading each (name, pretrained) once per module and handing out copies."""
-    load = models.BACKENDS["open_clip"]
+    """The open_clip and ViLT backends, loading each (name, pretrained) once per module and handing
+    out copies."""
+    for backend in ("open_clip", "vilt"):
+        load = models.BACKENDS[backend]
 
-    def load_copy(name: str, pretrained: str | None, device: str):
-        if (name, pretrained) not in loaded:
-            loaded[name, pretrained] = load(name, pretrained, device)
-        return copy.deepcopy(loaded[name, pretrained])
+        def load_copy(name: str, pretrained: str | None, device: str, load=load, backend=backend):
+            if (backend, name, pretrained) not in loaded:
+                loaded[backend, name, pretrained] = load(name, pretrained, device)
+            return copy.deepcopy(loaded[backend, name, pretrained])
 
-    monkeypatch.setitem(models.BACKENDS, "open_clip", load_copy)
+        monkeypatch.setitem(models.BACKENDS, backend, load_copy)
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +173,25 @@ def first_template(name: str, folder: Path) -> str:
     return str(path)
 
 
+IMAGENET100_CLASSES = ["American robin", "Gila monster", "eastern hog-nosed snake"]  # three of its classes
+
+
 def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
-    """The preset with only repeated work cut down (see the module docstring)."""
+    """The preset with only repeated work cut down (see the module docstring). An image-text
+    matching recipe keeps a second concept: its caption is the mismatch of a one-concept recipe."""
     recipe, overrides = next(iter(preset["recipes"].items()))
-    concepts = list(overrides.get("concepts") or preset["concepts"]["names"][:1])
+    names = preset["concepts"]["names"]
+    concepts = list(overrides.get("concepts") or names[:1])
+    if preset["finetune"].get("loss") == "itm":
+        concepts += [n for n in names if n not in concepts][:1]
     default = preset["evaluate"]["templates"]
     sets = {}
     for name, spec in preset["evaluate"]["sets"].items():
         sets[name] = {**spec, "templates": first_template(spec.get("templates") or default, folder)}
         if spec["format"] == "imagenet":
             sets[name]["classes"] = ["tench", "goldfish", "great white shark"]
+        if spec["format"] == "imagenet100":
+            sets[name]["classes"] = IMAGENET100_CLASSES
     out = deep_merge(preset, {
         "concepts": {"names": concepts},
         "model": {"name": f"local-dir:{checkpoint}", "pretrained": None, "device": "cpu"},
@@ -188,25 +221,37 @@ def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint,
 
     sets = run_data(params, Path("data/eval"))
     assert set(sets) == set(params.evaluate.sets) and all(s["n_images"] > 0 for s in sets.values())
-    assert run_base_model(params, Path("models/baseline"), Path("metrics/base_model.json"))["image_size"] == 224
+    size = 384 if arch == VILT_B32 else 224
+    assert run_base_model(params, Path("models/baseline"), Path("metrics/base_model.json"))["image_size"] == size
     run_concepts(Path(params.concepts.file), Path(params.concepts.generated), params.concepts, Path("data/concepts"))
+    cfg = params.recipe(recipe)
     for concept in params.concepts.names:
         meta = run_invert(params, Path(f"data/concepts/{concept}.json"), Path(f"data/inverted/{concept}"))
-        assert meta["concept"] == concept
+        assert meta["concept"] == concept and meta["image_size"] == size
         pixels = load_file(f"data/inverted/{concept}/images.safetensors")["pixels"]
-        assert pixels.shape == (2, 3, 224, 224) and 0 <= pixels.min() and pixels.max() <= 1
+        assert pixels.shape == (2, 3, size, size) and 0 <= pixels.min() and pixels.max() <= 1
     summary = run_finetune(params, recipe, Path("data/concepts"), Path("data/inverted"),
                            Path(f"models/{recipe}"), Path(f"metrics/finetune/{recipe}.json"))
-    assert summary["n_images"] == 2 * len(params.recipe(recipe).concepts or params.concepts.names)
-    assert summary["lr"] == pytest.approx(params.lr * params.recipe(recipe).lr_multiplier)
+    assert summary["n_images"] == 2 * len(cfg.concepts or params.concepts.names)
+    assert summary["lr"] == pytest.approx(params.lr * cfg.lr_multiplier)
+    assert all(record["loss"] > 0 for record in summary["log"])
+    if cfg.loss == "itm":  # every image meets a caption that is not its own
+        assert len(summary["captions"]) + len(summary["negatives"]) >= 2
+        assert not set(summary["negatives"]) & set(summary["captions"])
     for model in params.evaluate.models:
         result = run_evaluate(params, model, Path(f"models/{model}"), Path("data/eval"), Path("data/concepts"),
                               Path(f"metrics/eval/{model}.json"))
-        assert result["tasks"] == {set_name: "classification" for set_name in params.evaluate.sets}
-        for set_name in params.evaluate.sets:
-            assert 0 <= result["metrics"][set_name]["classification"]["name_overall_acc"] <= 1
+        assert result["tasks"] == {set_name: spec.task for set_name, spec in params.evaluate.sets.items()}
+        for set_name, spec in params.evaluate.sets.items():
+            found = result["metrics"][set_name][spec.task]
+            key = "name_overall_acc" if spec.task == "classification" else "t2i_r1"
+            assert 0 <= found[key] <= 1
+            if spec.task == "retrieval" and arch == VILT_B32:  # every image with every caption
+                assert found["pairs_scored"] == found["n_images"] * found["n_captions"]
     report = run_report(params, Path("metrics/eval"), Path("data/concepts"), Path("data/inverted"), Path("reports"))
-    head = report["headline"][recipe]
-    assert head["target"] is not None and head["retention"] is not None
+    text = Path("reports/results.md").read_text()
+    if all(spec.task == "classification" for spec in params.evaluate.sets.values()):
+        head = report["headline"][recipe]
+        assert head["target"] is not None and head["retention"] is not None
     if params.report.paper:
-        assert "(paper " in Path("reports/results.md").read_text()
+        assert "(paper " in text

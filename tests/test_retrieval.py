@@ -118,7 +118,8 @@ def test_cross_encoder_scores_every_pair(tmp_path):
     with torch.no_grad():
         pixels = torch.stack([model.preprocess(Image.open(p)) for p in manifest.paths])
         scores = torch.stack([model.score_pairs(pixels, [c] * len(pixels)) for c in captions], dim=1)
-    assert metrics == pytest.approx(retrieval_metrics(scores, positives, concept_groups(captions, CONCEPTS)))
+    expected = retrieval_metrics(scores, positives, concept_groups(captions, CONCEPTS))
+    assert metrics == pytest.approx({**expected, "pairs_scored": len(manifest) * len(captions)})
 
 
 def test_a_model_without_scores_is_a_clear_error(tmp_path):

@@ -180,6 +180,7 @@ class PairScorer:
     """A trainable cross-encoder stand-in: scores pairs, embeds nothing."""
 
     image_size = SIZE
+    resize_rule = "none: it reads no image file"
     module = torch.nn.Linear(1, 1)
 
     def preprocess(self, image):

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import ktpipe.models.vilt as vilt_module
-from archs import write_tiny_bert
+from archs import write_vilt
 from ktpipe.models import ModelLoadError, ScoresPairs, load_base_text_budget, load_model
 from ktpipe.models.vilt import ITM_HEAD, RANK_HEAD
 from ktpipe.params import ModelParams
@@ -19,27 +19,9 @@ from ktpipe.params import ModelParams
 WEIGHTS = "model.safetensors"
 
 
-def write_tiny_vilt(folder: Path, head: str = "retrieval", seed: int = 0) -> Path:
-    """A 2-layer, 32-wide ViLT at 32 px (patch 16) with a word-piece tokenizer, in transformers'
-    layout; `head` is retrieval (rank_output), itm (ViLT's two-way head instead) or none."""
-    from transformers import BertTokenizerFast, ViltConfig, ViltForImageAndTextRetrieval, ViltImageProcessor, ViltProcessor
-
-    tokenizer = BertTokenizerFast.from_pretrained(write_tiny_bert(folder / "bert"))
-    config = ViltConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, image_size=32, patch_size=16, max_position_embeddings=40)
-    torch.manual_seed(seed)
-    ViltForImageAndTextRetrieval(config).save_pretrained(folder, safe_serialization=True)
-    ViltProcessor(ViltImageProcessor(), tokenizer).save_pretrained(folder)
-    state = load_file(str(folder / WEIGHTS))
-    if head != "retrieval":
-        for key in RANK_HEAD:
-            del state[key]
-    if head == "itm":
-        generator = torch.Generator().manual_seed(seed + 1)
-        state[ITM_HEAD[0]] = torch.randn(2, 32, generator=generator)
-        state[ITM_HEAD[1]] = torch.randn(2, generator=generator)
-    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
-    return folder
+def write_tiny_vilt(folder: Path, head: str = "retrieval", seed: int = 0, mlm: bool = False) -> Path:
+    """A 2-layer, 32-wide ViLT at 32 px (patch 16): tests/archs.py's `write_vilt`."""
+    return write_vilt(folder, head=head, mlm=mlm, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +136,7 @@ def test_retrieval_scores_every_pair_through_vilt(vilt_folder, tmp_path):
     with torch.no_grad():
         images = torch.stack([model.preprocess(Image.open(r.path)) for r in records])
         scores = torch.stack([model.score_pairs(images, [c] * 4) for c in captions], dim=1)
-    assert metrics == pytest.approx(retrieval_metrics(scores, positives))
+    assert metrics == pytest.approx({**retrieval_metrics(scores, positives), "pairs_scored": 4 * 8})
 
 
 def test_inversion_raises_the_match_probability(vilt_folder):

@@ -15,7 +15,7 @@ from ktpipe.datasets import Manifest, load_eval_set, normalize_class
 from ktpipe.errors import warn
 from ktpipe.eval.base import Task, TaskInput
 from ktpipe.eval.classification import ZeroShotClassification
-from ktpipe.eval.retrieval import Retrieval
+from ktpipe.eval.retrieval import Retrieval, concept_pattern
 from ktpipe.io import write_json
 from ktpipe.params import Params, ParamsError
 from ktpipe.templates import load_templates
@@ -40,9 +40,19 @@ def check_records(task: Task, manifest: Manifest, set_name: str) -> None:
 
 
 def unevaluated_concepts(concepts: list[ConceptText], sets: dict[str, Manifest]) -> list[str]:
-    """Concepts that no evaluation set holds images of: trained on, never scored."""
+    """Concepts that no evaluation set holds images of (as a class, or named in a caption):
+    trained on, never scored."""
     classes = {normalize_class(c) for manifest in sets.values() for c in manifest.classes}
-    return [c.name for c in concepts if not {normalize_class(c.name), normalize_class(c.text_name)} & classes]
+    captions = [c for manifest in sets.values() if manifest.kind == "captioned"
+                for record in manifest.records for c in record.captions]
+
+    def evaluated(concept: ConceptText) -> bool:
+        if {normalize_class(concept.name), normalize_class(concept.text_name)} & classes:
+            return True
+        pattern = concept_pattern(concept)
+        return any(pattern.search(caption) for caption in captions)
+
+    return [c.name for c in concepts if not evaluated(c)]
 
 
 def load_evaluated_model(params: Params, model: str, model_dir: Path):

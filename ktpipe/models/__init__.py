@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ktpipe.errors import InputMissingError
 from ktpipe.models.base import (CROSS_ENCODER, DUAL_ENCODER, EmbedsImages, EmbedsTexts, GeneratesCaptions, Invertible,
-                                ModelLoadError, ScoresPairs, TakesImages, Trainable, VisionFeatures, require)
+                                ModelLoadError, PredictsMaskedWords, ScoresPairs, TakesImages, Trainable, VisionFeatures, require)
 
 if TYPE_CHECKING:
     from ktpipe.models.openclip import OpenClipModel, TextBudget
@@ -111,7 +111,7 @@ def load_checkpoint(params: "ModelParams", folder: Path) -> Any:
 
 __all__ = [
     "BACKENDS", "CROSS_ENCODER", "DUAL_ENCODER", "EmbedsImages", "EmbedsTexts", "GeneratesCaptions", "Invertible",
-    "LOCAL_DIR", "ModelLoadError", "OpenClipModel", "ScoresPairs", "TakesImages", "TextBudget", "Trainable",
+    "LOCAL_DIR", "ModelLoadError", "OpenClipModel", "PredictsMaskedWords", "ScoresPairs", "TakesImages", "TextBudget", "Trainable",
     "VisionFeatures", "build_demo_model", "load_base_model", "load_base_text_budget", "load_checkpoint", "load_model",
     "pick_device", "require",
 ]

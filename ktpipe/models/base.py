@@ -29,6 +29,7 @@ class TakesImages(Protocol):
     """Decoded images to the pixels every other capability takes."""
 
     image_size: int
+    resize_rule: str  # how `preprocess` brings an image to S x S, in words (recorded beside inversions)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, S, S) float tensor in [0, 1]."""
@@ -66,6 +67,18 @@ class ScoresPairs(TakesImages, Protocol):
 
     def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """(B, 3, S, S) pixels and B aligned texts -> (B,) scores."""
+
+
+@runtime_checkable
+class PredictsMaskedWords(TakesImages, Protocol):
+    """Masked language modelling on an image and a text (ViLT's MLM head)."""
+
+    def word_masker(self, seed: int) -> Callable[[list[str]], Any]:
+        """A seeded masker: texts -> the model's masked token batch and labels (whole words at
+        the model's masking rate); each call masks anew."""
+
+    def masked_word_loss(self, pixels: torch.Tensor, masked: Any) -> torch.Tensor:
+        """Cross-entropy of the masked tokens predicted from (B, 3, S, S) pixels and B masked texts."""
 
 
 @runtime_checkable
@@ -125,9 +138,12 @@ def require(model: Any, capability: type, what: str) -> None:
                           f"({capability.__name__}); {type(model).__name__} does not")
 
 
+SQUARE_RESIZE = "shorter side to {size} px (bicubic, antialiased), center crop {size}x{size}"
+
+
 def square_pixels(size: int) -> Callable[[Image.Image], torch.Tensor]:
     """A backend's preprocess: PIL image -> (3, size, size) float pixels in [0, 1], the shorter
-    side resized (bicubic, antialiased) and the center cropped."""
+    side resized (bicubic, antialiased) and the center cropped (`SQUARE_RESIZE`)."""
     from torchvision.transforms import v2 as T  # heavy to import; only the backends call this
 
     return T.Compose([

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ktpipe.models import LOCAL_DIR
-from ktpipe.models.base import DUAL_ENCODER, ModelLoadError, square_pixels
+from ktpipe.models.base import DUAL_ENCODER, SQUARE_RESIZE, ModelLoadError, square_pixels
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -223,6 +223,7 @@ class OpenClipModel:
         self.vision_layers = len(self.vision_blocks())
         self._token_row = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self._tokenize_one)
         self._to_pixels = square_pixels(self.image_size)
+        self.resize_rule = SQUARE_RESIZE.format(size=self.image_size)
 
     @classmethod
     def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "OpenClipModel":

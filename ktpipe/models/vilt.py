@@ -11,23 +11,32 @@ neither is refused: `from_pretrained` would start the head at random.
 Pixels keep the backend contract: (B, 3, S, S) in [0, 1] at the config's `image_size`; the
 backend normalizes them (ViLT's mean and std, 0.5) and masks nothing (square images fill the
 grid). Texts take at most `max_position_embeddings` tokens (40), start and end included.
+
+A checkpoint that keeps ViLT's masked-language-modelling head (`mlm_score.*`, as
+`dandelin/vilt-b32-mlm-itm` and `ViltForMaskedLM` checkpoints do) also predicts masked words
+(masked language modelling fine-tuning, paper Sec. 8.9); the head rides along in the module as
+`mlm_score`, so fine-tuning and saving treat it as the rest of the network.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ktpipe.models import LOCAL_DIR
-from ktpipe.models.base import CROSS_ENCODER, ModelLoadError, square_pixels
+from ktpipe.models.base import CROSS_ENCODER, SQUARE_RESIZE, ModelLoadError, square_pixels
 
 ITM_HEAD = ("itm_score.fc.weight", "itm_score.fc.bias")  # ViLT pretraining's two-way head
 RANK_HEAD = ("rank_output.weight", "rank_output.bias")  # transformers' one-logit retrieval head
+MLM_HEAD = "mlm_score."  # ViLT pretraining's masked-language-modelling head
 PAIR_CHUNK = 64  # image-text pairs per forward pass when scoring every pair
+MASKING_RATE = 0.15  # share of a text's words masked for masked language modelling (ViLT, BERT)
+RESIZE_RULE = (SQUARE_RESIZE + "; ViLT's own processor keeps the aspect ratio (shorter side {size}, longer at "
+               "most 640/384 of it, multiples of 32) and masks the padding: the square crop fills the patch grid")
 
 
 def checkpoint_source(name: str) -> str:
@@ -56,21 +65,24 @@ def checkpoint_file(source: str) -> Path:
     return found[0]
 
 
-def checkpoint_state(source: str) -> dict[str, torch.Tensor]:
-    """The raw weights of a checkpoint (safetensors, or a PyTorch file read with weights_only),
-    to find a head that the model class does not have."""
+def checkpoint_tensors(source: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose names start with one of `prefixes` (heads that the model
+    class does not hold): read from safetensors by name, or from a PyTorch file with weights_only."""
     path = checkpoint_file(source)
-    return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefixes)}
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    return {key: value for key, value in state.items() if key.startswith(prefixes)}
 
 
-def match_head(missing: list[str], source: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def match_head(missing: list[str], state: dict[str, torch.Tensor], source: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(weight (1, H), bias (1,)) of the one match logit when the checkpoint has no `rank_output`:
     the two-way ITM head's log-odds. None when `rank_output` loaded; an error when neither head
-    is in the checkpoint."""
+    is in the checkpoint (`state`: its head tensors)."""
     absent = [key for key in RANK_HEAD if key in missing]
     if not absent:
         return None
-    state = checkpoint_state(source)
     if not all(key in state for key in ITM_HEAD):
         raise ModelLoadError(
             f"ViLT checkpoint {source!r} has no image-text matching head: missing {absent} (retrieval head) and "
@@ -80,6 +92,26 @@ def match_head(missing: list[str], source: str) -> tuple[torch.Tensor, torch.Ten
     if weight.shape[0] != 2:
         raise ModelLoadError(f"ViLT checkpoint {source!r}: {ITM_HEAD[0]} has {weight.shape[0]} rows, expected 2")
     return (weight[1] - weight[0]).unsqueeze(0), (bias[1] - bias[0]).reshape(1)
+
+
+def masked_word_head(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module | None:
+    """ViLT's MLM head (`ViltMLMHead`) from the checkpoint's `mlm_score.*` tensors, or None when it
+    has none. Where the checkpoint leaves the decoder weight out (ViLT ties it to the word
+    embeddings), the head starts from a copy of them; any other missing tensor is an error."""
+    from transformers.models.vilt.modeling_vilt import ViltMLMHead
+
+    tensors = {key[len(MLM_HEAD):]: value for key, value in state.items() if key.startswith(MLM_HEAD)}
+    if not tensors:
+        return None
+    head = ViltMLMHead(module.config)
+    if "decoder.weight" not in tensors:
+        tensors["decoder.weight"] = module.vilt.embeddings.text_embeddings.word_embeddings.weight.detach().clone()
+    missing = sorted(set(head.state_dict()) - set(tensors))
+    if missing:
+        raise ModelLoadError(f"ViLT checkpoint {source!r}: its masked-language-modelling head lacks "
+                             f"{[MLM_HEAD + key for key in missing]}")
+    head.load_state_dict(tensors, strict=False)
+    return head
 
 
 class ViltTextBudget:
@@ -98,7 +130,7 @@ class ViltTextBudget:
 
 class ViltCrossEncoder:
     """A ViLT image-text matching model behind the ktpipe interface (ScoresPairs, Invertible,
-    Trainable)."""
+    Trainable, and PredictsMaskedWords when the checkpoint has an MLM head)."""
 
     kind = CROSS_ENCODER
 
@@ -114,6 +146,7 @@ class ViltCrossEncoder:
         self.mean = torch.tensor(processor.image_processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_processor.image_std, device=device).view(1, 3, 1, 1)
         self._to_pixels = square_pixels(self.image_size)
+        self.resize_rule = RESIZE_RULE.format(size=self.image_size)
 
     @classmethod
     def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "ViltCrossEncoder":
@@ -121,16 +154,26 @@ class ViltCrossEncoder:
         from transformers import ViltForImageAndTextRetrieval, ViltProcessor
 
         source = checkpoint_source(pretrained or name)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report lists the heads this method handles below
         try:
             module, info = ViltForImageAndTextRetrieval.from_pretrained(source, output_loading_info=True)
             processor = ViltProcessor.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load ViLT checkpoint {source!r}: {err}") from err
-        head = match_head(info["missing_keys"], source)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        state = checkpoint_tensors(source, (*ITM_HEAD, MLM_HEAD))
+        head = match_head(info["missing_keys"], state, source)
         if head is not None:
             with torch.no_grad():
                 module.rank_output.weight.copy_(head[0])
                 module.rank_output.bias.copy_(head[1])
+        words = masked_word_head(module, state, source)
+        if words is not None:
+            module.add_module(MLM_HEAD.rstrip("."), words)
         module.eval()
         return cls(module, processor, device, base_model=source)
 
@@ -138,14 +181,20 @@ class ViltCrossEncoder:
         """(3, S, S) pixels in [0, 1]: shorter side resized to S, center crop."""
         return self._to_pixels(image.convert("RGB"))
 
+    def _encode(self, texts: list[str], **extra: Any) -> list[dict[str, list[int]]]:
+        """Each text's token ids (with [CLS] and [SEP]); a text over the context is an error naming
+        it and its length."""
+        encoded = [self.tokenizer(text, **extra) for text in texts]
+        for text, tokens in zip(texts, encoded):
+            if len(tokens["input_ids"]) > self.context_length:
+                raise ModelLoadError(f"text {text[:60]!r} has {len(tokens['input_ids'])} tokens; "
+                                     f"ViLT reads at most {self.context_length}")
+        return encoded
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, token_type_ids (T, L); a text over the context is an error
-        naming it and its length."""
-        over = [(t, n) for t in texts if (n := len(self.tokenizer(t)["input_ids"])) > self.context_length]
-        if over:
-            text, n = over[0]
-            raise ModelLoadError(f"text {text[:60]!r} has {n} tokens; ViLT reads at most {self.context_length}")
-        batch = self.tokenizer(texts, padding="max_length", max_length=self.context_length, return_tensors="pt")
+        """input_ids, attention_mask, token_type_ids (T, L), padded to the context length."""
+        batch = self.tokenizer.pad(self._encode(texts), padding="max_length", max_length=self.context_length,
+                                   return_tensors="pt")
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def match_logits(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -181,10 +230,45 @@ class ViltCrossEncoder:
         tokens = {key: value.expand(pixels.shape[0], -1) for key, value in target.items()}
         return F.logsigmoid(self.match_logits(pixels, tokens))
 
+    def word_masker(self, seed: int) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        """Whole-word masking at 15% (ViLT's MLM setup) through transformers'
+        `DataCollatorForLanguageModeling`, seeded: texts -> input_ids with masked words, labels
+        (-100 where nothing is predicted), attention_mask, token_type_ids. A masked word becomes
+        [MASK] throughout (the collator's whole-word mode replaces no word at random)."""
+        from transformers import DataCollatorForLanguageModeling
+
+        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=MASKING_RATE, whole_word_mask=True,
+                                                   mask_replace_prob=1.0, random_replace_prob=0.0, seed=seed)
+
+        def mask(texts: list[str]) -> dict[str, torch.Tensor]:
+            self._encode(texts)  # the length check
+            encoded = [self.tokenizer(text, padding="max_length", max_length=self.context_length,
+                                      return_special_tokens_mask=True, return_offsets_mapping=True) for text in texts]
+            return {key: value.to(self.device) for key, value in collator(encoded).items()}
+
+        return mask
+
+    def masked_word_loss(self, pixels: torch.Tensor, masked: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the masked tokens, predicted by the MLM head from the text positions of
+        the joint sequence; 0 (with a gradient path) when the masker happened to mask nothing."""
+        if not hasattr(self.module, MLM_HEAD.rstrip(".")):
+            raise ModelLoadError(f"ViLT checkpoint {self.base_model!r} has no masked-language-modelling head "
+                                 f"({MLM_HEAD}*): masked language modelling needs a ViltForMaskedLM or "
+                                 "vilt-b32-mlm-itm checkpoint")
+        tokens = {key: value for key, value in masked.items() if key != "labels"}
+        pixel_values = (pixels.to(self.device) - self.mean) / self.std
+        mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=self.device)
+        hidden = self.module.vilt(pixel_values=pixel_values, pixel_mask=mask, **tokens).last_hidden_state
+        logits = self.module.mlm_score(hidden[:, : tokens["input_ids"].shape[1]])
+        labels = masked["labels"]
+        if not (labels != -100).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
     def tower_parameters(self, tower: str, last_blocks: int | None = None) -> Iterable[torch.nn.Parameter]:
         """ViLT is one transformer over both modalities: `text` is its text embeddings, `visual`
-        everything else (patch embeddings, encoder, pooler, match head; with `last_blocks`, only the
-        last blocks and what follows them), `both` all of it."""
+        everything else (patch embeddings, encoder, pooler, match and MLM heads; with `last_blocks`,
+        only the last blocks and what follows them), `both` all of it."""
         if tower not in ("visual", "text", "both"):
             raise ValueError(f"tower must be visual, text or both, got {tower!r}")
         layers = self.module.config.num_hidden_layers
@@ -204,7 +288,8 @@ class ViltCrossEncoder:
         return first == 0 or not name.startswith("vilt.embeddings.")
 
     def save(self, out_dir: Path) -> None:
-        """transformers' folder layout (safetensors weights, config, processor), loadable by name."""
+        """transformers' folder layout (safetensors weights, config, processor), loadable by name;
+        an MLM head is saved as `mlm_score.*` beside the retrieval weights."""
         out_dir = Path(out_dir)
         self.module.save_pretrained(out_dir, safe_serialization=True)
         self.processor.save_pretrained(out_dir)
