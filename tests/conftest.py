@@ -30,7 +30,7 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
-torch.set_num_threads(1)  # the test machine has 2 busy cores; 1 thread is faster there
+torch.set_num_threads(1)  # one thread per pytest-xdist worker (pyproject addopts): workers fill the cores
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONCEPTS_FILE = REPO / "concepts" / "demo.yaml"
