@@ -150,10 +150,10 @@ def time_evaluation(model, images: int, batch: int, device: str, texts: int) -> 
     import torch
 
     from ktpipe.eval.classification import embed_images, pair_class_scores
-    from ktpipe.models import EmbedsImages
+    from ktpipe.models.base import is_dual_encoder
 
     model.module.eval()
-    dual = isinstance(model, EmbedsImages)
+    dual = is_dual_encoder(model)
     prompts = [(text,) for text in TEXTS[:texts]]
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), images)

@@ -117,14 +117,15 @@ def chosen_concepts(params: Params, cfg: FinetuneParams) -> list[ConceptText]:
     return choose_concepts([texts[name] for name in params.concepts.names], cfg)
 
 
-def synthetic_images(cfg: FinetuneParams, concept: str, size: int) -> torch.Tensor:
-    """IMAGES_PER_CONCEPT images of a concept, seeded by its name, as the recipe's pipeline hands them
-    to fine-tuning: `noise_images`, or stand-ins for inversions (smooth random images, 8x8 uniform
-    pixels upsampled bicubically) in the recipe's pixel format."""
+def synthetic_images(cfg: FinetuneParams, concept: str, size: int, n: int = IMAGES_PER_CONCEPT,
+                     init: str = "uniform") -> torch.Tensor:
+    """`n` images of a concept, seeded by its name, as the recipe's pipeline hands them to
+    fine-tuning: `noise_images` (drawn as `invert.init` says), or stand-ins for inversions (smooth
+    random images, 8x8 uniform pixels upsampled bicubically) in the recipe's pixel format."""
     if cfg.images == "noise":
-        return noise_images(IMAGES_PER_CONCEPT, size, zlib.crc32(f"noise/{concept}".encode()))
+        return noise_images(n, size, zlib.crc32(f"noise/{concept}".encode()), init)
     generator = torch.Generator().manual_seed(zlib.crc32(concept.encode()))
-    coarse = torch.rand(IMAGES_PER_CONCEPT, 3, 8, 8, generator=generator)
+    coarse = torch.rand(n, 3, 8, 8, generator=generator)
     pixels = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
     return minmax_png(pixels) if cfg.pixels == "minmax_png" else pixels
 
@@ -171,7 +172,7 @@ def summary():
     print("\n".join(lines))
 
 
-def trainable_named(model: OpenClipModel, cfg: FinetuneParams) -> dict[str, torch.nn.Parameter]:
+def trainable_named(model, cfg: FinetuneParams) -> dict[str, torch.nn.Parameter]:
     """The parameters `finetune` trains for a recipe, by name."""
     names = {id(p): n for n, p in model.module.named_parameters()}
     return {names[id(p)]: p for p in model.tower_parameters(cfg.towers, cfg.visual_layers)}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 
 import pytest
 import torch
@@ -36,8 +35,9 @@ import ktpipe.finetune
 import ktpipe.losses
 from archs import VILT_B32
 from conftest import REPO
+from test_preset_learning import synthetic_images, trainable_named  # the CLIP presets' stand-ins
 from ktpipe.concepts import finetune_caption, load_concepts_file
-from ktpipe.finetune import choose_concepts, finetune, noise_images
+from ktpipe.finetune import choose_concepts, finetune
 from ktpipe.losses import itm_loss
 from ktpipe.models import load_model
 from ktpipe.params import load_params
@@ -69,19 +69,6 @@ def vilt(random_checkpoint):
     return model, {k: v.detach().clone() for k, v in model.module.state_dict().items()}
 
 
-def synthetic_images(images: str, concept: str, size: int, init: str) -> torch.Tensor:
-    if images == "noise":
-        return noise_images(IMAGES_PER_CONCEPT, size, zlib.crc32(f"noise/{concept}".encode()), init)
-    generator = torch.Generator().manual_seed(zlib.crc32(concept.encode()))
-    coarse = torch.rand(IMAGES_PER_CONCEPT, 3, 8, 8, generator=generator)
-    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def trainable_named(model, cfg) -> dict[str, torch.nn.Parameter]:
-    names = {id(p): n for n, p in model.module.named_parameters()}
-    return {names[id(p)]: p for p in model.tower_parameters(cfg.towers, cfg.visual_layers)}
-
-
 @torch.no_grad()
 def objective_loss(model, cfg, pixels, labels, texts, seed) -> tuple[float, float | None]:
     """The recipe's objective on the batch in eval mode (ViLT-B/32 has no dropout: the loss the step
@@ -108,7 +95,7 @@ def test_one_step_of_vilt_preset_recipe_learns(preset, recipe, vilt):
     concepts = choose_concepts(every, cfg)[:MAX_CONCEPTS]
     captions = [finetune_caption(c, cfg.name_prefix) for c in concepts]
     negatives = [finetune_caption(c, cfg.name_prefix) for c in every if c not in concepts][:MAX_CONCEPTS - len(concepts)]
-    pixels = torch.cat([synthetic_images(cfg.images, c.name, 384, params.invert.init) for c in concepts])
+    pixels = torch.cat([synthetic_images(cfg, c.name, 384, IMAGES_PER_CONCEPT, params.invert.init) for c in concepts])
     labels = torch.arange(len(concepts)).repeat_interleave(IMAGES_PER_CONCEPT)
     step_cfg = dataclasses.replace(cfg, epochs=1, batch_size=len(pixels))
     lr = params.recipe_lr(recipe)

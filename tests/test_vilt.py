@@ -8,25 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import ktpipe.models.vilt as vilt_module
 from archs import write_vilt
 from ktpipe.models import ModelLoadError, ScoresPairs, load_base_text_budget, load_model
-from ktpipe.models.vilt import ITM_HEAD, RANK_HEAD
+from ktpipe.models.vilt import ITM_HEAD
 from ktpipe.params import ModelParams
 
 WEIGHTS = "model.safetensors"
 
 
-def write_tiny_vilt(folder: Path, head: str = "retrieval", seed: int = 0, mlm: bool = False) -> Path:
-    """A 2-layer, 32-wide ViLT at 32 px (patch 16): tests/archs.py's `write_vilt`."""
-    return write_vilt(folder, head=head, mlm=mlm, seed=seed)
-
-
 @pytest.fixture(scope="module")
 def vilt_folder(tmp_path_factory) -> Path:
-    return write_tiny_vilt(tmp_path_factory.mktemp("vilt"))
+    return write_vilt(tmp_path_factory.mktemp("vilt"))
 
 
 def pixels(n: int, seed: int = 0) -> torch.Tensor:
@@ -48,7 +43,7 @@ def test_retrieval_checkpoint_scores_every_pair_as_pair_by_pair(vilt_folder, mon
 
 
 def test_two_way_head_becomes_its_log_odds(tmp_path):
-    folder = write_tiny_vilt(tmp_path / "itm", head="itm")
+    folder = write_vilt(tmp_path / "itm", head="itm")
     model = load_model("vilt", f"local-dir:{folder}", device="cpu")
     state = load_file(str(folder / WEIGHTS))
     weight, bias = state[ITM_HEAD[0]], state[ITM_HEAD[1]]
@@ -64,7 +59,7 @@ def test_two_way_head_becomes_its_log_odds(tmp_path):
 
 
 def test_checkpoint_without_a_match_head_is_refused(tmp_path):
-    folder = write_tiny_vilt(tmp_path / "headless", head="none")
+    folder = write_vilt(tmp_path / "headless", head="none")
     with pytest.raises(ModelLoadError, match=r"no image-text matching head.*rank_output.weight.*itm_score.fc.weight"):
         load_model("vilt", f"local-dir:{folder}", device="cpu")
     with pytest.raises(ModelLoadError, match="cannot load ViLT checkpoint"):

@@ -17,7 +17,7 @@ from ktpipe.datasets import CaptionedImage, Manifest
 from ktpipe.errors import KtpipeError
 from ktpipe.eval import TASKS
 from ktpipe.eval.base import TaskInput
-from ktpipe.eval.retrieval import caption_index, recall_at_k, retrieval_metrics
+from ktpipe.eval.retrieval import caption_index
 from ktpipe.finetune import finetune
 from ktpipe.images import initial_pixels
 from ktpipe.losses import itm_loss

@@ -26,7 +26,7 @@ from ktpipe.datasets import Manifest, normalize_class as normalize
 from ktpipe.eval.base import TaskInput, pct
 from ktpipe.eval.metrics import accuracy, per_class_accuracy
 from ktpipe.images import open_image
-from ktpipe.models.base import EmbedsImages, EmbedsTexts, ScoresPairs, TakesImages, require
+from ktpipe.models.base import EmbedsImages, EmbedsTexts, ScoresPairs, TakesImages, is_dual_encoder, require
 
 GROUPS = {"novel": "target", "known": "retention"}
 PER_CLASS_LIMIT = 20  # sets with more classes report per-class accuracy for concepts only
@@ -136,7 +136,7 @@ def class_scores(model, paths: tuple[str, ...], kinds: dict[str, list], batch_si
                  progress: bool = True) -> dict[str, torch.Tensor]:
     """Prompt kind -> (N, K) class scores of the images: by embeddings when the model has them
     (images embedded once for every prompt kind), else by pair scores."""
-    if isinstance(model, EmbedsImages) and isinstance(model, EmbedsTexts):
+    if is_dual_encoder(model):
         image_emb = embed_images(model, paths, batch_size, workers, progress)
         return {kind: image_emb @ class_embeddings(model, prompts).cpu().T for kind, prompts in kinds.items()}
     require(model, ScoresPairs, "zero-shot classification")

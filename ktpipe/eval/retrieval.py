@@ -28,7 +28,7 @@ from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest
 from ktpipe.eval.base import TaskInput, pct
 from ktpipe.eval.classification import embed_images, image_batches, pair_class_scores
-from ktpipe.models.base import EmbedsImages, EmbedsTexts, ScoresPairs, require
+from ktpipe.models.base import EmbedsTexts, ScoresPairs, is_dual_encoder, require
 from ktpipe.params import ParamsError
 
 RECALL_AT = (1, 5, 10)
@@ -106,7 +106,7 @@ def score_matrix(model, manifest: Manifest, captions: list[str], batch_size: int
                  progress: bool = True) -> torch.Tensor:
     """(N images, T captions) scores: cosine similarities of a dual encoder (images and captions
     embedded once), or every pair through a cross-encoder (`all_pairs`)."""
-    if isinstance(model, EmbedsImages) and isinstance(model, EmbedsTexts):
+    if is_dual_encoder(model):
         return embed_images(model, manifest.paths, batch_size, workers, progress) @ embed_texts(
             model, captions, batch_size).T
     require(model, ScoresPairs, "retrieval")
@@ -163,7 +163,7 @@ def load_proposer(spec: Any, set_name: str) -> Any:
     from ktpipe.models import load_model  # the backends import only here
 
     proposer = load_model(spec.backend, spec.name, spec.pretrained, spec.device)
-    if not (isinstance(proposer, EmbedsImages) and isinstance(proposer, EmbedsTexts)):
+    if not is_dual_encoder(proposer):
         raise ParamsError(f"params key 'evaluate.sets.{set_name}.rerank.model' must name a dual encoder (it "
                           f"proposes candidates by embedding images and texts); {spec.name!r} does not embed both")
     proposer.module.eval()
@@ -183,7 +183,7 @@ class Retrieval:
         captions, positives = caption_index(data.manifest)
         groups = concept_groups(captions, data.concepts)
         batch, workers = data.params.batch_size, data.params.workers
-        dual = isinstance(model, EmbedsImages) and isinstance(model, EmbedsTexts)
+        dual = is_dual_encoder(model)
         if data.spec.rerank is None:
             scores = score_matrix(model, data.manifest, captions, batch, workers, progress)
             extra = {} if dual else {"pairs_scored": float(scores.numel())}

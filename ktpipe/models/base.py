@@ -131,6 +131,11 @@ class Trainable(Protocol):
         """Write a checkpoint folder that the backend's own library loads again."""
 
 
+def is_dual_encoder(model: Any) -> bool:
+    """Whether the model embeds both images and texts, so one similarity matrix scores every pair."""
+    return isinstance(model, EmbedsImages) and isinstance(model, EmbedsTexts)
+
+
 def require(model: Any, capability: type, what: str) -> None:
     """Stop with a clear error when `model` lacks the capability `what` needs."""
     if not isinstance(model, capability):

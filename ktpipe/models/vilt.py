@@ -152,10 +152,9 @@ class ViltCrossEncoder:
     def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "ViltCrossEncoder":
         """A hub id or a folder; the match head as the module docstring says."""
         from transformers import ViltForImageAndTextRetrieval, ViltProcessor
-
-        source = checkpoint_source(pretrained or name)
         from transformers.utils import logging as hf_logging
 
+        source = checkpoint_source(pretrained or name)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists the heads this method handles below
         try:
@@ -197,11 +196,14 @@ class ViltCrossEncoder:
                                    return_tensors="pt")
         return {key: value.to(self.device) for key, value in batch.items()}
 
+    def _pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ViLT's pixel_values (normalized) and pixel_mask (all ones: square images fill the grid)."""
+        mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=self.device)
+        return {"pixel_values": (pixels.to(self.device) - self.mean) / self.std, "pixel_mask": mask}
+
     def match_logits(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) match logits of N (image, text) pairs, row by row."""
-        pixel_values = (pixels.to(self.device) - self.mean) / self.std
-        mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=self.device)
-        return self.module(pixel_values=pixel_values, pixel_mask=mask, **tokens).logits[:, 0]
+        return self.module(**self._pixel_inputs(pixels), **tokens).logits[:, 0]
 
     def text_targets(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenize(texts)
@@ -241,9 +243,10 @@ class ViltCrossEncoder:
                                                    mask_replace_prob=1.0, random_replace_prob=0.0, seed=seed)
 
         def mask(texts: list[str]) -> dict[str, torch.Tensor]:
-            self._encode(texts)  # the length check
-            encoded = [self.tokenizer(text, padding="max_length", max_length=self.context_length,
-                                      return_special_tokens_mask=True, return_offsets_mapping=True) for text in texts]
+            # padded one by one (padding never cuts, so the length check still sees a long text): the
+            # collator cannot pad the offset mapping that whole-word masking reads
+            encoded = self._encode(texts, padding="max_length", max_length=self.context_length,
+                                   return_special_tokens_mask=True, return_offsets_mapping=True)
             return {key: value.to(self.device) for key, value in collator(encoded).items()}
 
         return mask
@@ -256,9 +259,7 @@ class ViltCrossEncoder:
                                  f"({MLM_HEAD}*): masked language modelling needs a ViltForMaskedLM or "
                                  "vilt-b32-mlm-itm checkpoint")
         tokens = {key: value for key, value in masked.items() if key != "labels"}
-        pixel_values = (pixels.to(self.device) - self.mean) / self.std
-        mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=self.device)
-        hidden = self.module.vilt(pixel_values=pixel_values, pixel_mask=mask, **tokens).last_hidden_state
+        hidden = self.module.vilt(**self._pixel_inputs(pixels), **tokens).last_hidden_state
         logits = self.module.mlm_score(hidden[:, : tokens["input_ids"].shape[1]])
         labels = masked["labels"]
         if not (labels != -100).any():
