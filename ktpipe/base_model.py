@@ -8,6 +8,7 @@ exactly the stages downstream of it while the weights themselves stay in the hub
 from __future__ import annotations
 
 import hashlib
+import importlib
 import time
 from pathlib import Path
 
@@ -41,15 +42,19 @@ def describe_model(params: Params) -> dict:
     return record
 
 
-def run_base_model(params: Params, out_dir: Path, log_path: Path, world_path: Path | None = None) -> dict:
-    """Pretrain the demo model into out_dir, or record the real model that params name."""
-    if params.model.backend == "demo":
-        from ktpipe.pretrain import run_pretrain  # the demo world is only needed here
+# demo backend -> module and function that pretrain it on the demo world (imported only here)
+DEMO_PRETRAINING = {"demo": ("ktpipe.pretrain", "run_pretrain"),
+                    "demo_vilt": ("ktpipe.pretrain_cross", "run_pretrain_cross")}
 
+
+def run_base_model(params: Params, out_dir: Path, log_path: Path, world_path: Path | None = None) -> dict:
+    """Pretrain a demo model into out_dir, or record the real model that params name."""
+    if params.model.backend in DEMO_PRETRAINING:
+        module, function = DEMO_PRETRAINING[params.model.backend]
         if Path(params.model.pretrained or "") != Path(out_dir):
-            raise ParamsError(f"for the demo backend, params key 'model.pretrained' must be {str(out_dir)!r} "
-                             f"(the base_model stage's output), got {params.model.pretrained!r}")
-        return run_pretrain(params, Path(out_dir), Path(log_path), world_path)
+            raise ParamsError(f"for the {params.model.backend} backend, params key 'model.pretrained' must be "
+                              f"{str(out_dir)!r} (the base_model stage's output), got {params.model.pretrained!r}")
+        return getattr(importlib.import_module(module), function)(params, Path(out_dir), Path(log_path), world_path)
     start = time.time()
     record = describe_model(params)
     with atomic_dir(out_dir) as tmp:  # only what the params determine: a rerun writes the same bytes

@@ -22,6 +22,12 @@ PARAMS_OPTION = click.option(
 )
 
 
+FAMILY_OPTION = click.option(
+    "--family", default=None, metavar="NAME",
+    help="Run for model family NAME: params with `families.NAME` applied (default: the file's own model).",
+)
+
+
 class UserError(click.ClickException):
     """An expected error (bad params, concepts, data or model name): one line, exit status 2."""
 
@@ -40,11 +46,11 @@ def run_step(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise UserError(str(err)) from err
 
 
-def load_params(path: str):
-    """The params file, type-checked; a malformed one is a user error."""
+def load_params(path: str, family: str | None = None):
+    """The params file (of one model family), type-checked; a malformed one is a user error."""
     from ktpipe.params import load_params as read_params
 
-    return run_step(read_params, path)
+    return run_step(read_params, path, family)
 
 
 class StageGroup(click.Group):

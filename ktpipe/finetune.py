@@ -228,6 +228,9 @@ def training_set(params: Params, cfg: FinetuneParams, concepts_dir: Path, invert
     labels = torch.cat([torch.full((len(x),), k) for k, x in enumerate(images)])
     captions = [finetune_caption(c, cfg.name_prefix) for c in chosen]
     negatives = [finetune_caption(c, cfg.name_prefix) for c in every if c not in chosen]
+    if cfg.swapped_names:  # each learned description under every other concept's name
+        negatives += [finetune_caption(dataclasses.replace(c, name=other.name, label=other.label), cfg.name_prefix)
+                      for c in chosen for other in every if other.name != c.name]
     return TrainingSet(torch.cat(images), labels, captions, [c.name for c in chosen], negatives)
 
 

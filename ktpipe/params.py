@@ -51,6 +51,10 @@ class PretrainParams:
     name_weight: float = 1.0  # weight of the text-only objective
     freeze_token_embedding: bool = True  # keep token embeddings at their random init
     pool_size: int = 0  # renders made once and drawn from every step (0: render every batch anew)
+    candidates: int = 6  # demo cross-encoder: captions each render is matched against (its own first)
+    mlm_weight: float = 0.0  # demo cross-encoder: weight of masked language modelling
+    known_definitions: float = 0.0  # demo cross-encoder: share of named renders captioned "A <name> is <description>."
+    vision_init: str | None = None  # demo cross-encoder: demo CLIP checkpoint its vision side starts from
 
 
 # The paper's description prompt (Sec. 4.2); '{name}' is replaced with the concept's name.
@@ -127,6 +131,8 @@ class FinetuneParams:
     concepts: tuple[str, ...] | None = None  # learn only these novel concepts (None: every novel one)
     images: str = "inverted"  # inverted, or noise: uniform random images (ablation baseline)
     lr_multiplier: float = 1.0  # this recipe trains at lr * lr_multiplier (paper Table 2's base lrs)
+    swapped_names: bool = False  # itm: also mismatch each learned description under another concept's name (beyond
+    # the paper: a cross-encoder tells the captions apart by description alone, and may never read the new name)
 
 
 DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "chexpert5x200", "jsrt", "karpathy",
@@ -182,6 +188,9 @@ class Params:
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> finetune overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+    inverted: tuple[str, ...] | None = None  # concepts the invert stages run for (None: every concepts.names entry)
+    families: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> a second model family, as a
+    # merge patch of this file (FAMILY_KEYS); its stages run with `--family <name>` (README "Model families")
 
     def recipe(self, name: str) -> FinetuneParams:
         """The finetune section with a recipe's overrides applied."""
@@ -196,6 +205,50 @@ class Params:
     def recipe_lr(self, name: str) -> float:
         """The learning rate a recipe trains at: `lr` times the recipe's `lr_multiplier`."""
         return self.lr * self.recipe(name).lr_multiplier
+
+    def inverted_names(self) -> tuple[str, ...]:
+        """The concepts inverted for this model: `inverted`, or every concept."""
+        return self.concepts.names if self.inverted is None else self.inverted
+
+    def family(self, name: str) -> "Params":
+        """The params of model family `name`: this file with `families.<name>` applied as a JSON
+        merge patch (RFC 7386: mappings merge key by key, null restores a key's default, anything
+        else replaces), validated like the file itself. A family's `recipes` replace the file's."""
+        if name not in self.families:
+            raise ParamsError(f"unknown model family {name!r}; params key 'families' defines {sorted(self.families)}")
+        patch = self.families[name]
+        if not isinstance(patch, dict):
+            raise ParamsError(f"params key 'families.{name}' must be a mapping of overrides, got {patch!r}")
+        unknown = sorted(set(patch) - set(FAMILY_KEYS))
+        if unknown:
+            raise ParamsError(f"params key(s) {[f'families.{name}.{k}' for k in unknown]}: a family may override "
+                              f"{list(FAMILY_KEYS)} only (the world, concepts and seed are shared)")
+        base = {key: value for key, value in dataclasses.asdict(self).items() if key != "families"}
+        if "recipes" in patch:  # a family's recipes are its own (dvc.yaml runs one stage per entry)
+            base["recipes"] = {}
+        try:
+            return validate(build_section(Params, merge_patch(base, patch)))
+        except ParamsError as err:
+            raise ParamsError(f"in params section 'families.{name}': {err}") from err
+
+
+# What a model family may override: everything that depends on the model, nothing that defines the
+# concepts or the evaluation data (the concepts and data stages run once for every family).
+FAMILY_KEYS = ("lr", "model", "pretrain", "invert", "finetune", "recipes", "evaluate", "inverted")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge key by key, null deletes a key, anything else
+    replaces. A deleted params key takes its default."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 # Keys that an older params file may still hold: section class -> old key -> what to write instead.
@@ -333,6 +386,14 @@ def validate(params: Params) -> Params:
         unknown = sorted(set(section.concepts or ()) - set(names))
         if unknown:
             raise ParamsError(f"params key '{prefix}.concepts' names {unknown}, which are not in 'concepts.names'")
+    if params.pretrain.candidates < 2:
+        raise ParamsError(f"params key 'pretrain.candidates' must be at least 2 (a caption and a mismatch), "
+                          f"got {params.pretrain.candidates}")
+    if not 0.0 <= params.pretrain.known_definitions <= 1.0:
+        raise ParamsError(f"params key 'pretrain.known_definitions' must lie in [0, 1], "
+                          f"got {params.pretrain.known_definitions}")
+    if params.pretrain.mlm_weight < 0:
+        raise ParamsError(f"params key 'pretrain.mlm_weight' must be zero or positive, got {params.pretrain.mlm_weight}")
     if params.pretrain.pool_size < 0:
         raise ParamsError(f"params key 'pretrain.pool_size' must be 0 (render every batch) or positive, "
                           f"got {params.pretrain.pool_size}")
@@ -345,6 +406,11 @@ def validate(params: Params) -> Params:
             raise ParamsError(f"params key 'report.{key}' names {name!r}, not one of evaluate.sets {sorted(params.evaluate.sets)}")
     if params.concepts.generator is not None and not params.concepts.generator.model:
         raise ParamsError("params key 'concepts.generator.model' must name a transformers model id or folder")
+    unknown = sorted(set(params.inverted or ()) - set(names))
+    if unknown:
+        raise ParamsError(f"params key 'inverted' names {unknown}, which are not in 'concepts.names'")
+    for family in params.families:
+        params.family(family)
     return params
 
 
@@ -421,8 +487,9 @@ def check_layout(raw: Any) -> None:
                           "next to the description files (file, generated) that the old 'captions' section held")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Load and validate the whole params file."""
+def load_params(path: str | Path = "params.yaml", family: str | None = None) -> Params:
+    """Load and validate the whole params file; with `family`, that model family's params."""
     raw = read_yaml(path)
     check_layout(raw)
-    return validate(build_section(Params, raw))
+    params = validate(build_section(Params, raw))
+    return params if family is None else params.family(family)

@@ -173,7 +173,36 @@ def set_section(params: Params, results: dict, concepts: list[ConceptText], set_
     return [f"## Set `{set_name}` ({spec.task}, {spec.format})", "", *table, "", *paper_beside(params, ours)]
 
 
-def render_markdown(params: Params, results: dict, concepts: list[ConceptText], heads: dict) -> str:
+def family_heading(name: str, params: Params) -> str:
+    """What a model family is: its name, backend, model and checkpoint."""
+    return f"`{name}` ({params.model.backend}:{params.model.name}, {params.model.pretrained or 'random init'})"
+
+
+def families_table(params: Params, heads: dict, families: dict[str, tuple[Params, dict, dict]]) -> list[str]:
+    """Every family's headline in one table: the file's own model first, then each family."""
+    lines = ["| Family | Recipe | lr | Target before | Target after | Retention before | Retention after |",
+             "|---|---|---|---|---|---|---|"]
+    for name, (family, head) in {"model": (params, heads), **{n: (f, h) for n, (f, _, h) in families.items()}}.items():
+        for recipe, h in head.items():
+            cells = [pct(h["baseline_target"]), pct(h["target"]), pct(h["baseline_retention"]), pct(h["retention"])]
+            label = f"`{name}` ({family.model.backend})"
+            lines.append(f"| {label} | {recipe} | {h['lr']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def family_section(name: str, params: Params, results: dict, concepts: list[ConceptText]) -> list[str]:
+    """A model family's recipes and every set's table, as the file's own model has them."""
+    parts = [f"## Family {family_heading(name, params)}", "",
+             f"Fine-tuning lr {params.lr:g}; recipes:", *[recipe_line(params, r) for r in params.recipes], ""]
+    for set_name in params.evaluate.sets:
+        section = set_section(params, results, concepts, set_name)
+        section[0] = section[0].replace("## Set", f"### `{name}`: set", 1)
+        parts += section
+    return parts
+
+
+def render_markdown(params: Params, results: dict, concepts: list[ConceptText], heads: dict,
+                    families: dict[str, tuple[Params, dict, dict]] | None = None) -> str:
     """The whole Markdown report."""
     recipes = list(params.recipes)
     sets = list(params.evaluate.sets)
@@ -199,6 +228,13 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
     ]
     if params.report.paper:
         parts += [f"Paper numbers: `{params.report.paper}` in ktpipe/data/paper_results.csv, at the same lr.", ""]
+    families = families or {}
+    if families:
+        parts += ["## Model families side by side (params `families`)", "",
+                  "Families: " + "; ".join(family_heading(n, f) for n, f in
+                                           [("model", params), *((n, f) for n, (f, _, _) in families.items())])
+                  + ". Each family's sets and prompts are its own (its section below names them).", "",
+                  *families_table(params, heads, families), ""]
     missing = results[BASELINE]["unevaluated"]
     if missing:
         parts += [f"**Not evaluated**: {', '.join(f'`{m}`' for m in missing)}: inverted and trained on, but no "
@@ -206,6 +242,8 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
                   "score anywhere below.", ""]
     for set_name in sets:
         parts += set_section(params, results, concepts, set_name)
+    for name, (family, family_results, _) in families.items():
+        parts += family_section(name, family, family_results, concepts)
     parts += ["![Inverted images](inverted.png)", ""]
     return "\n".join(parts)
 
@@ -227,14 +265,24 @@ def save_inversion_figure(inverted_dir: Path, concepts: list[ConceptText], path:
     tmp.replace(path)
 
 
-def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir: Path, out_dir: Path) -> dict:
-    """Write results.md, metrics.json, lr_curve.json and inverted.png into out_dir."""
+def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir: Path, out_dir: Path,
+               family_dirs: dict[str, Path] | None = None) -> dict:
+    """Write results.md, metrics.json, lr_curve.json and inverted.png into out_dir; `family_dirs`
+    (family name -> its evaluate stages' folder) adds each model family of params `families`."""
     results = load_results(eval_dir, list(params.evaluate.models))
     concepts = read_concepts(concepts_dir, params.concepts.names)
     summary = summary_metrics(params, results)
+    families = {}
+    for name, folder in (family_dirs or {}).items():
+        family = params.family(name)
+        family_results = load_results(folder, list(family.evaluate.models))
+        family_summary = summary_metrics(family, family_results)
+        families[name] = (family, family_results, family_summary["headline"])
+        summary.setdefault("families", {})[name] = family_summary
     out_dir = Path(out_dir)
-    save_inversion_figure(inverted_dir, concepts, out_dir / "inverted.png")
+    inverted = set(params.inverted_names())
+    save_inversion_figure(inverted_dir, [c for c in concepts if c.name in inverted], out_dir / "inverted.png")
     write_json(out_dir / "lr_curve.json", lr_point(summary, params))
-    write_text(out_dir / "results.md", render_markdown(params, results, concepts, summary["headline"]))
+    write_text(out_dir / "results.md", render_markdown(params, results, concepts, summary["headline"], families))
     write_json(out_dir / "metrics.json", summary)
     return summary

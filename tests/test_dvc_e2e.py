@@ -5,8 +5,9 @@ that concept's inversion.
 Reduced params: demo backend pretrained for 3 steps, 3 of the 11 demo concepts (the novel
 blicket and dax, whose inversions the checks rerun, two being the fewest the paper recipe's Eq. 2
 loss accepts; the known lantern, which the retention metrics
-score), 2 images per concept and split, 3 inversion steps, one recipe (`paper`). Each of the 15
-stage runs pays the interpreter's 5-8 s start-up (torch, open_clip): about 2 minutes on 2 cores.
+score), 2 images per concept and split, 3 inversion steps, one recipe (`paper`); the demo ViLT
+family pretrained for 3 steps and inverted for blicket and dax. Each of the 21 stage runs pays the
+interpreter's 5-8 s start-up (torch, open_clip, transformers): about 3 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -35,10 +36,13 @@ REDUCED = {
     "invert": {"steps": 3, "samples": 2},
     "finetune": {"epochs": 1},
     "evaluate": {"models": ["baseline", "paper"]},
+    "families": {"vilt": {"pretrain": {"steps": 3, "batch_size": 8, "warmup": 1}, "inverted": ["blicket", "dax"]}},
 }
 RECIPES = {"paper": {"rehearsal": False}}  # one recipe: every stage kind runs, each run costs a start-up
+VILT_STAGES = {"base_model_vilt", "invert_vilt@blicket", "invert_vilt@dax", "finetune_vilt@paper",
+               "evaluate_vilt@baseline", "evaluate_vilt@paper"}  # the demo ViLT family (it sets its own lr)
 ALL_STAGES = {"data", "base_model", "concepts", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
-              "evaluate@baseline", "evaluate@paper", "report"}
+              "evaluate@baseline", "evaluate@paper", "report", *VILT_STAGES}
 LR_STAGES = {"finetune@paper", "evaluate@paper", "report"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
@@ -123,6 +127,7 @@ def test_dvc_pipeline_end_to_end(repo):
     assert ran == ALL_STAGES
     reports = repo.root / "reports"
     assert "| blicket | target |" in (reports / "results.md").read_text()
+    assert "| `vilt` (demo_vilt) | paper |" in (reports / "results.md").read_text()
     metrics = json.loads((reports / "metrics.json").read_text())
     default_lr = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())["lr"]
     assert metrics["lr"] == pytest.approx(default_lr) and 0 <= metrics["test"]["classification"]["paper"]["target"] <= 1
@@ -162,8 +167,8 @@ def test_dvc_pipeline_end_to_end(repo):
     timings["repro concepts"] = time.monotonic() - mark
     assert ran == {"concepts"}
     status = repo.status()
-    stale = {"invert@dax", "finetune@paper", "evaluate@baseline", "evaluate@paper",
-             "report"}  # the latter read all of data/concepts
+    stale = {"invert@dax", "finetune@paper", "evaluate@baseline", "evaluate@paper", "report",  # these read all
+             "invert_vilt@dax", "finetune_vilt@paper", "evaluate_vilt@baseline", "evaluate_vilt@paper"}  # of data/concepts
     assert set(status) == stale, status
     ran, skipped = ran_and_skipped(repo.dvc("repro", "--dry"))
     assert {s for s in ran if s.startswith("invert@")} == {"invert@dax"}

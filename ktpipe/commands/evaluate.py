@@ -3,23 +3,25 @@ from pathlib import Path
 
 import click
 
-from ktpipe.cli import PARAMS_OPTION, load_params, run_step
+from ktpipe.cli import FAMILY_OPTION, PARAMS_OPTION, load_params, run_step
 
 
 @click.command("evaluate")
 @PARAMS_OPTION
+@FAMILY_OPTION
 @click.argument("model")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.argument("eval_dir", type=click.Path(file_okay=False))
 @click.argument("concepts_dir", type=click.Path(file_okay=False))
 @click.argument("out_path", type=click.Path(dir_okay=False))
-def command(params_path: str, model: str, model_dir: str, eval_dir: str, concepts_dir: str, out_path: str) -> None:
+def command(params_path: str, family: str | None, model: str, model_dir: str, eval_dir: str, concepts_dir: str,
+            out_path: str) -> None:
     """Evaluate MODEL (`baseline`: the model before transfer, as params `model` names it; else a
     recipe whose checkpoint is MODEL_DIR) on every set of params `evaluate.sets` in EVAL_DIR
     (written by the data stage); write the metrics JSON OUT_PATH."""
     from ktpipe.eval import run_evaluate
 
-    params = load_params(params_path)
+    params = load_params(params_path, family)
     result = run_step(run_evaluate, params, model, Path(model_dir), Path(eval_dir), Path(concepts_dir),
                       Path(out_path))
     for set_name, tasks in result["metrics"].items():

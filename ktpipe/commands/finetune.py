@@ -5,24 +5,25 @@ from pathlib import Path
 
 import click
 
-from ktpipe.cli import PARAMS_OPTION, UserError, load_params, run_step
+from ktpipe.cli import FAMILY_OPTION, PARAMS_OPTION, UserError, load_params, run_step
 
 
 @click.command("finetune")
 @PARAMS_OPTION
+@FAMILY_OPTION
 @click.option("--lr", type=float, default=None, help="Override params `lr` (fine-tuning learning rate).")
 @click.argument("recipe")
 @click.argument("concepts_dir", type=click.Path(file_okay=False))
 @click.argument("inverted_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.argument("log_path", type=click.Path(dir_okay=False))
-def command(params_path: str, lr: float | None, recipe: str, concepts_dir: str, inverted_dir: str, out_dir: str,
-            log_path: str) -> None:
+def command(params_path: str, family: str | None, lr: float | None, recipe: str, concepts_dir: str,
+            inverted_dir: str, out_dir: str, log_path: str) -> None:
     """Fine-tune with RECIPE (a key of params `recipes`) on the images in INVERTED_DIR; save a
     checkpoint folder OUT_DIR and the training log LOG_PATH."""
     from ktpipe.finetune import run_finetune
 
-    params = load_params(params_path)
+    params = load_params(params_path, family)
     if lr is not None:
         if not (math.isfinite(lr) and lr > 0):
             raise UserError(f"--lr must be a finite positive number, got {lr}")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from ktpipe.cli import PARAMS_OPTION, load_params, run_step
+from ktpipe.cli import PARAMS_OPTION, UserError, load_params, run_step
 
 
 @click.command("report")
@@ -12,10 +12,19 @@ from ktpipe.cli import PARAMS_OPTION, load_params, run_step
 @click.argument("concepts_dir", type=click.Path(file_okay=False))
 @click.argument("inverted_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def command(params_path: str, eval_dir: str, concepts_dir: str, inverted_dir: str, out_dir: str) -> None:
+@click.option("--family", "families", multiple=True, metavar="NAME=EVAL_DIR",
+              help="Add model family NAME (params `families`), its evaluation results in EVAL_DIR; repeatable.")
+def command(params_path: str, eval_dir: str, concepts_dir: str, inverted_dir: str, out_dir: str,
+            families: tuple[str, ...]) -> None:
     """Write results.md, metrics.json, lr_curve.json and inverted.png into OUT_DIR."""
     from ktpipe.report import run_report
 
+    family_dirs = {}
+    for entry in families:
+        name, sep, folder = entry.partition("=")
+        if not (sep and name and folder):
+            raise UserError(f"--family takes NAME=EVAL_DIR, got {entry!r}")
+        family_dirs[name] = Path(folder)
     run_step(run_report, load_params(params_path), Path(eval_dir), Path(concepts_dir), Path(inverted_dir),
-             Path(out_dir))
+             Path(out_dir), family_dirs)
     click.echo(f"wrote {out_dir}/results.md")

@@ -103,11 +103,16 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
                            "has a 'render' entry (shape, color, fill) to draw")
     n = params.world.val_per_concept if spec.split == "val" else params.world.test_per_concept
     seed = DEMO_SEED_OFFSET[spec.split] + params.seed
+    captioned = spec.task in CAPTIONED_TASKS
+    if captioned and spec.subset is not None:  # a subset: as many renders of each concept in turn (balanced)
+        n = min(n, -(-spec.subset // len(world.concepts)))
     shown = write_split(world, out_dir / name, n, seed, params.world.image_size)
-    if spec.task in CAPTIONED_TASKS:
-        return Manifest(name, (), tuple(
-            CaptionedImage(f"{name}/{concept}/{i:04d}.png", caption_render(concept, a))
-            for concept, attrs in shown.items() for i, a in enumerate(attrs)))
+    if captioned:
+        records = [(i, CaptionedImage(f"{name}/{concept}/{i:04d}.png", caption_render(concept, a)))
+                   for concept, attrs in shown.items() for i, a in enumerate(attrs)]
+        if spec.subset is not None:
+            records = sorted(records, key=lambda r: r[0])[:spec.subset]  # round by round over the concepts
+        return Manifest(name, (), tuple(r for _, r in records))
     folder_spec = dataclasses.replace(spec, format="folder", root=str(out_dir / name))
     manifest = load_dataset(name, folder_spec, params.seed)
     return manifest.map_paths(lambda p: str(Path(p).relative_to(out_dir)))

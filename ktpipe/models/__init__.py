@@ -38,6 +38,12 @@ def load_vilt(name: str, pretrained: str | None, device: str):
     return ViltCrossEncoder.load(name, pretrained, device)
 
 
+def load_demo_vilt(name: str, pretrained: str | None, device: str):
+    from ktpipe.models.demo_vilt import load_demo_vilt as load
+
+    return load(name, pretrained, device)
+
+
 def open_clip_text_budget(name: str, pretrained: str | None) -> TextBudget:
     from ktpipe.models.openclip import load_text_budget
 
@@ -56,12 +62,19 @@ def vilt_text_budget(name: str, pretrained: str | None) -> Any:
     return load_vilt_text_budget(name, pretrained)
 
 
+def demo_vilt_text_budget(name: str, pretrained: str | None) -> Any:
+    from ktpipe.models.demo_vilt import load_demo_vilt_text_budget
+
+    return load_demo_vilt_text_budget(name, pretrained)
+
+
 # backend name -> loader(name, pretrained, device) of a model with the capabilities its family has
 BACKENDS: dict[str, Callable[[str, str | None, str], Any]] = {"open_clip": load_open_clip, "demo": load_demo,
-                                                              "vilt": load_vilt}
+                                                              "vilt": load_vilt, "demo_vilt": load_demo_vilt}
 # backend name -> text budget loader(name, pretrained): the tokenizer alone, for length checks
 TEXT_BUDGETS: dict[str, Callable[[str, str | None], TextBudget]] = {
     "open_clip": open_clip_text_budget, "demo": demo_text_budget, "vilt": vilt_text_budget,
+    "demo_vilt": demo_vilt_text_budget,
 }
 LAZY = {"OpenClipModel": "ktpipe.models.openclip", "TextBudget": "ktpipe.models.openclip",
         "build_demo_model": "ktpipe.models.demo"}

@@ -209,15 +209,19 @@ class ViltCrossEncoder:
         return self.tokenize(texts)
 
     def score_targets(self, pixels: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, T) match logits of every image with every text, PAIR_CHUNK pairs per pass."""
+        """(B, T) match logits of every image with every text, PAIR_CHUNK pairs per pass; each
+        image's patch embeddings are computed once and shared by its pairs."""
         n_images, n_texts = pixels.shape[0], targets["input_ids"].shape[0]
-        image_index = torch.arange(n_images).repeat_interleave(n_texts)
-        text_index = torch.arange(n_texts).repeat(n_images)
+        image_index = torch.arange(n_images, device=self.device).repeat_interleave(n_texts)
+        text_index = torch.arange(n_texts, device=self.device).repeat(n_images)
+        inputs = self._pixel_inputs(pixels)
+        embeds, masks, _ = self.module.vilt.embeddings.visual_embed(
+            inputs["pixel_values"], inputs["pixel_mask"], max_image_length=self.module.config.max_image_length)
         scores = []
         for start in range(0, n_images * n_texts, PAIR_CHUNK):
-            rows = slice(start, start + PAIR_CHUNK)
-            tokens = {key: value[text_index[rows].to(value.device)] for key, value in targets.items()}
-            scores.append(self.match_logits(pixels[image_index[rows]], tokens))
+            images, texts = image_index[start:start + PAIR_CHUNK], text_index[start:start + PAIR_CHUNK]
+            tokens = {key: value[texts] for key, value in targets.items()}
+            scores.append(self.module(image_embeds=embeds[images], pixel_mask=masks[images], **tokens).logits[:, 0])
         return torch.cat(scores).reshape(n_images, n_texts)
 
     def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
