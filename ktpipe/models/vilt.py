@@ -135,6 +135,12 @@ class ViltCrossEncoder:
     kind = CROSS_ENCODER
 
     def __init__(self, module: torch.nn.Module, processor: Any, device: str = "cpu", base_model: str | None = None):
+        if device == "cpu":
+            # ViLT gathers each image's patches by index; on a multi-threaded CPU the gather's
+            # backward accumulates in whatever order the threads finish, so training twice on the
+            # same inputs gave different bytes. Deterministic kernels make a rerun of a stage write
+            # the same bytes, so DVC skips what follows (process-wide; warn, never fail).
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.module = module.to(device)
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -201,9 +207,23 @@ class ViltCrossEncoder:
         mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=self.device)
         return {"pixel_values": (pixels.to(self.device) - self.mean) / self.std, "pixel_mask": mask}
 
+    def _image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ViLT's embedded image tokens (B, P, D) and their mask (B, P). ViLT's patch sampling
+        draws the order of each image's patches at random; attention does not depend on it, but
+        float sums do, so the draw is seeded here and the same inputs give the same bytes (the
+        global random state is left as it was)."""
+        inputs = self._pixel_inputs(pixels)
+        devices = [pixels.device.index or 0] if pixels.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            embeds, masks, _ = self.module.vilt.embeddings.visual_embed(
+                inputs["pixel_values"], inputs["pixel_mask"], max_image_length=self.module.config.max_image_length)
+        return embeds, masks
+
     def match_logits(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) match logits of N (image, text) pairs, row by row."""
-        return self.module(**self._pixel_inputs(pixels), **tokens).logits[:, 0]
+        embeds, masks = self._image_tokens(pixels)
+        return self.module(image_embeds=embeds, pixel_mask=masks, **tokens).logits[:, 0]
 
     def text_targets(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenize(texts)
@@ -214,9 +234,7 @@ class ViltCrossEncoder:
         n_images, n_texts = pixels.shape[0], targets["input_ids"].shape[0]
         image_index = torch.arange(n_images, device=self.device).repeat_interleave(n_texts)
         text_index = torch.arange(n_texts, device=self.device).repeat(n_images)
-        inputs = self._pixel_inputs(pixels)
-        embeds, masks, _ = self.module.vilt.embeddings.visual_embed(
-            inputs["pixel_values"], inputs["pixel_mask"], max_image_length=self.module.config.max_image_length)
+        embeds, masks = self._image_tokens(pixels)
         scores = []
         for start in range(0, n_images * n_texts, PAIR_CHUNK):
             images, texts = image_index[start:start + PAIR_CHUNK], text_index[start:start + PAIR_CHUNK]
@@ -263,7 +281,8 @@ class ViltCrossEncoder:
                                  f"({MLM_HEAD}*): masked language modelling needs a ViltForMaskedLM or "
                                  "vilt-b32-mlm-itm checkpoint")
         tokens = {key: value for key, value in masked.items() if key != "labels"}
-        hidden = self.module.vilt(**self._pixel_inputs(pixels), **tokens).last_hidden_state
+        embeds, masks = self._image_tokens(pixels)
+        hidden = self.module.vilt(image_embeds=embeds, pixel_mask=masks, **tokens).last_hidden_state
         logits = self.module.mlm_score(hidden[:, : tokens["input_ids"].shape[1]])
         labels = masked["labels"]
         if not (labels != -100).any():
