@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ktpipe.concepts import ConceptText, finetune_caption
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.losses import itm_loss
 from ktpipe.models.demo_vilt import build_demo_vilt, demo_vilt_config
@@ -34,8 +35,8 @@ from ktpipe.models.vilt import ViltCrossEncoder
 from ktpipe.params import Params, ParamsError, PretrainParams
 from ktpipe.pretrain import image_batch, lr_at
 from ktpipe.templates import load_templates
-from ktpipe.concepts import ConceptText, finetune_caption
 from ktpipe.world import World, add_article, load_demo_world, load_world
+
 
 @dataclass
 class CrossPretrainResult:
@@ -56,16 +57,16 @@ def candidate_captions(texts: list[str], n_named: int, known: list[str], k: int,
                        rng: np.random.Generator) -> list[list[str]]:
     """Each text's `k` candidates: itself first; for the first `n_named` (captions of known
     concepts), the same caption with another known name; then other captions of the batch."""
-    patterns = [(name, re.compile(rf"\b{re.escape(name)}\b")) for name in known]
+    patterns = {name: re.compile(rf"\b{re.escape(name)}\b") for name in known}
     out = []
     for i, text in enumerate(texts):
         candidates = [text]
         if i < n_named:
-            name = next((n for n, pattern in patterns if pattern.search(text)), None)
+            name = next((n for n, pattern in patterns.items() if pattern.search(text)), None)
             others = [n for n in known if n != name]
             if name is not None and others:
                 swap = others[rng.integers(len(others))]
-                candidates.append(dict(patterns)[name].sub(swap, text))
+                candidates.append(patterns[name].sub(swap, text))
         distinct = [t for t in texts if t != text]
         while len(candidates) < k and distinct:
             candidates.append(distinct[rng.integers(len(distinct))])
