@@ -12,6 +12,17 @@ For each model, in a fresh subprocess (so peak memory figures do not mix):
   `pair_class_scores` (every image with every text, as retrieval's `all_pairs` and zero-shot
   classification score), on the same JPEGs and `--eval-texts` 12-word texts.
 
+With `--captioning` (paper Tables 6 and 9), also, in its own subprocess:
+- caption generation: captions per second of `--caption-model` (default `coca_ViT-L-14`, random init,
+  224 px) through `OpenClipCaptioner.generate_captions`, one batch of `--caption-images` images at
+  the CoCa presets' decoding settings (beam search, 6 beams, 30 tokens, at least 5), after no
+  warm-up (a batch takes minutes on a CPU). A random-init decoder never ends a caption early, so
+  every caption runs the full `--caption-max-length` steps: an upper bound for trained weights;
+- caption scoring: pycocoevalcap on `--score-captions` synthetic candidate captions with 5
+  references each (MSCOCO Karpathy test: 5,000): PTB tokenizer, BLEU@1-4, METEOR, ROUGE-L and CIDEr
+  timed one by one (SPICE needs Stanford CoreNLP jars that cannot be downloaded offline: skipped).
+`--captioning-only` runs just that section.
+
 Random init by default (offline; same compute as real weights). Run `--help` for options.
 """
 from __future__ import annotations
@@ -31,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing ktpipe
 
 PAPER_STEPS = 5000  # inversion steps per concept in the paper (InvertParams.steps default)
+CAPTIONING = "captioning"  # internal worker name of the captioning section
 VILT = "vilt-b32"  # ViLT-B/32 (ViltConfig's default shape, 384 px), random init, through the vilt backend
 
 
@@ -47,6 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag (downloads); default random init")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--captioning", action="store_true", help="also time CoCa caption generation and scoring")
+    parser.add_argument("--captioning-only", action="store_true", help="only the captioning section")
+    parser.add_argument("--caption-model", default="coca_ViT-L-14", help="open_clip CoCa architecture")
+    parser.add_argument("--caption-images", type=int, default=2, help="images captioned in one timed batch")
+    parser.add_argument("--caption-beams", type=int, default=6, help="beam search beams (CoCa presets: 6)")
+    parser.add_argument("--caption-max-length", type=int, default=30, help="tokens per caption (CoCa presets: 30)")
+    parser.add_argument("--caption-min-length", type=int, default=5, help="tokens before an end (CoCa presets: 5)")
+    parser.add_argument("--score-captions", type=int, default=5000, help="synthetic captions scored (Karpathy 5K)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one model, JSON to stdout
     return parser.parse_args(argv)
 
@@ -212,6 +232,100 @@ def run_worker(args: argparse.Namespace) -> dict:
     return result
 
 
+CAPTION_WORDS = ("a man woman dog cat person bus train pizza table street riding sitting standing on in with near "
+                 "the of two red white large small plate bicycle couch laptop field water").split()
+
+
+def synthetic_captions(count: int, seed: int = 0) -> tuple[dict, dict]:
+    """`count` candidate captions with 5 references each, 8-12 random words, as pycocoevalcap's
+    {id: [{'caption': text}]} dicts (the PTB tokenizer's input)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(CAPTION_WORDS) for _ in range(rng.randint(8, 12))) + "."
+
+    gts = {i: [{"caption": sentence()} for _ in range(5)] for i in range(count)}
+    res = {i: [{"caption": sentence()}] for i in range(count)}
+    return gts, res
+
+
+def time_caption_scoring(count: int) -> dict:
+    """Seconds pycocoevalcap takes per scorer on `count` synthetic captions (SPICE skipped: offline)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts, res = synthetic_captions(count)
+    out = {"scored_captions": count}
+    start = time.perf_counter()
+    tokenizer = PTBTokenizer()
+    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    out["score_tokenize_s"] = time.perf_counter() - start
+    for name, make in (("bleu", Bleu), ("meteor", Meteor), ("rouge_l", Rouge), ("cider", Cider)):
+        begin = time.perf_counter()
+        scorer = make(4) if name == "bleu" else make()
+        out[f"score_{name}"] = float(scorer.compute_score(gts, res)[0][-1] if name == "bleu"
+                                     else scorer.compute_score(gts, res)[0])
+        out[f"score_{name}_s"] = time.perf_counter() - begin
+        if name == "meteor":
+            scorer.close() if hasattr(scorer, "close") else None
+    out["score_total_s"] = time.perf_counter() - start
+    out["score_spice"] = "skipped (Stanford CoreNLP jars not downloadable offline)"
+    return out
+
+
+def run_captioning_worker(args: argparse.Namespace) -> dict:
+    """Caption generation of a random-init CoCa and pycocoevalcap scoring, in this process."""
+    import open_clip
+    import torch
+
+    from ktpipe.models import OpenClipModel, pick_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    build_start = time.perf_counter()
+    model = OpenClipModel.from_config(open_clip.get_model_config(args.caption_model), device=device,
+                                      name=args.caption_model)
+    build_s = time.perf_counter() - build_start
+    settings = {"method": "beam_search", "beams": args.caption_beams, "max_length": args.caption_max_length,
+                "min_length": args.caption_min_length}
+    size = model.image_size
+    pixels = torch.rand(args.caption_images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        captions = model.generate_captions(pixels, **settings)
+    sync(device)
+    generate_s = time.perf_counter() - start
+    result = {"model": args.caption_model, "init": "random", "device": device, "device_name": device_name(device),
+              "threads": torch.get_num_threads(), "image_size": size, "build_s": build_s,
+              "params_m": sum(p.numel() for p in model.module.parameters()) / 1e6, "settings": settings,
+              "caption_images": args.caption_images, "generate_s": generate_s,
+              "captions_per_s": args.caption_images / generate_s,
+              "caption_words": [len(c.split()) for c in captions]}
+    result["s_per_5k_captions"] = 5000 / result["captions_per_s"]
+    result.update(time_caption_scoring(args.score_captions))
+    return result
+
+
+def format_captioning(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"captioning: {r['model']} ({r['params_m']:.0f}M params, random init, {r['image_size']} px) on "
+             f"{r['device']} ({r['device_name']}), threads {r['threads']}",
+             f"  generation: {s['method']}, {s['beams']} beams, max_length {s['max_length']}, min_length "
+             f"{s['min_length']}; one batch of {r['caption_images']} images: {r['generate_s']:.1f} s = "
+             f"{r['captions_per_s']:.4f} captions/s ({r['s_per_5k_captions'] / 3600:.1f} h per 5K test set)",
+             f"  scoring {r['scored_captions']} captions (5 refs each), pycocoevalcap: tokenize "
+             f"{r['score_tokenize_s']:.1f} s, BLEU {r['score_bleu_s']:.1f} s, METEOR {r['score_meteor_s']:.1f} s, "
+             f"ROUGE-L {r['score_rouge_l_s']:.1f} s, CIDEr {r['score_cider_s']:.1f} s; total "
+             f"{r['score_total_s']:.1f} s; SPICE: {r['score_spice']}"]
+    return "\n".join(lines)
+
+
 def worker_command(args: argparse.Namespace, model: str) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model, "--steps", str(args.steps),
            "--samples", str(args.samples), "--eval-images", str(args.eval_images),
@@ -220,6 +334,10 @@ def worker_command(args: argparse.Namespace, model: str) -> list[str]:
         cmd += ["--pretrained", args.pretrained]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if model == CAPTIONING:
+        cmd += ["--caption-model", args.caption_model, "--caption-images", str(args.caption_images),
+                "--caption-beams", str(args.caption_beams), "--caption-max-length", str(args.caption_max_length),
+                "--caption-min-length", str(args.caption_min_length), "--score-captions", str(args.score_captions)]
     return cmd
 
 
@@ -248,13 +366,24 @@ def format_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(args)))
+        print(json.dumps(run_captioning_worker(args) if args.worker == CAPTIONING else run_worker(args)))
         return
     start = time.perf_counter()
-    results = []
-    for model in args.models:
+    results, captioning = [], None
+    if args.captioning or args.captioning_only:
+        print(f"benchmarking captioning ({args.caption_model}) ...", file=sys.stderr, flush=True)
+        captioning = run_model(args, CAPTIONING)
+        print(format_captioning(captioning))
+    for model in [] if args.captioning_only else args.models:
         print(f"benchmarking {model} ...", file=sys.stderr, flush=True)
         results.append(run_model(args, model))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker")}
+        args.json.write_text(json.dumps({"settings": settings, "results": results, "captioning": captioning},
+                                        indent=2, default=str) + "\n")
+    if not results:
+        print(f"wall time {time.perf_counter() - start:.0f} s")
+        return
     first = results[0]
     print(f"device: {first['device']} ({first['device_name']}), torch {first['torch']}, threads {first['threads']}, "
           f"init: {first['init']}")
@@ -262,9 +391,6 @@ def main(argv: list[str] | None = None) -> None:
           f"eval: {args.eval_images} JPEGs, batch {args.eval_batch}; peak mem: {first['peak_mem_method']}")
     print(format_table(results))
     print(f"wall time {time.perf_counter() - start:.0f} s")
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker")}
-        args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

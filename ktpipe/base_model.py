@@ -44,7 +44,8 @@ def describe_model(params: Params) -> dict:
 
 # demo backend -> module and function that pretrain it on the demo world (imported only here)
 DEMO_PRETRAINING = {"demo": ("ktpipe.pretrain", "run_pretrain"),
-                    "demo_vilt": ("ktpipe.pretrain_cross", "run_pretrain_cross")}
+                    "demo_vilt": ("ktpipe.pretrain_cross", "run_pretrain_cross"),
+                    "demo_coca": ("ktpipe.pretrain_caption", "run_pretrain_captioner")}
 
 
 def run_base_model(params: Params, out_dir: Path, log_path: Path, world_path: Path | None = None) -> dict:

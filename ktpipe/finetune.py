@@ -20,15 +20,19 @@ from ktpipe.errors import KtpipeError, check_finite
 from ktpipe.images import initial_pixels, load_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.losses import FINETUNE_LOSSES, distillation_loss
-from ktpipe.models import EmbedsImages, EmbedsTexts, Trainable, load_base_model, require
+from ktpipe.models import EmbedsImages, EmbedsTexts, LearnsCaptions, Trainable, load_base_model, require
 from ktpipe.params import FinetuneParams, Params, ParamsError
 
 
-def set_trainable(model: Trainable, towers: str, visual_layers: int | None = None) -> list[torch.nn.Parameter]:
-    """Freeze everything, then unfreeze the chosen towers; returns the trainable parameters."""
+def set_trainable(model: Trainable, towers: str, visual_layers: int | None = None,
+                  decoder: bool = False) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the chosen towers (and a captioner's text decoder);
+    returns the trainable parameters."""
     for p in model.module.parameters():
         p.requires_grad_(False)
     params = list(model.tower_parameters(towers, visual_layers))
+    if decoder:
+        params += list(model.decoder_parameters())
     for p in params:
         p.requires_grad_(True)
     return params
@@ -81,6 +85,8 @@ def check_capabilities(model: Any, cfg: FinetuneParams, recipe: str) -> None:
     for capability in objective.needs:
         require(model, capability, f"recipe {recipe!r}: finetune.loss {cfg.loss!r}")
     require(model, Trainable, f"recipe {recipe!r}: fine-tuning")
+    if cfg.decoder:
+        require(model, LearnsCaptions, f"recipe {recipe!r}: finetune.decoder (training a text decoder)")
     if cfg.kd_weight > 0:
         require(model, EmbedsImages, f"recipe {recipe!r}: distillation (finetune.kd_weight)")
     if cfg.temperature is None and objective.uses_temperature:
@@ -118,13 +124,15 @@ def finetune(
     progress: bool = True,
     recipe: str = "finetune",
     negatives: list[str] | None = None,
+    names: list[str] | None = None,
 ) -> list[dict]:
     """Train `cfg.towers` for `cfg.epochs` on pixels (N, 3, S, S) whose labels (N,) index captions.
 
     The objective is `cfg.loss` (losses.FINETUNE_LOSSES), at `cfg.temperature` (None: the model's
     own) where it has one, plus `cfg.kd_weight` times the distillation MSE to the frozen model. An
     objective that scores mismatches (image-text matching) also scores every image against
-    `negatives`, captions no image has. Returns the per-step log.
+    `negatives`, captions no image has; `names` are the captions' concept names as written in text
+    (a captioner's target captions name them). Returns the per-step log.
     """
     if pixels.shape[0] == 0:
         raise KtpipeError(f"recipe {recipe!r}: no images to fine-tune on")
@@ -134,11 +142,12 @@ def finetune(
     check_capabilities(model, cfg, recipe)
     texts = [*captions, *negatives]
     teacher = frozen_copy(model) if cfg.kd_weight > 0 else None
-    trainable = set_trainable(model, cfg.towers, cfg.visual_layers)
+    trainable = set_trainable(model, cfg.towers, cfg.visual_layers, cfg.decoder)
     optimizer = build_optimizer(trainable, cfg, lr)
     generator = torch.Generator().manual_seed(seed)
     text_trains = cfg.towers in ("text", "both") and spec.targets is None
-    run_targets = spec.targets(model, texts, seed) if spec.targets else frozen_text_targets(model, texts, text_trains)
+    run_targets = (spec.targets(model, texts, seed, names=names, cfg=cfg) if spec.targets
+                   else frozen_text_targets(model, texts, text_trains))
     temperature = temperature_of(model, cfg)
     model.module.train()
     log, step = [], 0
@@ -170,6 +179,7 @@ class TrainingSet:
     captions: list[str]  # (K,) one fine-tuning caption per concept
     concepts: list[str]  # (K,) concept names, in caption order
     negatives: list[str]  # captions of the experiment's other concepts (image-text matching's mismatches)
+    names: list[str]  # (K,) concept names as written in text, in caption order (a captioner's target captions)
 
 
 def choose_concepts(concepts: list[ConceptText], cfg: FinetuneParams) -> list[ConceptText]:
@@ -231,7 +241,8 @@ def training_set(params: Params, cfg: FinetuneParams, concepts_dir: Path, invert
     if cfg.swapped_names:  # each learned description under every other concept's name
         negatives += [finetune_caption(dataclasses.replace(c, name=other.name, label=other.label), cfg.name_prefix)
                       for c in chosen for other in every if other.name != c.name]
-    return TrainingSet(torch.cat(images), labels, captions, [c.name for c in chosen], negatives)
+    return TrainingSet(torch.cat(images), labels, captions, [c.name for c in chosen], negatives,
+                       [c.text_name for c in chosen])
 
 
 def run_finetune(params: Params, recipe: str, concepts_dir: Path, inverted_dir: Path,
@@ -244,7 +255,7 @@ def run_finetune(params: Params, recipe: str, concepts_dir: Path, inverted_dir: 
     lr = params.recipe_lr(recipe)
     start = time.time()
     log = finetune(model, data.pixels, data.labels, data.captions, cfg, lr, params.seed, recipe=recipe,
-                   negatives=data.negatives)
+                   negatives=data.negatives, names=data.names)
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
     summary = {"recipe": recipe, "lr": lr, "base_lr": params.lr, "lr_multiplier": cfg.lr_multiplier,

@@ -4,7 +4,7 @@ An objective asks the model for scores or embeddings through its capabilities (k
 and names the capabilities it needs, so fine-tuning takes any model family that has them: Eq. 2
 and image-text matching need only match scores (a cross-encoder's too); the authors' InfoNCE and
 distillation need image embeddings; masked language modelling needs a model that predicts masked
-words from an image and a text (ViLT). The loss arithmetic is in small pure functions,
+words from an image and a text (ViLT); CoCa's InfoNCE plus captioning loss needs a captioner. The loss arithmetic is in small pure functions,
 unit-tested on tiny tensors.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ktpipe.models.base import EmbedsImages, PredictsMaskedWords, ScoresPairs
+from ktpipe.models.base import EmbedsImages, LearnsCaptions, PredictsMaskedWords, ScoresPairs
 
 AUTHORS_BASE_TEMPERATURE = 0.07  # the authors' loss is scaled by temperature / 0.07 (1 at their default)
 
@@ -79,7 +79,7 @@ class Objective:
     needs: tuple[type, ...]
     uses_temperature: bool = True  # scales cosine similarities (a match logit or a word loss has no temperature)
     negatives: bool = False  # also scores the experiment's other concepts' captions as mismatches
-    targets: Callable[[Any, list[str], int], Any] | None = None  # (model, captions, seed) -> targets for the run
+    targets: Callable[..., Any] | None = None  # (model, captions, seed, names=, cfg=) -> targets for the run
 
 
 def eq2_objective(model: ScoresPairs, pixels: torch.Tensor, text_targets: Any, labels: torch.Tensor,
@@ -113,7 +113,7 @@ class WordMasking:
     masker: Callable[[list[str]], Any]
 
 
-def word_masking(model: PredictsMaskedWords, captions: list[str], seed: int) -> WordMasking:
+def word_masking(model: PredictsMaskedWords, captions: list[str], seed: int, **_: Any) -> WordMasking:
     return WordMasking(list(captions), model.word_masker(seed))
 
 
@@ -125,9 +125,57 @@ def mlm_objective(model: PredictsMaskedWords, pixels: torch.Tensor, targets: Wor
     return model.masked_word_loss(pixels, targets.masker(texts))
 
 
+@dataclass(frozen=True)
+class CaptionTargets:
+    """What CoCa fine-tuning draws from every step: each label's concept caption (the contrastive
+    text) and name, the target-caption templates, the seeded generator that picks one template per
+    sample and step, and open_clip's CoCaLoss with both weights set."""
+
+    captions: list[str]
+    names: list[str]
+    templates: list[str]
+    generator: torch.Generator
+    loss: torch.nn.Module
+
+    def draw(self, labels: torch.Tensor) -> list[str]:
+        """One target caption per label: a template drawn at random, filled with the concept's name."""
+        picks = torch.randint(len(self.templates), (len(labels),), generator=self.generator).tolist()
+        return [self.templates[t].format(self.names[int(k)]) for t, k in zip(picks, labels)]
+
+
+def caption_targets(model: LearnsCaptions, captions: list[str], seed: int, names: list[str] | None = None,
+                    cfg: Any = None) -> CaptionTargets:
+    """The run's CaptionTargets (`cfg.target_captions` templates, lambda1 and lambda2 from `cfg`)."""
+    import open_clip
+
+    from ktpipe.templates import load_templates
+
+    if names is None:
+        raise ValueError("the coca objective needs the concepts' names (finetune names=)")
+    loss = open_clip.CoCaLoss(caption_loss_weight=cfg.caption_weight, clip_loss_weight=cfg.contrastive_weight,
+                              pad_id=model.pad_id)
+    return CaptionTargets(list(captions), list(names), load_templates(cfg.target_captions),
+                          torch.Generator().manual_seed(seed), loss)
+
+
+def coca_loss(contrastive: torch.Tensor, captioning: torch.Tensor) -> torch.Tensor:
+    """Paper Sec. 8.8: L = lambda1 InfoNCE + lambda2 L_cap, the two terms as open_clip's CoCaLoss
+    returns them (each already multiplied by its weight)."""
+    return contrastive + captioning
+
+
+def coca_objective(model: LearnsCaptions, pixels: torch.Tensor, targets: CaptionTargets, labels: torch.Tensor,
+                   temperature: Any = None) -> torch.Tensor:
+    """CoCa transfer: InfoNCE of the batch's images against their concept captions, plus the
+    captioning loss of a target caption drawn for each image (paper Sec. 8.8)."""
+    inputs = model.caption_loss_inputs(pixels, [targets.captions[int(k)] for k in labels], targets.draw(labels))
+    return coca_loss(*targets.loss(**inputs))
+
+
 FINETUNE_LOSSES: dict[str, Objective] = {
     "eq2": Objective(eq2_objective, (ScoresPairs,)),
     "authors": Objective(authors_objective, (ScoresPairs, EmbedsImages)),
     "itm": Objective(itm_objective, (ScoresPairs,), uses_temperature=False, negatives=True),
     "mlm": Objective(mlm_objective, (PredictsMaskedWords,), uses_temperature=False, targets=word_masking),
+    "coca": Objective(coca_objective, (LearnsCaptions,), uses_temperature=False, targets=caption_targets),
 }

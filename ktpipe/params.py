@@ -54,7 +54,9 @@ class PretrainParams:
     candidates: int = 6  # demo cross-encoder: captions each render is matched against (its own first)
     mlm_weight: float = 0.0  # demo cross-encoder: weight of masked language modelling
     known_definitions: float = 0.0  # demo cross-encoder: share of named renders captioned "A <name> is <description>."
-    vision_init: str | None = None  # demo cross-encoder: demo CLIP checkpoint its vision side starts from
+    init_from: str | None = None  # demo ViLT and CoCa: the demo CLIP checkpoint they start from (ViLT: its vision
+    # tower; CoCa: its vision blocks and text tower)
+    caption_weight: float = 0.1  # demo CoCa: weight of the captioning loss beside the contrastive one (weight 1)
 
 
 # The paper's description prompt (Sec. 4.2); '{name}' is replaced with the concept's name.
@@ -131,6 +133,11 @@ class FinetuneParams:
     concepts: tuple[str, ...] | None = None  # learn only these novel concepts (None: every novel one)
     images: str = "inverted"  # inverted, or noise: uniform random images (ablation baseline)
     lr_multiplier: float = 1.0  # this recipe trains at lr * lr_multiplier (paper Table 2's base lrs)
+    contrastive_weight: float = 1.0  # coca: lambda1, weight of the InfoNCE (paper Sec. 8.8: 1)
+    caption_weight: float = 0.1  # coca: lambda2, weight of the captioning loss (paper Sec. 8.8: 0.1)
+    target_captions: str = "coca_targets"  # coca: templates of the captions the decoder learns ('{}' is the
+    # concept's name; paper Sec. 8.8's 26), a packaged name in ktpipe/data/templates/ or a .txt file
+    decoder: bool = False  # also train a captioner's text decoder (paper Table 9's dagger rows)
     swapped_names: bool = False  # itm: also mismatch each learned description under another concept's name (beyond
     # the paper: a cross-encoder tells the captions apart by description alone, and may never read the new name)
 
@@ -160,12 +167,30 @@ class DatasetParams:
 
 
 @dataclass(frozen=True)
+class GenerationParams:
+    """Caption decoding (open_clip's CoCa.generate settings, under its meaning)."""
+
+    method: str = "beam_search"  # beam_search, or sampling: top_k or top_p
+    beams: int = 6  # beam search: hypotheses kept per image (open_clip's default)
+    max_length: int = 30  # tokens per caption, start and end tokens included (open_clip's seq_len)
+    min_length: int = 5  # no end token before this many tokens (open_clip's min_seq_len)
+    repetition_penalty: float = 1.0  # transformers' RepetitionPenaltyLogitsProcessor (1: none)
+    length_penalty: float = 1.0  # beam search: a finished caption scores log-probability / length ** this
+    temperature: float = 1.0  # logits divided by this before the softmax
+    top_k: int = 1  # top_k sampling: tokens kept
+    top_p: float = 0.1  # top_p sampling: probability mass kept
+    seed: int = 0  # sampling seed
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     templates: str = "demo"  # prompt-template file in ktpipe/data/templates/ (or a path)
     batch_size: int = 128  # images per forward pass
     workers: int = 0  # image-decoding worker threads (0: decode in the main thread)
     sets: dict[str, DatasetParams] = field(default_factory=dict)  # evaluation sets, by name
     models: tuple[str, ...] = ()  # the evaluate stage's runs: baseline (before transfer) and every recipe
+    generation: GenerationParams = field(default_factory=GenerationParams)  # captioning sets: how captions are decoded
+    spice: bool = True  # captioning sets: also score SPICE (Stanford CoreNLP, which pycocoevalcap downloads on first use)
 
 
 @dataclass(frozen=True)
@@ -209,6 +234,18 @@ class Params:
     def inverted_names(self) -> tuple[str, ...]:
         """The concepts inverted for this model: `inverted`, or every concept."""
         return self.concepts.names if self.inverted is None else self.inverted
+
+    def evaluated_sets(self) -> dict[str, DatasetParams]:
+        """Every evaluation set of this file and of its model families (the data stage writes them
+        all); a set name that two of them define differently is an error."""
+        sets = dict(self.evaluate.sets)
+        for family in self.families:
+            for name, spec in self.family(family).evaluate.sets.items():
+                if name in sets and sets[name] != spec:
+                    raise ParamsError(f"params key 'families.{family}.evaluate.sets.{name}' defines set {name!r} "
+                                      "differently from the file's own; give it another name")
+                sets[name] = spec
+        return sets
 
     def family(self, name: str) -> "Params":
         """The params of model family `name`: this file with `families.<name>` applied as a JSON
@@ -255,6 +292,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
 RENAMED: dict[str, dict[str, str]] = {
     "Params": {"captions": "the section is now 'concepts' (file, generated, generator, truncate), and the "
                            "list of concepts moved into it as 'concepts.names'"},
+    "PretrainParams": {"vision_init": "use 'init_from' (the demo CLIP checkpoint a demo ViLT or CoCa starts from)"},
     "FinetuneParams": {"logit_scale": "use 'temperature' (its inverse: logit_scale 3 is temperature 0.3333)"},
 }
 
@@ -262,7 +300,8 @@ CHOICES: dict[str, tuple[str, ...]] = {  # string params with a fixed set of val
     "towers": ("visual", "text", "both"),
     "optimizer": ("adam", "adamw"),
     "images": ("inverted", "noise"),
-    "loss": ("eq2", "authors", "itm", "mlm"),
+    "loss": ("eq2", "authors", "itm", "mlm", "coca"),
+    "method": ("beam_search", "top_k", "top_p"),
     "init": ("uniform", "normal"),
     "pixels": ("raw", "minmax_png"),
     "similarity": ("cosine", "l2"),
@@ -381,6 +420,9 @@ def validate(params: Params) -> Params:
         for key in ("kd_weight", "weight_decay"):
             if getattr(section, key) < 0:
                 raise ParamsError(f"params key '{prefix}.{key}' must be zero or positive, got {getattr(section, key)!r}")
+        for key in ("contrastive_weight", "caption_weight"):
+            if getattr(section, key) < 0:
+                raise ParamsError(f"params key '{prefix}.{key}' must be zero or positive, got {getattr(section, key)!r}")
         if not section.lr_multiplier > 0:
             raise ParamsError(f"params key '{prefix}.lr_multiplier' must be a positive number")
         unknown = sorted(set(section.concepts or ()) - set(names))
@@ -397,7 +439,10 @@ def validate(params: Params) -> Params:
     if params.pretrain.pool_size < 0:
         raise ParamsError(f"params key 'pretrain.pool_size' must be 0 (render every batch) or positive, "
                           f"got {params.pretrain.pool_size}")
+    if params.pretrain.caption_weight < 0:
+        raise ParamsError(f"params key 'pretrain.caption_weight' must be zero or positive, got {params.pretrain.caption_weight}")
     validate_invert(params.invert)
+    validate_generation(params.evaluate.generation)
     validate_sets(params.evaluate.sets)
     validate_models(params)
     for key in ("target_set", "retention_set"):
@@ -426,6 +471,22 @@ def validate_invert(cfg: InvertParams) -> None:
         raise ParamsError("params keys 'invert.progressive_sizes' and 'invert.progressive_steps' must have equal length")
     if any(s <= 0 for s in cfg.progressive_sizes) or list(cfg.progressive_steps) != sorted(set(cfg.progressive_steps)):
         raise ParamsError("params 'invert.progressive_sizes' must be positive and 'progressive_steps' strictly increasing")
+
+
+def validate_generation(cfg: GenerationParams) -> None:
+    """Decoding settings a captioner can use."""
+    check_choices(cfg, "evaluate.generation")
+    for key in ("beams", "max_length", "top_k"):
+        if getattr(cfg, key) < 1:
+            raise ParamsError(f"params key 'evaluate.generation.{key}' must be at least 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.min_length < cfg.max_length:
+        raise ParamsError(f"params key 'evaluate.generation.min_length' must lie in [0, max_length) = "
+                          f"[0, {cfg.max_length}), got {cfg.min_length}")
+    for key in ("repetition_penalty", "temperature"):
+        if not getattr(cfg, key) > 0:
+            raise ParamsError(f"params key 'evaluate.generation.{key}' must be a positive number, got {getattr(cfg, key)}")
+    if not 0 < cfg.top_p <= 1:
+        raise ParamsError(f"params key 'evaluate.generation.top_p' must lie in (0, 1], got {cfg.top_p}")
 
 
 def validate_models(params: Params) -> None:

@@ -2,7 +2,7 @@
 matching (ITM) and masked language modelling (MLM), as ViLT was pretrained.
 
 As ViLT starts from an ImageNet ViT, the demo ViLT's patch embedding, position embeddings and
-transformer blocks start from the pretrained demo CLIP's vision tower (`pretrain.vision_init`);
+transformer blocks start from the pretrained demo CLIP's vision tower (`pretrain.init_from`);
 its word embeddings start at random. Its vocabulary holds the world's words and the known
 concepts' names; any other word (a novel concept's name, a made-up one) is spelled in letter
 pieces, so a name never seen in pretraining has no token of its own.
@@ -147,7 +147,7 @@ def run_pretrain_cross(params: Params, out_dir: Path, log_path: Path, world_path
     start = time.time()
     templates = load_templates(params.evaluate.templates)
     world = load_demo_world(world_path) if world_path is not None else load_world()
-    vision_init = Path(params.pretrain.vision_init) if params.pretrain.vision_init else None
+    vision_init = Path(params.pretrain.init_from) if params.pretrain.init_from else None
     size = demo_vilt_config()["image_size"]  # renders at the model's own input size
     result = pretrain_cross(world, templates, params.pretrain, params.seed, size, vision_init)
     with atomic_dir(out_dir) as tmp:

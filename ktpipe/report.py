@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ktpipe.concepts import ConceptText, read_concepts  # noqa: E402
-from ktpipe.eval import BASELINE, TASKS  # noqa: E402
-from ktpipe.eval.base import pct  # noqa: E402
+from ktpipe.eval import BASELINE, TASKS, outputs_dir  # noqa: E402
+from ktpipe.eval.base import ReportsItems, pct  # noqa: E402
 from ktpipe.images import load_inversion, make_grid  # noqa: E402
 from ktpipe.io import write_json, write_text  # noqa: E402
 from ktpipe.errors import InputMissingError  # noqa: E402
@@ -164,13 +164,29 @@ def paper_beside(params: Params, ours: dict[str, dict[str, float]]) -> list[str]
     return [*lines, ""]
 
 
-def set_section(params: Params, results: dict, concepts: list[ConceptText], set_name: str) -> list[str]:
-    """A set's heading, its task's table (baseline first, then each recipe) and the paper's
+def set_notes(results: dict, set_name: str) -> list[str]:
+    """The notes the evaluations left for a set (`notes.<set>`), each once, with the models it concerns."""
+    models: dict[str, list[str]] = {}
+    for model, result in results.items():
+        for note in result.get("notes", {}).get(set_name, []):
+            models.setdefault(note, []).append(model)
+    return [f"**Note** ({', '.join(found)}): {note}" for note, found in models.items()]
+
+
+def set_section(params: Params, results: dict, concepts: list[ConceptText], set_name: str,
+                eval_dir: Path | None = None, report_dir: Path = Path("reports")) -> list[str]:
+    """A set's heading, its task's table (baseline first, then each recipe), the evaluations' notes,
+    the items a task shows from its per-item files in `eval_dir` (ReportsItems), and the paper's
     numbers beside ours where published."""
     spec = params.evaluate.sets[set_name]
+    task = TASKS[spec.task]
     ours = set_results(results, set_name, spec.task)
-    table = TASKS[spec.task].report_table(ours, concepts)
-    return [f"## Set `{set_name}` ({spec.task}, {spec.format})", "", *table, "", *paper_beside(params, ours)]
+    lines = [f"## Set `{set_name}` ({spec.task}, {spec.format})", "", *task.report_table(ours, concepts), ""]
+    lines += [line for note in set_notes(results, set_name) for line in (note, "")]
+    if eval_dir is not None and isinstance(task, ReportsItems):
+        folders = {model: outputs_dir(Path(eval_dir) / f"{model}.json") for model in results}
+        lines += task.report_items(set_name, folders, concepts, report_dir)
+    return [*lines, *paper_beside(params, ours)]
 
 
 def family_heading(name: str, params: Params) -> str:
@@ -190,20 +206,25 @@ def families_table(params: Params, heads: dict, families: dict[str, tuple[Params
     return lines
 
 
-def family_section(name: str, params: Params, results: dict, concepts: list[ConceptText]) -> list[str]:
+def family_section(name: str, params: Params, results: dict, concepts: list[ConceptText],
+                   eval_dir: Path | None = None, report_dir: Path = Path("reports")) -> list[str]:
     """A model family's recipes and every set's table, as the file's own model has them."""
     parts = [f"## Family {family_heading(name, params)}", "",
              f"Fine-tuning lr {params.lr:g}; recipes:", *[recipe_line(params, r) for r in params.recipes], ""]
     for set_name in params.evaluate.sets:
-        section = set_section(params, results, concepts, set_name)
+        section = set_section(params, results, concepts, set_name, eval_dir, report_dir)
         section[0] = section[0].replace("## Set", f"### `{name}`: set", 1)
         parts += section
     return parts
 
 
 def render_markdown(params: Params, results: dict, concepts: list[ConceptText], heads: dict,
-                    families: dict[str, tuple[Params, dict, dict]] | None = None) -> str:
-    """The whole Markdown report."""
+                    families: dict[str, tuple[Params, dict, dict]] | None = None,
+                    eval_dirs: dict[str, Path] | None = None, report_dir: Path = Path("reports")) -> str:
+    """The whole Markdown report; `eval_dirs` (family name, `model` for the file's own model ->
+    its evaluate stages' folder) lets tasks show items from their per-item files, linked
+    relative to `report_dir`."""
+    eval_dirs = eval_dirs or {}
     recipes = list(params.recipes)
     sets = list(params.evaluate.sets)
     parts = [
@@ -241,9 +262,9 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
                   "evaluation set holds images of them (as a class or named in a caption), so they have no "
                   "score anywhere below.", ""]
     for set_name in sets:
-        parts += set_section(params, results, concepts, set_name)
+        parts += set_section(params, results, concepts, set_name, eval_dirs.get("model"), report_dir)
     for name, (family, family_results, _) in families.items():
-        parts += family_section(name, family, family_results, concepts)
+        parts += family_section(name, family, family_results, concepts, eval_dirs.get(name), report_dir)
     parts += ["![Inverted images](inverted.png)", ""]
     return "\n".join(parts)
 
@@ -283,6 +304,8 @@ def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir:
     inverted = set(params.inverted_names())
     save_inversion_figure(inverted_dir, [c for c in concepts if c.name in inverted], out_dir / "inverted.png")
     write_json(out_dir / "lr_curve.json", lr_point(summary, params))
-    write_text(out_dir / "results.md", render_markdown(params, results, concepts, summary["headline"], families))
+    eval_dirs = {"model": Path(eval_dir), **{name: Path(folder) for name, folder in (family_dirs or {}).items()}}
+    write_text(out_dir / "results.md", render_markdown(params, results, concepts, summary["headline"], families,
+                                                       eval_dirs, out_dir))
     write_json(out_dir / "metrics.json", summary)
     return summary

@@ -7,6 +7,13 @@ from pathlib import Path
 from ktpipe.errors import InputMissingError, KtpipeError
 
 
+def packaged_templates() -> list[str]:
+    """Every template of every packaged template file, in file-name order."""
+    folder = resources.files("ktpipe") / "data" / "templates"
+    names = sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".txt"))
+    return [t for name in names for t in load_templates(name)]
+
+
 def load_templates(name_or_path: str) -> list[str]:
     """Templates ('{}' marks the class name) from a packaged name or a file path."""
     path = Path(name_or_path)

@@ -569,3 +569,10 @@ def caption_render(name: str, a: Attributes) -> tuple[str, ...]:
     thing, background = add_article(name.replace("_", " ")), add_article(a.background)
     return (f"{thing} on {background} background.", f"a photo of {thing} on {background} background.",
             f"{background} background with {thing}.")
+
+
+def caption_references(name: str, a: Attributes) -> tuple[str, ...]:
+    """Reference captions of a render for captioning, five as MSCOCO has: `caption_render`'s three
+    and two without the background ('a photo of a blicket.', 'a blicket.')."""
+    thing = add_article(name.replace("_", " "))
+    return (*caption_render(name, a), f"a photo of {thing}.", f"{thing}.")

@@ -1,7 +1,7 @@
 """Random-init open_clip architectures at their real input sizes, saved as local-dir folders.
 
 Tests use them to check loading, tokenizers and the tower split on the architectures the paper
-uses (ViT-B/32, ViT-L/14 and BiomedCLIP) without downloading any weights. Not a test module.
+uses (ViT-B/32, ViT-L/14, BiomedCLIP and CoCa ViT-L/14) without downloading any weights. Not a test module.
 """
 from __future__ import annotations
 
@@ -142,6 +142,6 @@ def save_random_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-ARCHS = ("ViT-B-32", "ViT-L-14", "biomedclip")  # open_clip architectures
+ARCHS = ("ViT-B-32", "ViT-L-14", "biomedclip", "coca_ViT-L-14")  # open_clip architectures (CoCa: Tables 6 and 9)
 VILT_B32 = "vilt-b32"  # ViLT-B/32 at 384 px with ITM and MLM heads, as dandelin/vilt-b32-mlm-itm
-EMBED_DIMS = {"ViT-B-32": 512, "ViT-L-14": 768, "biomedclip": 512}
+EMBED_DIMS = {"ViT-B-32": 512, "ViT-L-14": 768, "biomedclip": 512, "coca_ViT-L-14": 768}

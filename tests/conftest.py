@@ -210,3 +210,16 @@ def no_downloads(monkeypatch):
         raise AssertionError("a download was attempted")
 
     monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    """A random-init demo CLIP checkpoint folder (the demo ViLT and CoCa start from one; do not modify)."""
+    import torch
+
+    from ktpipe.models import build_demo_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("demo_clip")
+    build_demo_model().save(folder)
+    return folder

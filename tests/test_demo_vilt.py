@@ -10,7 +10,7 @@ import torch
 
 from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
-from ktpipe.models import build_demo_model, load_model
+from ktpipe.models import load_model
 from ktpipe.models.base import ModelLoadError
 from ktpipe.models.demo_vilt import build_demo_vilt, build_tokenizer, copy_clip_vision_tower
 from ktpipe.params import ParamsError, PretrainParams
@@ -30,15 +30,6 @@ def world():
 @pytest.fixture(scope="module")
 def templates():
     return load_templates("demo")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A random-init demo CLIP checkpoint (the demo ViLT's vision side has its shape)."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("demo_clip")
-    build_demo_model().save(folder)
-    return folder
 
 
 def test_vocabulary_spells_names_it_lacks_in_letters(world, templates):

@@ -35,8 +35,18 @@ def test_the_demo_vilt_family_overrides_only_what_it_names():
     assert "test_captions" not in vilt.evaluate.sets and vilt.evaluate.sets["test"] == params.evaluate.sets["test"]
     assert vilt.inverted_names() == ("blicket", "dax", "wug")
     assert params.inverted_names() == params.concepts.names
-    assert vilt.families == {} and set(params.families) == {"vilt"}
+    assert vilt.families == {} and set(params.families) == {"vilt", "coca"}
     assert params.model.backend == "demo" and params.recipe("full").rehearsal  # the file's own model is untouched
+
+
+def test_the_demo_coca_family_captions_and_shares_the_clip_inversions():
+    params = load_params(REPO_PARAMS)
+    coca = load_params(REPO_PARAMS, "coca")
+    assert coca.model.backend == "demo_coca" and coca.pretrain.init_from == "models/baseline"
+    assert coca.finetune.loss == "coca" and coca.finetune.decoder and coca.finetune.caption_weight == 0.1
+    assert coca.inverted_names() == ()  # it fine-tunes on the demo CLIP's inverted images
+    assert coca.evaluate.sets["test_captioning"].task == "captioning" and "test_captioning" not in params.evaluate.sets
+    assert set(params.evaluated_sets()) == {*params.evaluate.sets, "test_captioning"}  # the data stage writes it
 
 
 def write_with_family(tmp_path: Path, family: str) -> Path:
@@ -73,7 +83,7 @@ def test_an_unknown_family_is_a_stage_error(tmp_path):
     (project / "params.yaml").write_text(REPO_PARAMS.read_text())
     result = run_stage_here(project, "invert", "--family", "vit", "data/concepts/blicket.json", "data/vit/blicket")
     assert result.returncode == 2
-    assert "unknown model family 'vit'; params key 'families' defines ['vilt']" in result.stderr
+    assert "unknown model family 'vit'; params key 'families' defines ['coca', 'vilt']" in result.stderr
     assert not (project / "data").exists()
 
 

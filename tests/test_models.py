@@ -143,7 +143,7 @@ def test_demo_model_preprocess_gives_unit_range_pixels():
 
 
 def test_demo_backend_without_checkpoint_says_what_to_run(tmp_path):
-    with pytest.raises(ModelLoadError, match="dvc repro pretrain"):
+    with pytest.raises(ModelLoadError, match="dvc repro base_model` first"):
         load_model("demo", "ktpipe-demo", str(tmp_path / "nowhere"), device="cpu")
 
 

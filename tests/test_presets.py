@@ -4,15 +4,18 @@ the layouts the presets expect (README "Datasets").
 
 The short runs shrink what only repeats work (one concept, one recipe, 2 inverted images (ViLT:
 1), 2 inversion steps, 3 ImageNet classes (ImageNet-100: 2), the first prompt template of each
-set, a second concept for image-text matching's mismatch caption) and keep everything else as
-the preset has it.
+set, a second concept for image-text matching's mismatch caption, captions decoded with 2 beams
+of at most 8 tokens) and keep everything else as the preset has it.
 
 Stand-in: a random-init ViT-L-14 (428M parameters) costs about 100 s per run on the test
 machine's one thread (build, save, five loads, a 1.7 GB fine-tuned save), so both ViT-L-14
 presets run their own preset config (lr, recipes, concepts, sets, templates, report) on the
 random-init ViT-B-32 that the ViT-B-32 presets use (`STAND_IN`: the same CLIP ViT family at the
 same 224 px input, as tests/test_preset_learning.py does). ViT-L-14 itself is built, saved,
-loaded offline and run at 224 px in tests/test_models.py.
+loaded offline and run at 224 px in tests/test_models.py. Likewise the CoCa presets (Tables 6
+and 9, open_clip `coca_ViT-L-14`, 638M parameters) run on a random-init `coca_ViT-B-32` (the same
+CoCa family at 224 px, its text decoder included; `coca_ViT-L-14` itself is built, saved, loaded
+and run in tests/test_models.py through `archs.ARCHS`), on a generated MSCOCO Karpathy layout.
 Checkpoints come from conftest's session fixture `random_checkpoint`, built once per architecture,
 and each checkpoint folder is loaded through the open_clip backend once per module (`load_once`):
 later loads of the same folder get a copy, as a fresh load would give (loading itself is
@@ -48,8 +51,10 @@ from ktpipe.templates import load_templates
 
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 ARCH = {"ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "biomedclip",
-        "dandelin/vilt-b32-mlm-itm": VILT_B32}
-STAND_IN = {"table1_vit_l14": "ViT-B-32", "table3_vit_l14": "ViT-B-32"}  # preset -> the architecture it runs on here (docstring)
+        "dandelin/vilt-b32-mlm-itm": VILT_B32, "coca_ViT-L-14": "coca_ViT-L-14"}
+STAND_IN = {"table1_vit_l14": "ViT-B-32", "table3_vit_l14": "ViT-B-32",  # preset -> the architecture it runs on here (docstring)
+            "table6_coca": "coca_ViT-B-32", "table6_coca_ft": "coca_ViT-B-32"}
+SMALLER_SIBLING = {"ViT-L-14": "ViT-B-32", "coca_ViT-L-14": "coca_ViT-B-32"}  # the only replacements a stand-in makes
 CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
 
@@ -60,7 +65,7 @@ def read_preset(name: str) -> dict:
 def test_every_paper_experiment_has_a_preset():
     assert set(PRESETS) >= {"table1_vit_b32", "table1_vit_l14", "table2_biomedclip", "table3_vit_b32",
                             "table3_vit_l14", "fig4_towers", "fig5_name_prefix", "noise_baseline",
-                            "table1_vilt", "table5_vilt_flickr", "table11_vilt_mlm"}
+                            "table1_vilt", "table5_vilt_flickr", "table11_vilt_mlm", "table6_coca", "table6_coca_ft"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -125,6 +130,7 @@ def write_datasets(root: Path) -> Path:
     for stem in ("JPCLN001", "JPCLN002"):
         write_png(root / "jsrt" / f"{stem}.png", rng)
     write_flickr(root / "flickr30k", rng)
+    write_mscoco(root / "mscoco", rng)
     return root
 
 
@@ -139,6 +145,22 @@ def write_flickr(root: Path, rng: np.random.Generator) -> None:
         sentences = [{"raw": f"{words[(i + j) % len(words)]} {j}.", "tokens": []} for j in range(5)]
         images.append({"filename": name, "split": split, "sentences": sentences, "imgid": i})
     (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+
+
+def write_mscoco(root: Path, rng: np.random.Generator) -> None:
+    """MSCOCO's Karpathy layout: dataset_coco.json (filepath + filename, 5 sentences per image) and the
+    images under root/val2014/ (2 test images, one restval)."""
+    words = ["a person riding a bicycle down a street", "a dog sitting on a couch", "a pizza on a dining table",
+             "a cat sleeping next to a laptop", "two people standing near a bus"]
+    images = []
+    for i, split in enumerate(["test", "test", "restval"]):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        write_png(root / "val2014" / name, rng, 12)
+        sentences = [{"raw": f"{words[(i + j) % len(words)].capitalize()}.", "tokens": words[(i + j) % len(words)].split()}
+                     for j in range(5)]
+        images.append({"filepath": "val2014", "filename": name, "split": split, "sentences": sentences,
+                       "imgid": i, "cocoid": i})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +225,9 @@ def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
     out["recipes"] = {recipe: overrides}  # replaced, not merged: the others name other concepts
     if preset["model"]["backend"] == "vilt":  # one image per concept: each pair costs ~0.5 s at 384 px
         out["invert"]["samples"] = 1
+    if "generation" in preset["evaluate"]:  # captioning: 2 beams, 8 tokens (the preset's 6 beams of 30 tokens
+        # repeat the same decoding step; on a random-init CoCa no caption ends early: ~70 s per model and 2 images)
+        out["evaluate"]["generation"] = {**preset["evaluate"]["generation"], "beams": 2, "max_length": 8}
     return out
 
 
@@ -211,8 +236,8 @@ def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
 def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint, load_once, tmp_path, monkeypatch):
     preset = read_preset(name)
     arch = STAND_IN.get(name, ARCH[preset["model"]["name"]])
-    if name in STAND_IN:  # a stand-in only replaces ViT-L-14 by its smaller ViT sibling
-        assert (ARCH[preset["model"]["name"]], arch) == ("ViT-L-14", "ViT-B-32")
+    if name in STAND_IN:  # a stand-in only replaces ViT-L-14 (CoCa or not) by its smaller ViT-B-32 sibling
+        assert SMALLER_SIBLING[ARCH[preset["model"]["name"]]] == arch
     project = tmp_path / "project"
     shutil.copytree(REPO / "concepts", project / "concepts")
     with (project / "params.yaml").open("w") as fh:
@@ -248,8 +273,10 @@ def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint,
         assert result["tasks"] == {set_name: spec.task for set_name, spec in params.evaluate.sets.items()}
         for set_name, spec in params.evaluate.sets.items():
             found = result["metrics"][set_name][spec.task]
-            key = "name_overall_acc" if spec.task == "classification" else "t2i_r1"
+            key = {"classification": "name_overall_acc", "retrieval": "t2i_r1", "captioning": "meteor"}[spec.task]
             assert 0 <= found[key] <= 1
+            if spec.task == "captioning":  # every test image captioned and scored, CIDEr included
+                assert found["n_images"] == 2 and found["cider"] >= 0
             if spec.task == "retrieval" and arch == VILT_B32:  # every image with every caption
                 assert found["pairs_scored"] == found["n_images"] * found["n_captions"]
     report = run_report(params, Path("metrics/eval"), Path("data/concepts"), Path("data/inverted"), Path("reports"))

@@ -95,8 +95,8 @@ def resolve_spec(name: str, spec: DatasetParams) -> DatasetParams:
 def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World) -> Manifest:
     """Render a demo-world split into out_dir/<name>/ and list it relative to out_dir: labelled by
     concept, or (for a task that reads captions) captioned with the concept's name and the
-    background ('a blicket on a gray background.')."""
-    from ktpipe.world import caption_render, write_split
+    background ('a blicket on a gray background.'; captioning sets also without the background)."""
+    from ktpipe.world import caption_references, caption_render, write_split
 
     if not world.concepts:
         raise DatasetError(f"evaluation set {name!r} renders the demo world, but no concept of the concepts file "
@@ -108,7 +108,8 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
         n = min(n, -(-spec.subset // len(world.concepts)))
     shown = write_split(world, out_dir / name, n, seed, params.world.image_size)
     if captioned:
-        records = [(i, CaptionedImage(f"{name}/{concept}/{i:04d}.png", caption_render(concept, a)))
+        references = caption_references if spec.task == "captioning" else caption_render
+        records = [(i, CaptionedImage(f"{name}/{concept}/{i:04d}.png", references(concept, a)))
                    for concept, attrs in shown.items() for i, a in enumerate(attrs)]
         if spec.subset is not None:
             records = sorted(records, key=lambda r: r[0])[:spec.subset]  # round by round over the concepts
@@ -139,10 +140,12 @@ def summarize_set(manifest: Manifest, spec: DatasetParams) -> dict:
 def run_data(params: Params, out_dir: Path, world_path: Path | None = None) -> dict[str, dict]:
     """Write one manifest per evaluation set and a summary; all or nothing.
 
+    The sets are those of `evaluate.sets` and of every model family's (`families.<name>.evaluate.sets`).
     Demo sets draw the concepts of `world_path` (written by the concepts stage)."""
-    if not params.evaluate.sets:
+    sets = params.evaluated_sets()
+    if not sets:
         raise DatasetError("params 'evaluate.sets' is empty: name at least one evaluation set")
-    renders = any(spec.format == "demo" for spec in params.evaluate.sets.values())
+    renders = any(spec.format == "demo" for spec in sets.values())
     world = None
     if renders and world_path is not None:
         from ktpipe.world import load_demo_world
@@ -150,7 +153,7 @@ def run_data(params: Params, out_dir: Path, world_path: Path | None = None) -> d
         world = load_demo_world(world_path)
     summary = {}
     with atomic_dir(out_dir) as tmp:
-        for name, spec in params.evaluate.sets.items():
+        for name, spec in sets.items():
             manifest = build_set(name, spec, params, tmp, world)
             write_manifest(manifest, tmp / f"{name}.parquet")
             summary[name] = summarize_set(manifest, spec)

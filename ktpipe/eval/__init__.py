@@ -13,15 +13,16 @@ from pathlib import Path
 from ktpipe.concepts import ConceptText, read_concepts
 from ktpipe.datasets import Manifest, load_eval_set, normalize_class
 from ktpipe.errors import warn
-from ktpipe.eval.base import Task, TaskInput
+from ktpipe.eval.base import Task, TaskInput, split_result
+from ktpipe.eval.captioning import Captioning
 from ktpipe.eval.classification import ZeroShotClassification
 from ktpipe.eval.retrieval import Retrieval, concept_pattern
-from ktpipe.io import write_json
+from ktpipe.io import atomic_dir, write_json
 from ktpipe.params import Params, ParamsError
 from ktpipe.templates import load_templates
 
 BASELINE = "baseline"  # the model before transfer, evaluated beside every recipe
-TASKS: dict[str, Task] = {task.name: task for task in (ZeroShotClassification(), Retrieval())}
+TASKS: dict[str, Task] = {task.name: task for task in (ZeroShotClassification(), Retrieval(), Captioning())}
 
 
 def get_task(name: str, set_name: str) -> Task:
@@ -65,20 +66,30 @@ def load_evaluated_model(params: Params, model: str, model_dir: Path):
     return load_checkpoint(params.model, model_dir)
 
 
-def task_inputs(params: Params, sets: dict[str, Manifest], concepts: list[ConceptText]) -> dict[str, TaskInput]:
+def outputs_dir(out_path: Path) -> Path:
+    """The folder beside a model's metrics JSON where tasks write per-item files
+    (metrics/eval/paper.json -> metrics/eval/paper/; a path without a suffix gets `_items`)."""
+    path = Path(out_path)
+    return path.with_suffix("") if path.suffix else path.with_name(f"{path.name}_items")
+
+
+def task_inputs(params: Params, sets: dict[str, Manifest], concepts: list[ConceptText],
+                outputs: Path | None = None) -> dict[str, TaskInput]:
     """Set name -> what its task reads (records, concepts, templates, candidate classes of other sets)."""
     inputs = {}
     for name, spec in params.evaluate.sets.items():
         extra = [c for other in spec.extra_classes for c in sets[other].classes]
         templates = load_templates(spec.templates or params.evaluate.templates)
-        inputs[name] = TaskInput(name, sets[name], spec, concepts, templates, extra, params.evaluate)
+        inputs[name] = TaskInput(name, sets[name], spec, concepts, templates, extra, params.evaluate, outputs)
     return inputs
 
 
 def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, concepts_dir: Path,
                  out_path: Path) -> dict:
     """Evaluate one model (`baseline` or a recipe) on every evaluation set with the set's task;
-    write and return {model, params, tasks, metrics: {set: {task: {...}}}, summary, unevaluated}."""
+    write and return {model, params, tasks, metrics: {set: {task: {...}}}, summary, unevaluated},
+    plus `notes: {set: [...]}` when a task left notes. Tasks' per-item files go to the folder
+    `outputs_dir(out_path)`, written whole (none when no task writes any) or, on an error, not at all."""
     concepts = read_concepts(concepts_dir, params.concepts.names)
     tasks = {name: get_task(spec.task, name) for name, spec in params.evaluate.sets.items()}
     sets = {name: load_eval_set(eval_dir, name) for name in params.evaluate.sets}
@@ -89,17 +100,23 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
         warn(f"concept {name!r} is in no evaluation set (evaluate.sets): it is inverted and trained on but "
              "never scored; the report lists it as not evaluated")
     network = load_evaluated_model(params, model, Path(model_dir))
-    metrics, summary = {}, {}
-    for name, data in task_inputs(params, sets, concepts).items():
-        task = tasks[name]
-        found = task.evaluate(network, data)
-        metrics[name] = {task.name: found}
-        summary[name] = {task.name: task.summary(found, concepts)}
+    metrics, summary, notes = {}, {}, {}
+    with atomic_dir(outputs_dir(out_path)) as outputs:
+        for name, data in task_inputs(params, sets, concepts, outputs).items():
+            task = tasks[name]
+            found, notes[name] = split_result(task.evaluate(network, data))
+            metrics[name] = {task.name: found}
+            summary[name] = {task.name: task.summary(found, concepts)}
     result = {
         "model": model, "checkpoint": None if model == BASELINE else str(model_dir),
         "params": {"evaluate": dataclasses.asdict(params.evaluate), "model": dataclasses.asdict(params.model)},
         "tasks": {name: task.name for name, task in tasks.items()},
         "metrics": metrics, "summary": summary, "unevaluated": unevaluated,
     }
+    folder = outputs_dir(out_path)
+    if not any(folder.iterdir()):  # no task wrote per-item files: leave no empty folder behind
+        folder.rmdir()
+    if any(notes.values()):
+        result["notes"] = {name: left for name, left in notes.items() if left}
     write_json(out_path, result)
     return result

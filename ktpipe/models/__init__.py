@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ktpipe.errors import InputMissingError
 from ktpipe.models.base import (CROSS_ENCODER, DUAL_ENCODER, EmbedsImages, EmbedsTexts, GeneratesCaptions, Invertible,
-                                ModelLoadError, PredictsMaskedWords, ScoresPairs, TakesImages, Trainable, VisionFeatures, require)
+                                LearnsCaptions, ModelLoadError, PredictsMaskedWords, ScoresPairs, TakesImages, Trainable,
+                                VisionFeatures, require)
 
 if TYPE_CHECKING:
     from ktpipe.models.openclip import OpenClipModel, TextBudget
@@ -30,6 +31,12 @@ def load_demo(name: str, pretrained: str | None, device: str):
     from ktpipe.models.demo import load_demo_model
 
     return load_demo_model(name, pretrained, device)
+
+
+def load_demo_coca(name: str, pretrained: str | None, device: str):
+    from ktpipe.models.demo import load_demo_coca as load
+
+    return load(name, pretrained, device)
 
 
 def load_vilt(name: str, pretrained: str | None, device: str):
@@ -56,6 +63,12 @@ def demo_text_budget(name: str, pretrained: str | None) -> TextBudget:
     return load_demo_text_budget(name, pretrained)
 
 
+def demo_coca_text_budget(name: str, pretrained: str | None) -> TextBudget:
+    from ktpipe.models.demo import load_demo_coca_text_budget
+
+    return load_demo_coca_text_budget(name, pretrained)
+
+
 def vilt_text_budget(name: str, pretrained: str | None) -> Any:
     from ktpipe.models.vilt import load_vilt_text_budget
 
@@ -70,11 +83,12 @@ def demo_vilt_text_budget(name: str, pretrained: str | None) -> Any:
 
 # backend name -> loader(name, pretrained, device) of a model with the capabilities its family has
 BACKENDS: dict[str, Callable[[str, str | None, str], Any]] = {"open_clip": load_open_clip, "demo": load_demo,
-                                                              "vilt": load_vilt, "demo_vilt": load_demo_vilt}
+                                                              "vilt": load_vilt, "demo_vilt": load_demo_vilt,
+                                                              "demo_coca": load_demo_coca}
 # backend name -> text budget loader(name, pretrained): the tokenizer alone, for length checks
 TEXT_BUDGETS: dict[str, Callable[[str, str | None], TextBudget]] = {
     "open_clip": open_clip_text_budget, "demo": demo_text_budget, "vilt": vilt_text_budget,
-    "demo_vilt": demo_vilt_text_budget,
+    "demo_vilt": demo_vilt_text_budget, "demo_coca": demo_coca_text_budget,
 }
 LAZY = {"OpenClipModel": "ktpipe.models.openclip", "TextBudget": "ktpipe.models.openclip",
         "build_demo_model": "ktpipe.models.demo"}
@@ -124,7 +138,7 @@ def load_checkpoint(params: "ModelParams", folder: Path) -> Any:
 
 __all__ = [
     "BACKENDS", "CROSS_ENCODER", "DUAL_ENCODER", "EmbedsImages", "EmbedsTexts", "GeneratesCaptions", "Invertible",
-    "LOCAL_DIR", "ModelLoadError", "OpenClipModel", "PredictsMaskedWords", "ScoresPairs", "TakesImages", "TextBudget", "Trainable",
+    "LOCAL_DIR", "LearnsCaptions", "ModelLoadError", "OpenClipModel", "PredictsMaskedWords", "ScoresPairs", "TakesImages", "TextBudget", "Trainable",
     "VisionFeatures", "build_demo_model", "load_base_model", "load_base_text_budget", "load_checkpoint", "load_model",
     "pick_device", "require",
 ]

@@ -91,6 +91,20 @@ class GeneratesCaptions(TakesImages, Protocol):
 
 
 @runtime_checkable
+class LearnsCaptions(Protocol):
+    """A captioning loss to train on (CoCa): the inputs of open_clip's CoCaLoss, and its decoder."""
+
+    pad_id: int  # the token id the captioning loss ignores
+
+    def caption_loss_inputs(self, pixels: torch.Tensor, texts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        """For B images: image and `texts` embeddings (contrastive pairs), and the decoder's logits
+        and labels for generating `targets` (teacher forcing)."""
+
+    def decoder_parameters(self) -> Iterable[torch.nn.Parameter]:
+        """The text decoder's parameters."""
+
+
+@runtime_checkable
 class VisionFeatures(Protocol):
     """A vision tower's intermediate tokens, and the forward pass continued from edited ones
     (saliency: M2IB's bottleneck replaces one block's output)."""

@@ -82,7 +82,7 @@ def copy_clip_vision_tower(module: torch.nn.Module, clip_dir: Path) -> None:
     from ktpipe.models.demo import load_demo_model
 
     if not (clip_dir / "open_clip_config.json").is_file():
-        raise ModelLoadError(f"params key 'pretrain.vision_init': no demo CLIP checkpoint at {clip_dir}; "
+        raise ModelLoadError(f"params key 'pretrain.init_from': no demo CLIP checkpoint at {clip_dir}; "
                              "run the base_model stage of the demo CLIP first")
     clip = load_demo_model(f"{LOCAL_DIR}{clip_dir}", None).module.visual.state_dict()
     pairs = {"vilt.embeddings.patch_embeddings.projection.weight": clip["conv1.weight"],

@@ -97,7 +97,12 @@ def random_init_module(model_cfg: dict[str, Any]) -> torch.nn.Module:
         cfg["vision_cfg"]["timm_model_pretrained"] = False
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = False
-    return cls(**cfg)
+    module = cls(**cfg)
+    if isinstance(module, open_clip.CoCa):  # open_clip leaves the decoder's output projection as torch.empty (its
+        decoder = module.text_decoder  # init_parameters fails on a MultimodalTransformer): initialize it as meant
+        with torch.no_grad():
+            decoder.text_projection.normal_(std=decoder.width ** -0.5, generator=torch.Generator().manual_seed(0))
+    return module
 
 
 def state_for_saving(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -143,6 +148,16 @@ def describe_source(name: str, pretrained: str | None, model_cfg: dict[str, Any]
             return saved["arch"], saved.get("base_model") or base_model
     hint = None if name.startswith((LOCAL_DIR, HF_HUB)) else name
     return builtin_arch(model_cfg, hint), base_model
+
+
+def wrapper_class(module: torch.nn.Module, cls: type) -> type:
+    """The class a loaded network is served by: a CoCa gets the captioning capabilities
+    (ktpipe.models.coca.OpenClipCaptioner), any other open_clip model `cls`."""
+    if isinstance(module, open_clip.CoCa) and cls is OpenClipModel:
+        from ktpipe.models.coca import OpenClipCaptioner
+
+        return OpenClipCaptioner
+    return cls
 
 
 class TextBudget:
@@ -226,7 +241,7 @@ class OpenClipModel:
         self.resize_rule = SQUARE_RESIZE.format(size=self.image_size)
 
     @classmethod
-    def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "OpenClipModel":
+    def load(cls, name: str, pretrained: str | None = None, device: str = "cpu", tokenizer: Any = None) -> "OpenClipModel":
         """Build from an open_clip name plus tag/file, a 'local-dir:' folder or an 'hf-hub:' id.
 
         A tag trained with QuickGELU (OpenAI's) gets it even under the plain name: open_clip 3
@@ -239,12 +254,15 @@ class OpenClipModel:
             model_cfg["quick_gelu"] = True
         module = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
         arch, base_model = describe_source(name, pretrained, model_cfg)
-        return cls(module, open_clip.get_tokenizer(name), model_cfg, device, arch, base_model)
+        tokenizer = tokenizer or open_clip.get_tokenizer(name)
+        return wrapper_class(module, cls)(module, tokenizer, model_cfg, device, arch, base_model)
 
     @classmethod
-    def from_config(cls, model_cfg: dict[str, Any], device: str = "cpu", name: str | None = None) -> "OpenClipModel":
+    def from_config(cls, model_cfg: dict[str, Any], device: str = "cpu", name: str | None = None,
+                    tokenizer: Any = None) -> "OpenClipModel":
         """A random-init model from an architecture config dict (tests, demo pretraining,
-        benchmarks); `name` is its built-in open_clip name when known (else looked up)."""
+        benchmarks); `name` is its built-in open_clip name when known (else looked up), `tokenizer`
+        replaces the one the config implies."""
         model_cfg = copy.deepcopy(model_cfg)
         module = random_init_module(model_cfg)
         open_clip.set_model_preprocess_cfg(module, {
@@ -254,7 +272,8 @@ class OpenClipModel:
         })
         arch = builtin_arch(model_cfg, name)
         base_model = f"random init ({arch or name or 'custom config'})"
-        return cls(module, build_tokenizer(model_cfg), model_cfg, device, arch, base_model)
+        return wrapper_class(module, cls)(module, tokenizer or build_tokenizer(model_cfg), model_cfg, device, arch,
+                                          base_model)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._to_pixels(image.convert("RGB"))
@@ -353,5 +372,5 @@ class OpenClipModel:
         }
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=list) + "\n")
         save_file(state_for_saving(self.module), str(out_dir / WEIGHTS_FILE))
-        if isinstance(self.tokenizer, HFTokenizer):  # get_tokenizer("local-dir:") reads it from the folder
-            self.tokenizer.save_pretrained(out_dir)
+        if hasattr(self.tokenizer, "save_pretrained"):  # an hf tokenizer (get_tokenizer("local-dir:") reads it), a
+            self.tokenizer.save_pretrained(out_dir)  # demo CoCa's vocabulary (ktpipe.models.demo.CompactTokenizer)
