@@ -157,15 +157,20 @@ def lr_at(step: int, cfg: PretrainParams) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
 
 
+def matrix_decay_adamw(module: torch.nn.Module, cfg: PretrainParams) -> torch.optim.Optimizer:
+    """AdamW over the module's trainable parameters, weight decay on matrices only (every demo
+    pretraining: CLIP, ViLT, CoCa)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
 def build_pretrain_optimizer(model: OpenClipModel, cfg: PretrainParams) -> torch.optim.Optimizer:
-    """AdamW; decay only on matrices; token embeddings optionally frozen at random init."""
+    """`matrix_decay_adamw`, with token embeddings optionally frozen at random init."""
     if cfg.freeze_token_embedding:
         model.module.token_embedding.weight.requires_grad_(False)
-    params = [p for p in model.module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return matrix_decay_adamw(model.module, cfg)
 
 
 def pretrain_step(model, world, templates, cfg, rng, size, pool: RenderPool | None = None) -> dict:

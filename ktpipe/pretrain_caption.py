@@ -26,10 +26,9 @@ from ktpipe.io import atomic_dir, write_json
 from ktpipe.models.coca import OpenClipCaptioner
 from ktpipe.models.demo import DEMO_COCA_ARCH, build_demo_coca, demo_config, demo_vocabulary
 from ktpipe.params import Params, PretrainParams
-from ktpipe.pretrain import MAX_LOGIT_SCALE, lr_at
-from ktpipe.pretrain import pick as pick_one
+from ktpipe.pretrain import MAX_LOGIT_SCALE, lr_at, matrix_decay_adamw, pick
 from ktpipe.templates import packaged_templates
-from ktpipe.world import (World, add_article, caption_references, concept_attributes, load_demo_world, load_world,
+from ktpipe.world import (Attributes, World, add_article, caption_references, concept_attributes, load_demo_world, load_world,
                           render_batch, sample_attributes)
 
 
@@ -43,12 +42,12 @@ def world_texts(world: World) -> list[str]:
     """Every text the demo CoCa reads or writes, for its vocabulary: the world's words, every
     concept's name in the reference captions, in its definition and in every packaged template
     (the fine-tuning target captions among them)."""
-    words = [*world.shapes, *world.colors, *world.fills, *world.backgrounds]
-    texts = [" ".join(words), "A thing is a thing."]
+    texts = [" ".join([*world.shapes, *world.colors, *world.fills])]
     for name in ["thing", *world.concepts]:
         thing = name.replace("_", " ")
-        texts += [f"A {thing} is {add_article(thing)}.", f"{add_article(thing)} on a {words[0]} background.",
-                  f"a photo of {add_article(thing)} on an {words[0]} background.", f"an {words[0]} background with a {thing}."]
+        texts.append(f"A {thing} is {add_article(thing)}.")
+        texts += [t for background in world.backgrounds
+                  for t in caption_references(name, Attributes("", "", "", background))]
         texts += [template.format(thing) for template in packaged_templates()]
     return texts
 
@@ -65,7 +64,7 @@ def caption_batch(world: World, cfg: PretrainParams, rng: np.random.Generator, s
     for a in sample_attributes(world, rng, cfg.batch_size - n_named, exclude_novel=True):
         attrs.append(a)
         things.append(f"{a.fill} {a.color} {a.shape}")
-    captions = [pick_one(caption_references(thing, a), rng) for thing, a in zip(things, attrs)]
+    captions = [pick(caption_references(thing, a), rng) for thing, a in zip(things, attrs)]
     return render_batch(attrs, world, rng, size), captions
 
 
@@ -79,10 +78,7 @@ def pretrain_captioner(world: World, cfg: PretrainParams, seed: int = 0, size: i
     model = build_demo_coca(demo_vocabulary(world_texts(world)), init_from)
     for p in model.module.text.parameters():
         p.requires_grad_(False)
-    params = [p for p in model.module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = matrix_decay_adamw(model.module, cfg)
     loss_fn = open_clip.CoCaLoss(caption_loss_weight=cfg.caption_weight, clip_loss_weight=1.0, pad_id=model.pad_id)
     model.module.train()
     log = []

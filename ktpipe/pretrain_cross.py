@@ -33,7 +33,7 @@ from ktpipe.losses import itm_loss
 from ktpipe.models.demo_vilt import build_demo_vilt, demo_vilt_config
 from ktpipe.models.vilt import ViltCrossEncoder
 from ktpipe.params import Params, ParamsError, PretrainParams
-from ktpipe.pretrain import image_batch, lr_at
+from ktpipe.pretrain import image_batch, lr_at, matrix_decay_adamw
 from ktpipe.templates import load_templates
 from ktpipe.world import World, add_article, load_demo_world, load_world
 
@@ -120,10 +120,7 @@ def pretrain_cross(world: World, templates: list[str], cfg: PretrainParams, seed
     rng = np.random.default_rng(seed)
     model = build_demo_vilt(world_words(world, templates), vision_init)
     masker = model.word_masker(seed)
-    params = [p for p in model.module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = matrix_decay_adamw(model.module, cfg)
     model.module.train()
     log = []
     bar = tqdm(range(cfg.steps), desc="pretrain demo cross-encoder", disable=not progress)

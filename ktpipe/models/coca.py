@@ -187,9 +187,10 @@ class OpenClipCaptioner(OpenClipModel):
         (the contrastive pairs), and the decoder's logits with the labels of `targets` (the
         captions it learns to generate; teacher forcing, as `CoCa.forward`)."""
         image_latent, image_embs = self.module._encode_image(self.normalize(pixels.to(self.device)))
-        text_latent, _ = self.module._encode_text(self.tokenize(texts))
         target_tokens = self.tokenize(targets)
-        _, token_embs = self.module._encode_text(target_tokens)
+        text_latent, token_embs = self.module._encode_text(target_tokens)
+        if texts != targets:  # fine-tuning contrasts concept captions; pretraining generates the same texts
+            text_latent, _ = self.module._encode_text(self.tokenize(texts))
         logits = self.module.text_decoder(image_embs, token_embs[:, :-1])
         return {"image_features": image_latent, "text_features": text_latent, "logits": logits,
                 "labels": target_tokens[:, 1:], "logit_scale": self.module.logit_scale.exp()}
