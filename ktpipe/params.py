@@ -143,7 +143,7 @@ class FinetuneParams:
 
 
 DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "chexpert5x200", "jsrt", "karpathy",
-                   "captions")
+                   "captions", "masks")
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,8 @@ class DatasetParams:
     extra_classes: tuple[str, ...] = ()  # other sets whose classes are also candidates (e.g. imagenet)
     templates: str | None = None  # prompt templates for this set (None: evaluate.templates)
     rerank: RerankParams | None = None  # retrieval with a cross-encoder: rescore a dual encoder's top k (None: all pairs)
+    prompt: str | None = None  # segmentation: one prompt for every image (the paper's P1-P4); None: templates over the class name
+    spacing: tuple[float, ...] = ()  # segmentation: pixel size (rows, columns), or one value for both; empty: 1 pixel
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,26 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
+class SegmentationParams:
+    """Zero-shot segmentation as MedCLIP-SAMv2 does it: a text-prompted saliency map of the vision
+    tower, post-processed to a coarse mask, optionally refined by SAM prompted with its boxes."""
+
+    saliency: str = "m2ib"  # m2ib (information bottleneck attribution) or gradient (gradient x input, the baseline)
+    layer: int = 7  # vision block (0-based) whose output tokens the saliency reads (MedCLIP-SAMv2: 7)
+    beta: float = 0.1  # M2IB: weight of the bottleneck's KL term
+    variance: float = 1.0  # M2IB: variance of the noise the bottleneck mixes in
+    steps: int = 10  # M2IB: optimization steps of the bottleneck mask
+    lr: float = 1.0  # M2IB: Adam learning rate of the bottleneck mask
+    batch_size: int = 16  # images whose saliency maps are computed together
+    postprocess: str = "kmeans"  # saliency -> mask: threshold (fixed), otsu, or kmeans (2 clusters)
+    threshold: float = 0.5  # postprocess threshold: foreground where the min-max scaled saliency exceeds this
+    components: int = 1  # keep the K largest connected components; each gives SAM one box prompt
+    sam: str | None = None  # SAM (transformers SamModel) hub id or local folder: score SAM's mask; None: the saliency mask
+    nsd_tolerance: float = 2.0  # NSD boundary tolerance, in the set's spacing units (pixels for a set without spacing)
+    examples: int = 4  # report: the most improved images shown (image, truth, mask before, mask after)
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     templates: str = "demo"  # prompt-template file in ktpipe/data/templates/ (or a path)
     batch_size: int = 128  # images per forward pass
@@ -191,6 +213,7 @@ class EvaluateParams:
     models: tuple[str, ...] = ()  # the evaluate stage's runs: baseline (before transfer) and every recipe
     generation: GenerationParams = field(default_factory=GenerationParams)  # captioning sets: how captions are decoded
     spice: bool = True  # captioning sets: also score SPICE (Stanford CoreNLP, which pycocoevalcap downloads on first use)
+    segmentation: SegmentationParams = field(default_factory=SegmentationParams)  # segmentation sets: saliency, masks, SAM
 
 
 @dataclass(frozen=True)
@@ -308,6 +331,8 @@ CHOICES: dict[str, tuple[str, ...]] = {  # string params with a fixed set of val
     "reduction": ("sum", "mean"),
     "padding": ("zeros", "border"),
     "interpolation": ("bilinear", "bicubic"),
+    "saliency": ("m2ib", "gradient"),
+    "postprocess": ("threshold", "otsu", "kmeans"),
 }
 
 
@@ -443,6 +468,7 @@ def validate(params: Params) -> Params:
         raise ParamsError(f"params key 'pretrain.caption_weight' must be zero or positive, got {params.pretrain.caption_weight}")
     validate_invert(params.invert)
     validate_generation(params.evaluate.generation)
+    validate_segmentation(params.evaluate.segmentation)
     validate_sets(params.evaluate.sets)
     validate_models(params)
     for key in ("target_set", "retention_set"):
@@ -489,6 +515,26 @@ def validate_generation(cfg: GenerationParams) -> None:
         raise ParamsError(f"params key 'evaluate.generation.top_p' must lie in (0, 1], got {cfg.top_p}")
 
 
+def validate_segmentation(cfg: SegmentationParams) -> None:
+    """Saliency and post-processing settings (the layer is checked against the model's depth when it runs)."""
+    key = "evaluate.segmentation"
+    check_choices(cfg, key)
+    for name in ("steps", "batch_size", "components", "examples"):
+        if getattr(cfg, name) < 1:
+            raise ParamsError(f"params key '{key}.{name}' must be at least 1, got {getattr(cfg, name)}")
+    if cfg.layer < 0:
+        raise ParamsError(f"params key '{key}.layer' must be a vision block index (0 or more), got {cfg.layer}")
+    if cfg.beta < 0:
+        raise ParamsError(f"params key '{key}.beta' must be zero or positive, got {cfg.beta}")
+    for name in ("variance", "lr", "nsd_tolerance"):
+        if not getattr(cfg, name) > 0:
+            raise ParamsError(f"params key '{key}.{name}' must be a positive number, got {getattr(cfg, name)}")
+    if not 0 <= cfg.threshold < 1:
+        raise ParamsError(f"params key '{key}.threshold' must lie in [0, 1), got {cfg.threshold}")
+    if cfg.sam is not None and not cfg.sam.strip():
+        raise ParamsError(f"params key '{key}.sam' must name a SAM hub id or local folder, or be null")
+
+
 def validate_models(params: Params) -> None:
     """`evaluate.models` lists `baseline` and every recipe once: the evaluate stage runs per entry
     (dvc.yaml `foreach`), and the report compares them all. No recipe may be named `baseline`."""
@@ -522,6 +568,12 @@ def validate_sets(sets: dict[str, DatasetParams]) -> None:
             raise ParamsError(f"params key '{key}.rerank.k' must be at least 1, got {spec.rerank.k}")
         if spec.subset is not None and spec.subset < 1:
             raise ParamsError(f"params key '{key}.subset' must be a positive integer or null")
+        if spec.prompt is not None and not spec.prompt.strip():
+            raise ParamsError(f"params key '{key}.prompt' is empty: give the segmentation prompt, or null to "
+                              "prompt with the class name through the templates")
+        if spec.spacing and (len(spec.spacing) > 2 or not all(v > 0 for v in spec.spacing)):
+            raise ParamsError(f"params key '{key}.spacing' must be one or two positive numbers (rows, columns), "
+                              f"got {list(spec.spacing)}")
         missing = sorted(set(spec.extra_classes) - set(sets))
         if missing:
             raise ParamsError(f"params key '{key}.extra_classes' names unknown set(s) {missing}; sets: {sorted(sets)}")

@@ -111,6 +111,10 @@ class VisionFeatures(Protocol):
 
     vision_layers: int  # number of vision transformer blocks
 
+    def vision_token_grid(self) -> tuple[int, int, int]:
+        """How a block's output tokens (B, N, W) lie: (prefix, rows, cols), N = prefix + rows * cols,
+        the prefix (class and register tokens) first, then the patches row by row."""
+
     def encode_images_through(self, pixels: torch.Tensor, layer: int,
                               edit: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """(B, D) normalized image embeddings, computed with the output tokens (B, N, W) of vision

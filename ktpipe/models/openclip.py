@@ -318,6 +318,19 @@ class OpenClipModel:
             return visual.trunk.blocks
         return torch.nn.ModuleList()
 
+    def vision_token_grid(self) -> tuple[int, int, int]:
+        """(prefix tokens, patch rows, patch columns) of the vision blocks' tokens: open_clip's ViT
+        (a class token unless it has none), or a timm trunk (its `num_prefix_tokens`)."""
+        visual = self.module.visual
+        if hasattr(visual, "transformer"):
+            rows, cols = visual.grid_size
+            return int(getattr(visual, "class_embedding", None) is not None), int(rows), int(cols)
+        trunk = getattr(visual, "trunk", None)
+        if hasattr(trunk, "blocks"):
+            rows, cols = trunk.patch_embed.grid_size
+            return int(trunk.num_prefix_tokens), int(rows), int(cols)
+        raise ValueError(f"{self.arch or type(self.module.visual).__name__}: its vision tower has no transformer blocks, so it has no token grid")
+
     def encode_images_through(self, pixels: torch.Tensor, layer: int,
                               edit: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Normalized (B, D) embeddings with block `layer`'s output tokens replaced by `edit(tokens)`
