@@ -23,6 +23,23 @@ With `--captioning` (paper Tables 6 and 9), also, in its own subprocess:
   timed one by one (SPICE needs Stanford CoreNLP jars that cannot be downloaded offline: skipped).
 `--captioning-only` runs just that section.
 
+With `--segmentation` (MedCLIP-SAMv2's zero-shot segmentation), also, in its own subprocess:
+- saliency: `ktpipe.saliency.compute_saliency` (M2IB through `m2ib_token_maps`: layer 7, beta 0.1,
+  variance 1, lr 1) maps per second on `--segmentation-images` random 224 px images for a random-init
+  BiomedCLIP (its published open_clip config, a timm ViT-B/16 vision tower, with the tiny BERT text
+  tower that tests/archs.py writes offline); batched (one bottleneck per image, all optimized together)
+  and one image at a time, at `--m2ib-steps` / `--m2ib-noise-samples`.
+  Each full M2IB step (forward, backward, Adam) is timed from one vision forward to the next, and the
+  seconds per map at MedCLIP-SAMv2's settings (SegmentationParams' 10 steps x 10 noise samples) are
+  extrapolated from it, linear in both. Also the gradient x input baseline, batched;
+- SAM: masks per second of a random-init SAM ViT-B (`SamSegmenter.segment`, one box per image) on
+  `--sam-images` `--sam-image-size` px images, each timed (the first includes warm-up);
+- scores: MONAI's DSC, IoU and NSD (`ktpipe.masks.segmentation_scores`, batched, each metric timed
+  alone too, and per image `image_scores`) on `--metric-masks` synthetic 224x224 masks, reported
+  per 1,000 masks. The metrics run on the CPU whatever the device.
+One warm-up map and one warm-up scoring go first.
+`--segmentation-only` runs just that section.
+
 Random init by default (offline; same compute as real weights). Run `--help` for options.
 """
 from __future__ import annotations
@@ -30,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,11 +54,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_segmentation import format_segmentation, run_segmentation_worker  # benchmarks/ is on sys.path
+from devices import device_name, sync
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing ktpipe
 
 PAPER_STEPS = 5000  # inversion steps per concept in the paper (InvertParams.steps default)
 CAPTIONING = "captioning"  # internal worker name of the captioning section
+SEGMENTATION = "segmentation"  # internal worker name of the segmentation section
 VILT = "vilt-b32"  # ViLT-B/32 (ViltConfig's default shape, 384 px), random init, through the vilt backend
 
 
@@ -67,6 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-max-length", type=int, default=30, help="tokens per caption (CoCa presets: 30)")
     parser.add_argument("--caption-min-length", type=int, default=5, help="tokens before an end (CoCa presets: 5)")
     parser.add_argument("--score-captions", type=int, default=5000, help="synthetic captions scored (Karpathy 5K)")
+    parser.add_argument("--segmentation", action="store_true",
+                        help="also time saliency maps (M2IB, gradient), SAM ViT-B and MONAI's scores")
+    parser.add_argument("--segmentation-only", action="store_true", help="only the segmentation section")
+    parser.add_argument("--segmentation-images", type=int, default=2, help="images given saliency maps (timed)")
+    parser.add_argument("--m2ib-steps", type=int, default=2,
+                        help="M2IB optimization steps (MedCLIP-SAMv2: 10; at least 2 to time a full step)")
+    parser.add_argument("--m2ib-noise-samples", type=int, default=2,
+                        help="M2IB noisy copies of each image per step (MedCLIP-SAMv2: 10)")
+    parser.add_argument("--sam-images", type=int, default=2, help="images segmented by SAM ViT-B, one box each")
+    parser.add_argument("--sam-image-size", type=int, default=1024, help="side of SAM's square test images, px")
+    parser.add_argument("--metric-masks", type=int, default=200,
+                        help="synthetic 224x224 masks scored (figures are per 1,000 masks)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one model, JSON to stdout
     return parser.parse_args(argv)
 
@@ -106,24 +138,6 @@ def build_model(name: str, pretrained: str | None, device: str, scratch: Path):
     if pretrained:
         return OpenClipModel.load(name, pretrained, device)
     return OpenClipModel.from_config(open_clip.get_model_config(name), device, name=name)
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))
 
 
 def time_inversion(model, steps: int, samples: int, device: str) -> dict:
@@ -338,6 +352,10 @@ def worker_command(args: argparse.Namespace, model: str) -> list[str]:
         cmd += ["--caption-model", args.caption_model, "--caption-images", str(args.caption_images),
                 "--caption-beams", str(args.caption_beams), "--caption-max-length", str(args.caption_max_length),
                 "--caption-min-length", str(args.caption_min_length), "--score-captions", str(args.score_captions)]
+    if model == SEGMENTATION:
+        cmd += ["--segmentation-images", str(args.segmentation_images), "--m2ib-steps", str(args.m2ib_steps),
+                "--m2ib-noise-samples", str(args.m2ib_noise_samples), "--sam-images", str(args.sam_images),
+                "--sam-image-size", str(args.sam_image_size), "--metric-masks", str(args.metric_masks)]
     return cmd
 
 
@@ -366,21 +384,27 @@ def format_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(run_captioning_worker(args) if args.worker == CAPTIONING else run_worker(args)))
+        workers = {CAPTIONING: run_captioning_worker, SEGMENTATION: run_segmentation_worker}
+        print(json.dumps(workers.get(args.worker, run_worker)(args)))
         return
     start = time.perf_counter()
-    results, captioning = [], None
+    results, captioning, segmentation = [], None, None
     if args.captioning or args.captioning_only:
         print(f"benchmarking captioning ({args.caption_model}) ...", file=sys.stderr, flush=True)
         captioning = run_model(args, CAPTIONING)
         print(format_captioning(captioning))
-    for model in [] if args.captioning_only else args.models:
+    if args.segmentation or args.segmentation_only:
+        print("benchmarking segmentation (BiomedCLIP saliency, SAM ViT-B, MONAI scores) ...", file=sys.stderr,
+              flush=True)
+        segmentation = run_model(args, SEGMENTATION)
+        print(format_segmentation(segmentation))
+    for model in [] if args.captioning_only or args.segmentation_only else args.models:
         print(f"benchmarking {model} ...", file=sys.stderr, flush=True)
         results.append(run_model(args, model))
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker")}
-        args.json.write_text(json.dumps({"settings": settings, "results": results, "captioning": captioning},
-                                        indent=2, default=str) + "\n")
+        args.json.write_text(json.dumps({"settings": settings, "results": results, "captioning": captioning,
+                                         "segmentation": segmentation}, indent=2, default=str) + "\n")
     if not results:
         print(f"wall time {time.perf_counter() - start:.0f} s")
         return

@@ -195,13 +195,14 @@ class SegmentationParams:
     variance: float = 1.0  # M2IB: variance of the noise the bottleneck mixes in
     steps: int = 10  # M2IB: optimization steps of the bottleneck mask
     lr: float = 1.0  # M2IB: Adam learning rate of the bottleneck mask
+    noise_samples: int = 10  # M2IB: noisy copies of each image per step (the reference's 10; the main cost)
     batch_size: int = 16  # images whose saliency maps are computed together
     postprocess: str = "kmeans"  # saliency -> mask: threshold (fixed), otsu, or kmeans (2 clusters)
     threshold: float = 0.5  # postprocess threshold: foreground where the min-max scaled saliency exceeds this
     components: int = 1  # keep the K largest connected components; each gives SAM one box prompt
     sam: str | None = None  # SAM (transformers SamModel) hub id or local folder: score SAM's mask; None: the saliency mask
     nsd_tolerance: float = 2.0  # NSD boundary tolerance, in the set's spacing units (pixels for a set without spacing)
-    examples: int = 4  # report: the most improved images shown (image, truth, mask before, mask after)
+    seed: int = 0  # M2IB: seed of the noise the bottleneck mixes in
 
 
 @dataclass(frozen=True)
@@ -519,7 +520,7 @@ def validate_segmentation(cfg: SegmentationParams) -> None:
     """Saliency and post-processing settings (the layer is checked against the model's depth when it runs)."""
     key = "evaluate.segmentation"
     check_choices(cfg, key)
-    for name in ("steps", "batch_size", "components", "examples"):
+    for name in ("steps", "noise_samples", "batch_size", "components"):
         if getattr(cfg, name) < 1:
             raise ParamsError(f"params key '{key}.{name}' must be at least 1, got {getattr(cfg, name)}")
     if cfg.layer < 0:

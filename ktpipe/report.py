@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ktpipe.errors import InputMissingError  # noqa: E402
 from ktpipe.params import Params, ParamsError  # noqa: E402
 
 GROUPS = ("target", "retention")
+FIGURES_DIR = "figures"  # in the report folder: figures the tasks draw (ktpipe.eval.segmentation)
 FIGURE_ROWS = 12  # concepts shown in inverted.png (the MSCOCO experiment has 80)
 
 
@@ -146,20 +148,33 @@ def headline_table(params: Params, heads: dict[str, dict]) -> list[str]:
     return lines
 
 
-def paper_beside(params: Params, ours: dict[str, dict[str, float]]) -> list[str]:
-    """Our metrics beside the paper's for every task metric that `report.paper` publishes (as
-    the recalls of Tables 5 and 8): one row per model, at its lr; empty when none is published."""
+def paper_metrics(paper: pd.DataFrame, set_name: str, ours: dict[str, float]) -> dict[str, str]:
+    """Published metric -> our key, for the metrics of one set: a plain name (as `t2i_r1`), or
+    `<set>.<metric>` where the paper gives one number per set (Tables 4 and 7: `udiat.dsc`)."""
+    found = {}
+    for metric in dict.fromkeys(paper["metric"]):
+        key = metric.removeprefix(f"{set_name}.")
+        if key in ours and (key == metric or "." not in key):
+            found[metric] = key
+    return found
+
+
+def paper_beside(params: Params, ours: dict[str, dict[str, float]], set_name: str = "") -> list[str]:
+    """Our metrics beside the paper's for every task metric of this set that `report.paper`
+    publishes (as the recalls of Tables 5 and 8, or Table 4's per-set DSC): one row per model, at
+    its lr; empty when none is published."""
     if not params.report.paper or BASELINE not in ours:
         return []
     paper = load_paper_results(params.report.paper)
-    metrics = [m for m in dict.fromkeys(paper["metric"]) if m in ours[BASELINE]]
+    metrics = paper_metrics(paper, set_name, ours[BASELINE])
     if not metrics:
         return []
     lines = [f"Beside the paper (`{params.report.paper}`, at the same lr):", "",
-             "| Model | lr | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+             "| Model | lr | " + " | ".join(metrics.values()) + " |", "|---|---|" + "---|" * len(metrics)]
     for model, found in ours.items():
         lr = None if model == BASELINE else params.recipe_lr(model)
-        cells = [f"{pct(found.get(m))} (paper {pct(paper_value(paper, model, m, lr))})" for m in metrics]
+        cells = [f"{pct(found.get(key))} (paper {pct(paper_value(paper, model, metric, lr))})"
+                 for metric, key in metrics.items()]
         lines.append(f"| {model} | {'-' if lr is None else f'{lr:g}'} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -186,7 +201,7 @@ def set_section(params: Params, results: dict, concepts: list[ConceptText], set_
     if eval_dir is not None and isinstance(task, ReportsItems):
         folders = {model: outputs_dir(Path(eval_dir) / f"{model}.json") for model in results}
         lines += task.report_items(set_name, folders, concepts, report_dir)
-    return [*lines, *paper_beside(params, ours)]
+    return [*lines, *paper_beside(params, ours, set_name)]
 
 
 def family_heading(name: str, params: Params) -> str:
@@ -288,7 +303,8 @@ def save_inversion_figure(inverted_dir: Path, concepts: list[ConceptText], path:
 
 def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir: Path, out_dir: Path,
                family_dirs: dict[str, Path] | None = None) -> dict:
-    """Write results.md, metrics.json, lr_curve.json and inverted.png into out_dir; `family_dirs`
+    """Write results.md, metrics.json, lr_curve.json, inverted.png and the tasks' figures (figures/)
+    into out_dir; `family_dirs`
     (family name -> its evaluate stages' folder) adds each model family of params `families`."""
     results = load_results(eval_dir, list(params.evaluate.models))
     concepts = read_concepts(concepts_dir, params.concepts.names)
@@ -301,6 +317,9 @@ def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir:
         families[name] = (family, family_results, family_summary["headline"])
         summary.setdefault("families", {})[name] = family_summary
     out_dir = Path(out_dir)
+    figures = out_dir / FIGURES_DIR  # the tasks write their figures here while the report renders: emptied first
+    shutil.rmtree(figures, ignore_errors=True)
+    figures.mkdir(parents=True)
     inverted = set(params.inverted_names())
     save_inversion_figure(inverted_dir, [c for c in concepts if c.name in inverted], out_dir / "inverted.png")
     write_json(out_dir / "lr_curve.json", lr_point(summary, params))

@@ -490,16 +490,29 @@ def render(a: Attributes, world: World, rng: np.random.Generator, size: int = 32
 def render_uint8(attrs: list[Attributes], world: World, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """Renders (N, H, W, 3) uint8, each as `render` makes it alone: the random draws (pose, then
     pixel noise) run image by image, the painting runs once per shape and fill."""
+    return render_scenes(attrs, world, rng, size)[0]
+
+
+def render_scenes(attrs: list[Attributes], world: World, rng: np.random.Generator, size: int = 32,
+                  masks: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """`render_uint8`'s renders and, with `masks`, each object's ground-truth mask (N, H, W) bool:
+    the pixels its silhouette covers at least half (an outlined or striped shape's inside included).
+    The masks draw nothing from `rng`, so the renders are the same with or without them."""
     poses, noise = [], []
     for a in attrs:
         poses.append(sample_pose(a.shape, rng, size))
         noise.append(rng.normal(0.0, 4.0, size=(size, size, 3)).astype(np.float32))
     coverage = np.empty((len(attrs), size, size, 1), dtype=np.float32)
+    silhouettes = np.zeros((len(attrs), size, size), dtype=bool) if masks else None
     groups: dict[tuple[str, str], list[int]] = {}
     for i, a in enumerate(attrs):
         groups.setdefault((a.shape, a.fill), []).append(i)
     for (shape, fill), rows in groups.items():
-        coverage[rows, ..., 0] = compute_coverages(shape, fill, Poses.stack([poses[i] for i in rows]), size)
+        stacked = Poses.stack([poses[i] for i in rows])
+        coverage[rows, ..., 0] = compute_coverages(shape, fill, stacked, size)
+        if masks:
+            solid = coverage[rows, ..., 0] if fill == "solid" else compute_coverages(shape, "solid", stacked, size)
+            silhouettes[rows] = solid >= 0.5
     # colors as one render computes them: float32 palette + int jitter, in float64
     fg = np.stack([np.asarray(world.colors[a.color], dtype=np.float32) + p.color_jitter[0] for a, p in zip(attrs, poses)])
     bg = np.stack([np.asarray(world.backgrounds[a.background], dtype=np.float32) + p.color_jitter[1]
@@ -507,7 +520,7 @@ def render_uint8(attrs: list[Attributes], world: World, rng: np.random.Generator
     fg, bg = fg[:, None, None, :], bg[:, None, None, :]
     images = bg + coverage * (fg - bg)  # (N, H, W, 3)
     images += np.stack(noise)
-    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8), silhouettes
 
 
 def render_batch(
@@ -535,10 +548,12 @@ def add_article(phrase: str) -> str:
 
 
 def write_split(
-    world: World, out_dir: Path, n_per_concept: int, seed: int, size: int = 32
+    world: World, out_dir: Path, n_per_concept: int, seed: int, size: int = 32, masks: bool = False
 ) -> dict[str, list[Attributes]]:
     """Write out_dir/<concept>/<0000>.png for every concept, all at once or not at all; return
-    what each concept's files show, in file order.
+    what each concept's files show, in file order. With `masks`, the renders go to
+    out_dir/images/<concept>/ and their ground-truth masks (0 or 255) to out_dir/masks/<concept>/
+    (the `masks` dataset layout), the renders the same as without.
 
     Each concept draws from its own stream keyed by (seed, name), so adding a concept
     to the world does not change the images of the others. An existing out_dir is replaced.
@@ -547,19 +562,27 @@ def write_split(
         raise WorldError(f"n_per_concept must be >= 1, got {n_per_concept}")
     with atomic_dir(out_dir) as tmp:
         return {
-            name: write_concept(concept, world, tmp, n_per_concept, seed, size)
+            name: write_concept(concept, world, tmp, n_per_concept, seed, size, masks)
             for name, concept in world.concepts.items()
         }
 
 
-def write_concept(concept: Concept, world: World, root: Path, n: int, seed: int, size: int) -> list[Attributes]:
-    """Render `n` PNGs of one concept into root/<name>/; return what each shows."""
+def write_concept(concept: Concept, world: World, root: Path, n: int, seed: int, size: int,
+                  masks: bool = False) -> list[Attributes]:
+    """Render `n` PNGs of one concept into root/<name>/ (with `masks`: root/images/<name>/, and
+    its masks into root/masks/<name>/); return what each shows."""
     rng = np.random.default_rng([seed, zlib.crc32(concept.name.encode())])
-    folder = root / concept.name
-    folder.mkdir()
+    folder = root / "images" / concept.name if masks else root / concept.name
+    folder.mkdir(parents=True)
     attrs = concept_attributes(concept, world, rng, n)
-    for i, image in enumerate(render_uint8(attrs, world, rng, size)):
+    images, silhouettes = render_scenes(attrs, world, rng, size, masks)
+    for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{i:04d}.png")
+    if masks:
+        mask_folder = root / "masks" / concept.name
+        mask_folder.mkdir(parents=True)
+        for i, mask in enumerate(silhouettes):
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_folder / f"{i:04d}.png")
     return attrs
 
 

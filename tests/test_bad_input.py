@@ -5,7 +5,9 @@ The stage commands run in-process through the `ktpipe` click group (conftest `ru
 same code, same exit status and stderr, without a 5-10 s interpreter start-up per run). One test,
 `test_invert_stage_without_concept_file`, runs its stage as a real subprocess (`run_stage`,
 `python -m ktpipe invert ...`), so the interpreter's own exit path is checked here too;
-tests/test_stages.py runs every stage command as a subprocess.
+tests/test_stages.py runs every stage command as a subprocess. So does
+`test_evaluate_stage_with_a_sam_hub_id_not_in_the_cache`: huggingface_hub reads HF_HUB_OFFLINE
+at import, so only a fresh interpreter is offline.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEMO_CONCEPTS, run_stage, run_stage_here, write_params
+from ruamel.yaml import YAML
+
+from conftest import DEMO_CONCEPTS, read_params, run_stage, run_stage_here, write_params
 from ktpipe.describe import run_concepts
 from ktpipe.params import ConceptsParams
 
@@ -288,3 +292,112 @@ def test_finetune_stage_rejects_a_dual_encoder_objective_for_vilt(tiny_project, 
     result = run_stage_here(tiny_project, "finetune", *FINETUNE_ARGS)
     assert_user_error(result, "recipe 'paper'", "finetune.loss 'authors'", "EmbedsImages")  # before any image is read
     assert_absent(tiny_project, "models/paper", "metrics/finetune/paper.json")
+
+
+# --- segmentation sets (data and evaluate stages) -------------------------------------------
+
+EVAL_ARGS = ("baseline", "models/baseline", "data/eval", "data/concepts", "metrics/eval/baseline.json")
+EVAL_OUTPUTS = ("metrics/eval/baseline.json", "metrics/eval/baseline")  # the metrics and the per-image files
+
+
+def write_masked_pair(root: Path, stem: str, mask: np.ndarray | None = None) -> None:
+    """root/images/<stem>.png (16x16 noise) and root/masks/<stem>.png (`mask`, default a 0/255 block)."""
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{stem}.png")
+    if mask is None:
+        mask = np.zeros((16, 16), dtype=np.uint8)
+        mask[4:12, 4:10] = 255
+    Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+
+
+def segmentation_set(project: Path, spec: dict | None = None, **segmentation) -> Path:
+    """Make `seg` (images a and b, flat, class blicket, `spec` merged in) the only evaluation set,
+    with M2IB cut to one step of one copy on the tiny CLIP's one vision block; returns its root."""
+    root = project / "seg"
+    for stem in ("a", "b"):
+        write_masked_pair(root, stem)
+    raw = read_params(project)
+    raw["evaluate"]["sets"] = {"seg": {"task": "segmentation", "format": "masks", "root": str(root),
+                                       "classes": ["blicket"], **(spec or {})}}
+    raw["evaluate"]["segmentation"] = {"layer": 0, "steps": 1, "noise_samples": 1, **segmentation}
+    raw["report"] = {"target_set": "seg", "retention_set": "seg"}
+    with (project / "params.yaml").open("w") as fh:
+        YAML(typ="safe", pure=True).dump(raw, fh)
+    return root
+
+
+def without_mask(root: Path) -> None:
+    (root / "masks/b.png").unlink()
+
+
+def mask_of_another_size(root: Path) -> None:
+    Image.fromarray(np.zeros((12, 16), dtype=np.uint8)).save(root / "masks/b.png")
+
+
+def three_valued_mask(root: Path) -> None:
+    pixels = np.zeros((16, 16), dtype=np.uint8)
+    pixels[4:8], pixels[8:12] = 128, 255
+    Image.fromarray(pixels).save(root / "masks/b.png")
+
+
+@pytest.mark.parametrize("spec, segmentation, damage, needles", [
+    ({}, {}, without_mask, ["1 image(s) have no mask", "seg/images/b.png"]),
+    ({}, {}, mask_of_another_size, ["seg/masks/b.png is 16x12 pixels but its image is 16x16"]),
+    ({}, {}, three_valued_mask, ["seg/masks/b.png is not binary", "3 pixel values (0, 128, 255)"]),
+    ({"prompt": "  "}, {}, None, ["params key 'evaluate.sets.seg.prompt' is empty"]),
+    ({"spacing": [1.0, 0.0]}, {}, None, ["params key 'evaluate.sets.seg.spacing'", "positive", "[1.0, 0.0]"]),
+    ({"spacing": [-0.5]}, {}, None, ["params key 'evaluate.sets.seg.spacing'", "positive", "[-0.5]"]),
+    ({}, {"beta": -0.1}, None, ["params key 'evaluate.segmentation.beta' must be zero or positive", "-0.1"]),
+], ids=["image-without-mask", "mask-of-another-size", "non-binary-mask", "empty-prompt", "zero-spacing",
+        "negative-spacing", "negative-beta"])
+def test_data_stage_rejects_a_segmentation_set(tiny_project, spec, segmentation, damage, needles):
+    root = segmentation_set(tiny_project, spec, **segmentation)
+    if damage:
+        damage(root)
+    assert_user_error(run_stage_here(tiny_project, "data", "data/world.json", "data/eval"), *needles)
+    assert_absent(tiny_project, "data/eval")
+
+
+def prepare_segmentation(project: Path, **segmentation) -> Path:
+    """Concept files, the `seg` set and the data stage's manifest; returns the set's root."""
+    write_concepts(project)
+    root = segmentation_set(project, **segmentation)
+    result = run_stage_here(project, "data", "data/world.json", "data/eval")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_evaluate_stage_segments_the_prepared_set(tiny_project):
+    """The setup of the tests below evaluates when nothing is wrong with it."""
+    prepare_segmentation(tiny_project)
+    result = run_stage_here(tiny_project, "evaluate", *EVAL_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert (tiny_project / "metrics/eval/baseline/seg.segmentation.parquet").is_file()
+
+
+@pytest.mark.parametrize("segmentation, needles", [
+    ({"layer": 1}, ["params key 'evaluate.segmentation.layer' is 1", "vision tower has 1 blocks", "use 0 to 0"]),
+    ({"sam": "models/no_sam_here/"}, ["cannot load SAM checkpoint 'models/no_sam_here/'", "no such folder",
+                                      "params key 'evaluate.segmentation.sam'"]),
+], ids=["layer-beyond-the-tower", "missing-sam-folder"])
+def test_evaluate_stage_rejects_segmentation_settings(tiny_project, segmentation, needles):
+    prepare_segmentation(tiny_project, **segmentation)
+    assert_user_error(run_stage_here(tiny_project, "evaluate", *EVAL_ARGS), *needles)
+    assert_absent(tiny_project, *EVAL_OUTPUTS)
+
+
+def test_evaluate_stage_with_a_mask_changed_after_the_data_stage(tiny_project):
+    root = prepare_segmentation(tiny_project)
+    mask_of_another_size(root)
+    assert_user_error(run_stage_here(tiny_project, "evaluate", *EVAL_ARGS),
+                      "seg/masks/b.png is 16x12 pixels but its image is 16x16")
+    assert_absent(tiny_project, *EVAL_OUTPUTS)
+
+
+def test_evaluate_stage_with_a_sam_hub_id_not_in_the_cache(tiny_project):
+    prepare_segmentation(tiny_project, sam="ktpipe-tests/no-such-sam")
+    assert_user_error(run_stage(tiny_project, "evaluate", *EVAL_ARGS),
+                      "cannot load SAM checkpoint 'ktpipe-tests/no-such-sam'", "params key 'evaluate.segmentation.sam'")
+    assert_absent(tiny_project, *EVAL_OUTPUTS)

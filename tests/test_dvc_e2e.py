@@ -7,7 +7,7 @@ blicket and dax, whose inversions the checks rerun, two being the fewest the pap
 loss accepts; the known lantern, which the retention metrics
 score), 2 images per concept and split, 3 inversion steps, one recipe (`paper`); the demo ViLT
 family pretrained for 3 steps and inverted for blicket and dax; the demo CoCa family pretrained
-for 3 steps, fine-tuned for one epoch and captioning with 2 beams. Each of the 25 stage runs pays the
+for 3 steps, fine-tuned for one epoch and captioning with 2 beams; the demo CLIP segments 6 renders. Each of the 25 stage runs pays the
 interpreter's 5-8 s start-up (torch, open_clip, transformers): about 3 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -136,6 +136,10 @@ def test_dvc_pipeline_end_to_end(repo):
     metrics = json.loads((reports / "metrics.json").read_text())
     default_lr = YAML(typ="safe", pure=True).load((REPO / "params.yaml").read_text())["lr"]
     assert metrics["lr"] == pytest.approx(default_lr) and 0 <= metrics["test"]["classification"]["paper"]["target"] <= 1
+    segmented = metrics["test_segmentation"]["segmentation"]  # the demo's segmentation set, scored per model
+    assert set(segmented) == {"baseline", "paper"} and all(0 <= m["dsc"] <= 1 for m in segmented.values())
+    assert (repo.root / "metrics/eval/paper/test_segmentation.segmentation.parquet").is_file()
+    assert (reports / "figures").is_dir()
     repo.commit("first run")
 
     # 2. a second run skips every stage

@@ -93,7 +93,7 @@ def test_non_mapping_recipe_is_a_params_error(tmp_path):
 
 def test_demo_evaluation_sets_and_report_keys_load():
     params = load_params(REPO_PARAMS)
-    assert list(params.evaluate.sets) == ["val", "test", "test_captions", "test_pairs"]
+    assert list(params.evaluate.sets) == ["val", "test", "test_captions", "test_pairs", "test_segmentation"]
     assert params.evaluate.sets["val"].format == "demo" and params.evaluate.sets["test"].split == "test"
     assert params.evaluate.sets["test_captions"].task == "retrieval"
     assert params.report.target_set == params.report.retention_set == "test"
@@ -215,6 +215,7 @@ def test_a_recipe_named_baseline_is_refused(tmp_path):
 def test_evaluation_sets_default_to_classification(tmp_path):
     sets = load_params(REPO_PARAMS).evaluate.sets
     assert {name: s.task for name, s in sets.items()} == {"val": "classification", "test": "classification",
-                                                          "test_captions": "retrieval", "test_pairs": "retrieval"}
+                                                          "test_captions": "retrieval", "test_pairs": "retrieval",
+                                                          "test_segmentation": "segmentation"}
     params = load_params(edited(tmp_path, SETS_LINE, "    test: {format: demo, split: test, task: classification}"))
     assert params.evaluate.sets["test"].task == "classification"

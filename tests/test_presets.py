@@ -16,6 +16,9 @@ loaded offline and run at 224 px in tests/test_models.py. Likewise the CoCa pres
 and 9, open_clip `coca_ViT-L-14`, 638M parameters) run on a random-init `coca_ViT-B-32` (the same
 CoCa family at 224 px, its text decoder included; `coca_ViT-L-14` itself is built, saved, loaded
 and run in tests/test_models.py through `archs.ARCHS`), on a generated MSCOCO Karpathy layout.
+The segmentation preset (Tables 4 and 7, MedCLIP-SAMv2) runs M2IB with one step of one noisy copy
+(the others repeat the same forward and backward pass) and prompts a tiny random-init SAM saved to
+a folder (tests/test_sam.py's config) in place of SAM ViT-H, on four generated `masks` layouts.
 Checkpoints come from conftest's session fixture `random_checkpoint`, built once per architecture,
 and each checkpoint folder is loaded through the open_clip backend once per module (`load_once`):
 later loads of the same folder get a copy, as a fresh load would give (loading itself is
@@ -37,6 +40,7 @@ from safetensors.torch import load_file
 
 from archs import ARCHS, VILT_B32
 from conftest import REPO, deep_merge
+from test_sam import TINY_SAM
 from ktpipe import models
 from ktpipe.base_model import run_base_model
 from ktpipe.concepts import load_concepts_file
@@ -65,7 +69,8 @@ def read_preset(name: str) -> dict:
 def test_every_paper_experiment_has_a_preset():
     assert set(PRESETS) >= {"table1_vit_b32", "table1_vit_l14", "table2_biomedclip", "table3_vit_b32",
                             "table3_vit_l14", "fig4_towers", "fig5_name_prefix", "noise_baseline",
-                            "table1_vilt", "table5_vilt_flickr", "table11_vilt_mlm", "table6_coca", "table6_coca_ft"}
+                            "table1_vilt", "table5_vilt_flickr", "table11_vilt_mlm", "table6_coca", "table6_coca_ft",
+                            "table4_medclip_samv2"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -110,7 +115,8 @@ def write_png(path: Path, rng: np.random.Generator, size: int = 8) -> None:
 
 
 def write_datasets(root: Path) -> Path:
-    """$KTPIPE_DATASETS with rare_concepts, imagenet/val, chexpert and jsrt, 1-2 images per class."""
+    """$KTPIPE_DATASETS with rare_concepts, imagenet/val, chexpert, jsrt, flickr30k, mscoco and the
+    four segmentation sets, 1-2 images per class (or per set)."""
     rng = np.random.default_rng(0)
     for concept in ("moongate", "tonometer", "gyroscope"):
         write_png(root / "rare_concepts" / concept / "0.jpg", rng)
@@ -131,7 +137,25 @@ def write_datasets(root: Path) -> Path:
         write_png(root / "jsrt" / f"{stem}.png", rng)
     write_flickr(root / "flickr30k", rng)
     write_mscoco(root / "mscoco", rng)
+    for name in SEGMENTATION_SETS:
+        write_masks_layout(root / name, rng)
     return root
+
+
+SEGMENTATION_SETS = ("unitochest", "siim_pneumothorax", "udiat", "brats23")  # roots in table4_medclip_samv2.yaml
+
+
+def write_masks_layout(root: Path, rng: np.random.Generator) -> None:
+    """A flat `masks` layout: images/0.png and images/1.jpg (40x32, noise with a brighter block)
+    with their binary masks masks/0.png and masks/1.png (0 and 255 on the block)."""
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    for i, suffix in enumerate((".png", ".jpg")):
+        mask = np.zeros((32, 40), dtype=np.uint8)  # (H, W)
+        mask[6 + 4 * i:20 + 4 * i, 10 + 5 * i:26 + 5 * i] = 255
+        pixels = rng.integers(0, 100, (32, 40, 3)) + (mask[..., None] > 0) * 120
+        Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / f"{i}{suffix}")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
 
 
 def write_flickr(root: Path, rng: np.random.Generator) -> None:
@@ -189,6 +213,27 @@ def datasets(tmp_path_factory) -> Path:
     return write_datasets(tmp_path_factory.mktemp("datasets"))
 
 
+@pytest.fixture(scope="module")
+def sam_folder(tmp_path_factory):
+    """A getter of a tiny random-init SAM saved in transformers' layout, built on first use (segmentation presets)."""
+    built = []
+
+    def get() -> Path:
+        if not built:
+            import torch
+            from transformers import SamConfig
+
+            from ktpipe.models.sam import SamSegmenter
+
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp("sam") / "tiny_sam"
+            SamSegmenter.from_config(SamConfig(**TINY_SAM)).save(folder)
+            built.append(folder)
+        return built[0]
+
+    return get
+
+
 def first_template(name: str, folder: Path) -> str:
     """A one-line template file holding the first template of a packaged set."""
     path = folder / f"{name}-first.txt"
@@ -199,9 +244,10 @@ def first_template(name: str, folder: Path) -> str:
 IMAGENET100_CLASSES = ["American robin", "Gila monster"]  # two of its classes (ViLT scores each pair)
 
 
-def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
+def shrink(preset: dict, checkpoint: Path, folder: Path, sam: Path | None = None) -> dict:
     """The preset with only repeated work cut down (see the module docstring). An image-text
-    matching recipe keeps a second concept: its caption is the mismatch of a one-concept recipe."""
+    matching recipe keeps a second concept: its caption is the mismatch of a one-concept recipe.
+    A segmentation preset's SAM becomes the folder `sam` (a tiny random-init SAM)."""
     recipe, overrides = next(iter(preset["recipes"].items()))
     names = preset["concepts"]["names"]
     concepts = list(overrides.get("concepts") or names[:1])
@@ -228,20 +274,27 @@ def shrink(preset: dict, checkpoint: Path, folder: Path) -> dict:
     if "generation" in preset["evaluate"]:  # captioning: 2 beams, 8 tokens (the preset's 6 beams of 30 tokens
         # repeat the same decoding step; on a random-init CoCa no caption ends early: ~70 s per model and 2 images)
         out["evaluate"]["generation"] = {**preset["evaluate"]["generation"], "beams": 2, "max_length": 8}
+    if "segmentation" in preset["evaluate"]:  # M2IB: one step of one noisy copy (~2 forward passes per image)
+        cheap = {"steps": 1, "noise_samples": 1, "batch_size": 2}
+        if preset["evaluate"]["segmentation"].get("sam"):
+            cheap["sam"] = str(sam)
+        out["evaluate"]["segmentation"] = {**preset["evaluate"]["segmentation"], **cheap}
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint, load_once, tmp_path, monkeypatch):
+def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint, sam_folder, load_once, tmp_path,
+                                              monkeypatch):
     preset = read_preset(name)
     arch = STAND_IN.get(name, ARCH[preset["model"]["name"]])
     if name in STAND_IN:  # a stand-in only replaces ViT-L-14 (CoCa or not) by its smaller ViT-B-32 sibling
         assert SMALLER_SIBLING[ARCH[preset["model"]["name"]]] == arch
     project = tmp_path / "project"
     shutil.copytree(REPO / "concepts", project / "concepts")
+    sam = sam_folder() if preset["evaluate"].get("segmentation", {}).get("sam") else None
     with (project / "params.yaml").open("w") as fh:
-        YAML(typ="safe", pure=True).dump(shrink(preset, random_checkpoint(arch), project), fh)
+        YAML(typ="safe", pure=True).dump(shrink(preset, random_checkpoint(arch), project, sam), fh)
     monkeypatch.chdir(project)
     monkeypatch.setenv("KTPIPE_DATASETS", str(datasets))
     params = load_params("params.yaml")
@@ -273,8 +326,13 @@ def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint,
         assert result["tasks"] == {set_name: spec.task for set_name, spec in params.evaluate.sets.items()}
         for set_name, spec in params.evaluate.sets.items():
             found = result["metrics"][set_name][spec.task]
-            key = {"classification": "name_overall_acc", "retrieval": "t2i_r1", "captioning": "meteor"}[spec.task]
+            key = {"classification": "name_overall_acc", "retrieval": "t2i_r1", "captioning": "meteor",
+                   "segmentation": "dsc"}[spec.task]
             assert 0 <= found[key] <= 1
+            if spec.task == "segmentation":  # every image scored (SAM's mask, and the saliency mask it refines)
+                rows = pd.read_parquet(f"metrics/eval/{model}/{set_name}.segmentation.parquet")
+                assert len(rows) == found["n_images"] == 2 and rows["dsc"].between(0, 1).all()
+                assert ("saliency_dsc" in found) == (params.evaluate.segmentation.sam is not None)
             if spec.task == "captioning":  # every test image captioned and scored, CIDEr included
                 assert found["n_images"] == 2 and found["cider"] >= 0
             if spec.task == "retrieval" and arch == VILT_B32:  # every image with every caption

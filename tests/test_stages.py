@@ -234,7 +234,7 @@ def test_cli_evaluate_matches_the_stage_schema(pipeline):
 
 def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
     reports = pipeline["project"] / "reports"
-    assert sorted(p.name for p in reports.iterdir()) == ["inverted.png", "lr_curve.json", "metrics.json", "results.md"]
+    assert sorted(p.name for p in reports.iterdir()) == ["figures", "inverted.png", "lr_curve.json", "metrics.json", "results.md"]
     markdown = (reports / "results.md").read_text()
     for name in NOVEL:
         # one row per set (test and val) for each novel concept

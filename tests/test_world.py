@@ -270,9 +270,9 @@ def test_write_split_failure_leaves_nothing(world, tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) > 1:
             raise RuntimeError("disk full")
-        return np.zeros((len(attrs), 32, 32, 3), dtype=np.uint8)
+        return np.zeros((len(attrs), 32, 32, 3), dtype=np.uint8), None
 
-    monkeypatch.setattr(world_module, "render_uint8", failing_render)
+    monkeypatch.setattr(world_module, "render_scenes", failing_render)
     with pytest.raises(RuntimeError, match="disk full"):
         write_split(world, tmp_path / "split", n_per_concept=2, seed=0)
     assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ktpipe.datasets.records import SHOW, Manifest, build_manifest
+from ktpipe.datasets.records import SHOW, Manifest, MaskedImage, build_manifest
 from ktpipe.images import IMAGE_SUFFIXES, DatasetError
 from ktpipe.params import DatasetParams
 
@@ -31,12 +31,12 @@ def labels_path(spec: DatasetParams) -> Path:
     return path
 
 
-def resolve_paths(base: Path, raw: Sequence[str], source: Path) -> list[Path]:
-    """Paths from a label file, relative to `base`; every one must exist."""
+def resolve_paths(base: Path, raw: Sequence[str], source: Path, what: str = "image") -> list[Path]:
+    """Paths from a label file, relative to `base`; every one must exist (`what` names them in the error)."""
     paths = [Path(p) if Path(p).is_absolute() else base / p for p in raw]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DatasetError(f"{len(missing)} image(s) listed in {source} not found, first: {missing[:SHOW]}")
+        raise DatasetError(f"{len(missing)} {what}(s) listed in {source} not found, first: {missing[:SHOW]}")
     return paths
 
 
@@ -87,10 +87,26 @@ def load_folder(name: str, spec: DatasetParams) -> Manifest:
     return build_manifest(name, classes, class_folder_items(root, classes))
 
 
+def masked_records(frame: pd.DataFrame, base: Path, path: Path, images: Sequence[Path],
+                   labels: Sequence[int]) -> tuple[MaskedImage, ...]:
+    """The label file's images with the masks of its 'mask' column, resolved like the images and
+    checked as the 'masks' format checks them (binary, the image's size)."""
+    from ktpipe.datasets.masks import check_masked_image  # that module builds on this one's helpers
+
+    empty = np.flatnonzero(frame["mask"].isna().to_numpy())
+    if len(empty):
+        raise DatasetError(f"label file {path}: empty mask in data row(s) {(empty[:SHOW] + 1).tolist()}")
+    masks = resolve_paths(base, frame["mask"].astype(str).tolist(), path, what="mask file")
+    for image, mask in zip(images, masks):
+        check_masked_image(image, mask)
+    return tuple(MaskedImage(str(i), str(m), k) for i, m, k in zip(images, masks, labels))
+
+
 def load_manifest_file(name: str, spec: DatasetParams) -> Manifest:
     """Layout: a CSV or parquet file `labels` (relative to root) with columns path,label;
     labels are class names (sorted to give label order); paths are relative to root
-    (or to the label file's folder when root is unset)."""
+    (or to the label file's folder when root is unset). An optional column mask names each
+    image's binary mask (segmentation; placed like path, read by the 'masks' format's rule)."""
     path = labels_path(spec)
     frame = read_table(path)
     require_columns(frame, ("path", "label"), path)
@@ -102,4 +118,7 @@ def load_manifest_file(name: str, spec: DatasetParams) -> Manifest:
     index = {c: k for k, c in enumerate(classes)}
     base = Path(spec.root) if spec.root else path.parent
     paths = resolve_paths(base, frame["path"].astype(str).tolist(), path)
-    return build_manifest(name, classes, [(p, index[c]) for p, c in zip(paths, names)])
+    labels = [index[c] for c in names]
+    if "mask" in frame.columns:
+        return Manifest(name, tuple(classes), masked_records(frame, base, path, paths, labels))
+    return build_manifest(name, classes, list(zip(paths, labels)))

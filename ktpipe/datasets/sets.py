@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ktpipe.datasets.captions import load_captions_file, load_karpathy
 from ktpipe.datasets.folders import load_folder, load_manifest_file
 from ktpipe.datasets.imagenet import load_imagenet, load_imagenet100
+from ktpipe.datasets.masks import load_mask_folder
 from ktpipe.datasets.medical import load_chexpert5x200, load_jsrt
 from ktpipe.datasets.records import CaptionedImage, Manifest, read_manifest, write_manifest
 from ktpipe.datasets.selection import filter_classes, take_subset
@@ -51,6 +52,7 @@ FORMATS: dict[str, Loader] = {
     "jsrt": load_jsrt,
     "karpathy": load_karpathy,
     "captions": load_captions_file,
+    "masks": load_mask_folder,
 }
 
 
@@ -106,6 +108,8 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
     captioned = spec.task in CAPTIONED_TASKS
     if captioned and spec.subset is not None:  # a subset: as many renders of each concept in turn (balanced)
         n = min(n, -(-spec.subset // len(world.concepts)))
+    if spec.task == "segmentation":
+        return render_masked_set(name, spec, params, out_dir, world)
     shown = write_split(world, out_dir / name, n, seed, params.world.image_size)
     if captioned:
         references = caption_references if spec.task == "captioning" else caption_render
@@ -115,6 +119,22 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
             records = sorted(records, key=lambda r: r[0])[:spec.subset]  # round by round over the concepts
         return Manifest(name, (), tuple(r for _, r in records))
     folder_spec = dataclasses.replace(spec, format="folder", root=str(out_dir / name))
+    manifest = load_dataset(name, folder_spec, params.seed)
+    return manifest.map_paths(lambda p: str(Path(p).relative_to(out_dir)))
+
+
+def render_masked_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World) -> Manifest:
+    """Render a demo-world split with each object's ground-truth mask into out_dir/<name>/images/
+    and masks/ (the `masks` layout, one folder per concept), and list it relative to out_dir; a
+    subset takes as many renders of each concept in turn."""
+    from ktpipe.world import write_split
+
+    n = params.world.val_per_concept if spec.split == "val" else params.world.test_per_concept
+    if spec.subset is not None:
+        n = min(n, -(-spec.subset // len(world.concepts)))
+    write_split(world, out_dir / name, n, DEMO_SEED_OFFSET[spec.split] + params.seed, params.world.image_size,
+                masks=True)
+    folder_spec = dataclasses.replace(spec, format="masks", root=str(out_dir / name))
     manifest = load_dataset(name, folder_spec, params.seed)
     return manifest.map_paths(lambda p: str(Path(p).relative_to(out_dir)))
 

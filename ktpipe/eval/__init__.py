@@ -17,12 +17,14 @@ from ktpipe.eval.base import Task, TaskInput, split_result
 from ktpipe.eval.captioning import Captioning
 from ktpipe.eval.classification import ZeroShotClassification
 from ktpipe.eval.retrieval import Retrieval, concept_pattern
+from ktpipe.eval.segmentation import Segmentation
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.params import Params, ParamsError
 from ktpipe.templates import load_templates
 
 BASELINE = "baseline"  # the model before transfer, evaluated beside every recipe
-TASKS: dict[str, Task] = {task.name: task for task in (ZeroShotClassification(), Retrieval(), Captioning())}
+TASKS: dict[str, Task] = {task.name: task for task in (ZeroShotClassification(), Retrieval(), Captioning(),
+                                                       Segmentation())}
 
 
 def get_task(name: str, set_name: str) -> Task:
