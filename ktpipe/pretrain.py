@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -176,38 +173,16 @@ def build_pretrain_optimizer(model: OpenClipModel, cfg: PretrainParams) -> torch
     return matrix_decay_adamw(model.module, cfg)
 
 
-T = TypeVar("T")
-
-
-def draw_batch(world: World, templates: list[str], cfg: PretrainParams, rng: np.random.Generator, size: int,
-               pool: RenderPool | None = None) -> tuple:
-    """One step's inputs, in the order the step draws them from `rng`: the images and their
-    captions, then (name objective) the made-up names and their definitions."""
-    images = image_batch(world, templates, cfg, rng, size, pool)
-    return (*images, *(name_batch(world, templates, cfg, rng) if cfg.name_objective else (None, None)))
-
-
-def prefetched(make: Callable[[], T], count: int) -> Iterator[T]:
-    """`count` results of `make()` in order, each made in a background thread while the caller
-    works on the one before (batch making is Python and numpy, the step torch: both cores work).
-    Results and the draws behind them are those of calling `make` in turn."""
-    with ThreadPoolExecutor(max_workers=1) as executor:
-        upcoming = executor.submit(make) if count else None
-        for i in range(count):
-            current = upcoming.result()
-            upcoming = executor.submit(make) if i + 1 < count else None
-            yield current
-
-
-def pretrain_step(model, world, templates, cfg, rng, size, pool: RenderPool | None = None, batch: tuple | None = None) -> dict:
-    """One step's losses (not yet backpropagated), on `batch` (`draw_batch`'s) or on one drawn now."""
-    pixels, texts, anchors, definitions = batch or draw_batch(world, templates, cfg, rng, size, pool)
+def pretrain_step(model, world, templates, cfg, rng, size, pool: RenderPool | None = None) -> dict:
+    """One step's losses (not yet backpropagated)."""
+    pixels, texts = image_batch(world, templates, cfg, rng, size, pool)
     scale = model.logit_scale()
     image_loss = multi_positive_clip_loss(
         model.encode_images(pixels), model.encode_texts(texts), group_ids(texts), scale
     )
     out = {"image_loss": image_loss, "loss": image_loss}
     if cfg.name_objective:
+        anchors, definitions = name_batch(world, templates, cfg, rng)
         name_loss = multi_positive_clip_loss(
             model.encode_texts(anchors), model.encode_texts(definitions), group_ids(anchors), scale
         )
@@ -228,12 +203,11 @@ def pretrain(
     optimizer = build_pretrain_optimizer(model, cfg)
     model.module.train()
     log = []
-    batches = prefetched(lambda: draw_batch(world, templates, cfg, rng, size, pool), cfg.steps)
-    bar = tqdm(zip(range(cfg.steps), batches), total=cfg.steps, desc="pretrain demo model", disable=not progress)
-    for step, batch in bar:
+    bar = tqdm(range(cfg.steps), desc="pretrain demo model", disable=not progress)
+    for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses = pretrain_step(model, world, templates, cfg, rng, size, pool, batch)
+        losses = pretrain_step(model, world, templates, cfg, rng, size, pool)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()

@@ -26,7 +26,7 @@ from ktpipe.io import atomic_dir, write_json
 from ktpipe.models.coca import OpenClipCaptioner
 from ktpipe.models.demo import DEMO_COCA_ARCH, build_demo_coca, demo_config, demo_vocabulary
 from ktpipe.params import Params, PretrainParams
-from ktpipe.pretrain import MAX_LOGIT_SCALE, lr_at, matrix_decay_adamw, pick, prefetched
+from ktpipe.pretrain import MAX_LOGIT_SCALE, lr_at, matrix_decay_adamw, pick
 from ktpipe.templates import packaged_templates
 from ktpipe.world import (Attributes, World, add_article, caption_references, concept_attributes, load_demo_world, load_world,
                           render_batch, sample_attributes)
@@ -82,11 +82,11 @@ def pretrain_captioner(world: World, cfg: PretrainParams, seed: int = 0, size: i
     loss_fn = open_clip.CoCaLoss(caption_loss_weight=cfg.caption_weight, clip_loss_weight=1.0, pad_id=model.pad_id)
     model.module.train()
     log = []
-    batches = prefetched(lambda: caption_batch(world, cfg, rng, size), cfg.steps)
-    bar = tqdm(zip(range(cfg.steps), batches), total=cfg.steps, desc="pretrain demo captioner", disable=not progress)
-    for step, (pixels, captions) in bar:
+    bar = tqdm(range(cfg.steps), desc="pretrain demo captioner", disable=not progress)
+    for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
+        pixels, captions = caption_batch(world, cfg, rng, size)
         contrastive, captioning = loss_fn(**model.caption_loss_inputs(pixels, captions, captions))
         loss = contrastive + captioning
         optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ from ktpipe.losses import itm_loss
 from ktpipe.models.demo_vilt import build_demo_vilt, demo_vilt_config
 from ktpipe.models.vilt import ViltCrossEncoder
 from ktpipe.params import Params, ParamsError, PretrainParams
-from ktpipe.pretrain import image_batch, lr_at, matrix_decay_adamw, prefetched
+from ktpipe.pretrain import image_batch, lr_at, matrix_decay_adamw
 from ktpipe.templates import load_templates
 from ktpipe.world import World, add_article, load_demo_world, load_world
 
@@ -92,23 +92,14 @@ def define_known(texts: list[str], n_named: int, world: World, share: float, rng
     return out
 
 
-def draw_cross_batch(world: World, templates: list[str], cfg: PretrainParams, rng: np.random.Generator,
-                     size: int) -> tuple[torch.Tensor, list[str], list[list[str]]]:
-    """One step's images, their captions (some known ones as definitions) and each image's
-    candidate captions (its own first), drawn from `rng` in that order."""
+def cross_pretrain_step(model, world: World, templates: list[str], cfg: PretrainParams, rng: np.random.Generator,
+                        size: int, masker) -> dict:
+    """One step's losses (not yet backpropagated): ITM over the candidates, MLM on own captions."""
     pixels, texts = image_batch(world, templates, cfg, rng, size)
     n_named = int(round(cfg.concept_fraction * cfg.batch_size))
     if cfg.known_definitions:
         texts = define_known(texts, n_named, world, cfg.known_definitions, rng)
     candidates = candidate_captions(texts, n_named, [c.name for c in world.known()], cfg.candidates, rng)
-    return pixels, texts, candidates
-
-
-def cross_pretrain_step(model, world: World, templates: list[str], cfg: PretrainParams, rng: np.random.Generator,
-                        size: int, masker, batch: tuple | None = None) -> dict:
-    """One step's losses (not yet backpropagated) on `batch` (`draw_cross_batch`'s, or one drawn
-    now): ITM over the candidates, MLM on own captions."""
-    pixels, texts, candidates = batch or draw_cross_batch(world, templates, cfg, rng, size)
     k = cfg.candidates
     flat = [t for c in candidates for t in c]
     logits = model.score_pairs(pixels.repeat_interleave(k, 0), flat).view(len(texts), k)
@@ -132,13 +123,11 @@ def pretrain_cross(world: World, templates: list[str], cfg: PretrainParams, seed
     optimizer = matrix_decay_adamw(model.module, cfg)
     model.module.train()
     log = []
-    batches = prefetched(lambda: draw_cross_batch(world, templates, cfg, rng, size), cfg.steps)
-    bar = tqdm(zip(range(cfg.steps), batches), total=cfg.steps, desc="pretrain demo cross-encoder",
-               disable=not progress)
-    for step, batch in bar:
+    bar = tqdm(range(cfg.steps), desc="pretrain demo cross-encoder", disable=not progress)
+    for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses = cross_pretrain_step(model, world, templates, cfg, rng, size, masker, batch)
+        losses = cross_pretrain_step(model, world, templates, cfg, rng, size, masker)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()

@@ -11,7 +11,7 @@ from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.models import OpenClipModel
 from ktpipe.params import PretrainParams
-from ktpipe.pretrain import image_batch, prefetched, pretrain
+from ktpipe.pretrain import image_batch, pretrain
 from ktpipe.templates import load_templates
 from ktpipe.world import load_world
 
@@ -46,14 +46,3 @@ def test_pretraining_learns_to_match_renders_and_captions(world):
     ]
     assert min(moved) > 0.05  # every visual matrix moved, far beyond 80 steps of decay (< 1%)
     assert caption_margin(result.model, world, templates) > caption_margin(start, world, templates) + 0.05
-
-
-def test_prefetched_batches_are_the_draws_made_in_turn():
-    """Batches made in the background thread are, in order, what drawing them one by one gives,
-    and no more than asked for are drawn (the seeded stream stays where a plain loop leaves it)."""
-    drawn, plain = np.random.default_rng(3), np.random.default_rng(3)
-    made = list(prefetched(lambda: drawn.normal(size=4), 5))
-    expected = [plain.normal(size=4) for _ in range(5)]
-    assert len(made) == 5 and all(np.array_equal(a, b) for a, b in zip(made, expected))
-    assert drawn.normal() == plain.normal()
-    assert list(prefetched(lambda: drawn.normal(), 0)) == []
