@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 from bench_segmentation import format_segmentation, run_segmentation_worker  # benchmarks/ is on sys.path
-from devices import device_name, sync
+from devices import device_name, sync, worker_device
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing ktpipe
@@ -215,11 +215,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     """Benchmark one model in this process and return its figures."""
     import torch
 
-    from ktpipe.models import pick_device
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = worker_device(args.threads, args.device)
     scratch = tempfile.TemporaryDirectory()
     rss_before = peak_rss_mib()
     build_start = time.perf_counter()
@@ -297,11 +293,9 @@ def run_captioning_worker(args: argparse.Namespace) -> dict:
     import open_clip
     import torch
 
-    from ktpipe.models import OpenClipModel, pick_device
+    from ktpipe.models import OpenClipModel
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = worker_device(args.threads, args.device)
     build_start = time.perf_counter()
     model = OpenClipModel.from_config(open_clip.get_model_config(args.caption_model), device=device,
                                       name=args.caption_model)

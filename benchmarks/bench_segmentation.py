@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-from devices import device_name, sync  # benchmarks/ is on sys.path (bench.py runs as a script)
+from devices import device_name, sync, worker_device  # benchmarks/ is on sys.path (bench.py runs as a script)
 
 SEGMENT_TEXT = "a chest x ray with a lung tumor"  # the saliency prompt (words of tests/archs.py's tiny vocabulary)
 
@@ -198,11 +198,7 @@ def run_segmentation_worker(args: argparse.Namespace) -> dict:
     """Saliency maps (M2IB, gradient), SAM ViT-B masks and MONAI's scores, timed in this process."""
     import torch
 
-    from ktpipe.models import pick_device
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = worker_device(args.threads, args.device)
     result = {"device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "load_average": os.getloadavg()[0]}
     result.update(time_saliency(args, device))

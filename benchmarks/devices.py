@@ -22,3 +22,15 @@ def sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
+
+
+def worker_device(threads: int | None, device: str) -> str:
+    """A benchmark worker's device (`--device`: auto, cpu or cuda), torch's thread count set first
+    when `--threads` gives one."""
+    import torch
+
+    from ktpipe.models import pick_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    return pick_device(device)
