@@ -1,0 +1,98 @@
+"""What every `dvc repro` stage pays before and after its own work: the imports of a new process and
+DVC's bookkeeping of `dvc.lock`.
+
+Each import row runs in fresh interpreters (`--repeats` times, the median printed) and adds one
+library to the row above, so the differences are what each library costs on top of the others:
+
+    python benchmarks/stage_startup.py              # from the project root, on an idle machine
+    python benchmarks/stage_startup.py --repeats 5 --lock dvc.lock
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (label, code run in a fresh interpreter); each row imports what the row above imports, plus one thing
+IMPORT_STEPS = [
+    ("interpreter", "pass"),
+    ("+ torch", "import torch"),
+    ("+ torch.optim's first step (imports torch._dynamo)",
+     "import torch; w = torch.zeros(2, requires_grad=True); o = torch.optim.AdamW([w]); w.sum().backward(); o.step()"),
+    ("+ transformers", "import torch, transformers; w = torch.zeros(2, requires_grad=True); "
+                       "o = torch.optim.AdamW([w]); w.sum().backward(); o.step()"),
+    ("+ open_clip (a demo CLIP stage's imports)", "import torch, transformers, open_clip; "
+     "w = torch.zeros(2, requires_grad=True); o = torch.optim.AdamW([w]); w.sum().backward(); o.step()"),
+]
+
+
+def seconds(argv: list[str], repeats: int) -> float:
+    """Median wall time of running `argv` `repeats` times."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def lock_costs(lock: Path, repeats: int) -> dict[str, float]:
+    """What DVC does with `dvc.lock` around each stage: a safe load (C loader when ruamel.yaml.clib is
+    installed) and the round-trip parse and dump that rewrites it."""
+    from ruamel.yaml import YAML
+
+    text = lock.read_text()
+    if importlib.util.find_spec("_ruamel_yaml"):  # the C loader of ruamel.yaml.clib
+        loaders = [("safe load, C loader (ruamel.yaml.clib)", False), ("safe load, pure Python", True)]
+    else:
+        loaders = [("safe load, pure Python (no ruamel.yaml.clib)", True)]
+    out = {}
+    for label, pure in loaders:
+        yaml = YAML(typ="safe", pure=pure)
+        out[label] = min(timed(lambda: yaml.load(text)) for _ in range(repeats))
+
+    def rewrite():
+        yaml = YAML()
+        yaml.dump(yaml.load(text), io.StringIO())
+
+    out["round-trip parse + dump (each stage)"] = min(timed(rewrite) for _ in range(repeats))
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lock", type=Path, default=Path("dvc.lock"))
+    args = parser.parse_args()
+
+    print(f"python {sys.version.split()[0]}; median of {args.repeats} fresh interpreters per row\n")
+    print(f"{'imports':55s} {'s':>6s} {'added':>6s}")
+    previous = 0.0
+    for label, code in IMPORT_STEPS:
+        took = seconds([sys.executable, "-c", code], args.repeats)
+        print(f"{label:55s} {took:6.2f} {took - previous:6.2f}")
+        previous = took
+    took = seconds([sys.executable, "-m", "ktpipe", "--help"], args.repeats)
+    print(f"{'python -m ktpipe --help (the CLI alone)':55s} {took:6.2f}")
+
+    if args.lock.is_file():
+        print(f"\n{args.lock} ({args.lock.stat().st_size / 1024:.0f} KB), best of {args.repeats}")
+        for label, took in lock_costs(args.lock, args.repeats).items():
+            print(f"{label:55s} {took:6.2f}")
+        took = seconds(["dvc", "status", "-q"], args.repeats)
+        print(f"{'dvc status (whole pipeline, nothing to run)':55s} {took:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
