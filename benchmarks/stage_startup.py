@@ -18,16 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+STEP = "w = torch.zeros(2, requires_grad=True); o = torch.optim.AdamW([w]); w.sum().backward(); o.step()"
 # (label, code run in a fresh interpreter); each row imports what the row above imports, plus one thing
 IMPORT_STEPS = [
     ("interpreter", "pass"),
     ("+ torch", "import torch"),
-    ("+ torch.optim's first step (imports torch._dynamo)",
-     "import torch; w = torch.zeros(2, requires_grad=True); o = torch.optim.AdamW([w]); w.sum().backward(); o.step()"),
-    ("+ transformers", "import torch, transformers; w = torch.zeros(2, requires_grad=True); "
-                       "o = torch.optim.AdamW([w]); w.sum().backward(); o.step()"),
-    ("+ open_clip (a demo CLIP stage's imports)", "import torch, transformers, open_clip; "
-     "w = torch.zeros(2, requires_grad=True); o = torch.optim.AdamW([w]); w.sum().backward(); o.step()"),
+    ("+ torch.optim's first step (imports torch._dynamo)", f"import torch; {STEP}"),
+    ("+ transformers", f"import torch, transformers; {STEP}"),
+    ("+ open_clip (a demo CLIP stage's imports)", f"import torch, transformers, open_clip; {STEP}"),
 ]
 
 

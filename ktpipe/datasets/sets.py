@@ -97,7 +97,8 @@ def resolve_spec(name: str, spec: DatasetParams) -> DatasetParams:
 def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World) -> Manifest:
     """Render a demo-world split into out_dir/<name>/ and list it relative to out_dir: labelled by
     concept, or (for a task that reads captions) captioned with the concept's name and the
-    background ('a blicket on a gray background.'; captioning sets also without the background)."""
+    background ('a blicket on a gray background.'; captioning sets also without the background),
+    or (segmentation) with each object's ground-truth mask."""
     from ktpipe.world import caption_references, caption_render, write_split
 
     if not world.concepts:
@@ -106,11 +107,10 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
     n = params.world.val_per_concept if spec.split == "val" else params.world.test_per_concept
     seed = DEMO_SEED_OFFSET[spec.split] + params.seed
     captioned = spec.task in CAPTIONED_TASKS
-    if captioned and spec.subset is not None:  # a subset: as many renders of each concept in turn (balanced)
+    masked = spec.task == "segmentation"  # renders in images/, each object's mask in masks/ (the `masks` layout)
+    if (captioned or masked) and spec.subset is not None:  # a subset: as many renders of each concept in turn
         n = min(n, -(-spec.subset // len(world.concepts)))
-    if spec.task == "segmentation":
-        return render_masked_set(name, spec, params, out_dir, world)
-    shown = write_split(world, out_dir / name, n, seed, params.world.image_size)
+    shown = write_split(world, out_dir / name, n, seed, params.world.image_size, masks=masked)
     if captioned:
         references = caption_references if spec.task == "captioning" else caption_render
         records = [(i, CaptionedImage(f"{name}/{concept}/{i:04d}.png", references(concept, a)))
@@ -118,23 +118,7 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
         if spec.subset is not None:
             records = sorted(records, key=lambda r: r[0])[:spec.subset]  # round by round over the concepts
         return Manifest(name, (), tuple(r for _, r in records))
-    folder_spec = dataclasses.replace(spec, format="folder", root=str(out_dir / name))
-    manifest = load_dataset(name, folder_spec, params.seed)
-    return manifest.map_paths(lambda p: str(Path(p).relative_to(out_dir)))
-
-
-def render_masked_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World) -> Manifest:
-    """Render a demo-world split with each object's ground-truth mask into out_dir/<name>/images/
-    and masks/ (the `masks` layout, one folder per concept), and list it relative to out_dir; a
-    subset takes as many renders of each concept in turn."""
-    from ktpipe.world import write_split
-
-    n = params.world.val_per_concept if spec.split == "val" else params.world.test_per_concept
-    if spec.subset is not None:
-        n = min(n, -(-spec.subset // len(world.concepts)))
-    write_split(world, out_dir / name, n, DEMO_SEED_OFFSET[spec.split] + params.seed, params.world.image_size,
-                masks=True)
-    folder_spec = dataclasses.replace(spec, format="masks", root=str(out_dir / name))
+    folder_spec = dataclasses.replace(spec, format="masks" if masked else "folder", root=str(out_dir / name))
     manifest = load_dataset(name, folder_spec, params.seed)
     return manifest.map_paths(lambda p: str(Path(p).relative_to(out_dir)))
 

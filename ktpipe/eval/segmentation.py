@@ -74,13 +74,6 @@ def record_groups(manifest: Manifest, concepts: list[ConceptText]) -> tuple[list
     return labels, {prefix: ids for prefix, ids in groups.items() if ids}
 
 
-def spacing_of(spec: DatasetParams) -> tuple[float, float] | None:
-    """The set's pixel spacing (rows, columns), or None: one pixel."""
-    if not spec.spacing:
-        return None
-    return (spec.spacing[0], spec.spacing[-1])
-
-
 def load_sam(cfg: SegmentationParams, device: str):
     """SAM when the params name one (a missing checkpoint is an error naming it), else None."""
     if cfg.sam is None:
@@ -116,15 +109,14 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(values.astype(np.uint8)).save(path)
 
 
-def score_set(model, data: TaskInput, sam, progress: bool = True) -> pd.DataFrame:
-    """One row per image: path, mask, class, group, its scores, and where its saliency map and
-    predicted mask were written (in `data.outputs`, when given)."""
+def score_set(model, data: TaskInput, sam, groups: list[str], progress: bool = True) -> pd.DataFrame:
+    """One row per image: path, mask, class, group (`groups`, one per record), its scores, and where
+    its saliency map and predicted mask were written (in `data.outputs`, when given)."""
     from ktpipe.datasets.masks import read_mask
 
     cfg, manifest = data.params.segmentation, data.manifest
     targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates))  # (K, D)
-    groups, _ = record_groups(manifest, data.concepts)
-    spacing = spacing_of(data.spec)
+    spacing = data.spec.spacing  # (rows, columns), one value for both, or empty: pixels (ktpipe.masks.pixel_spacing)
     folders = None
     if data.outputs is not None:
         folders = {kind: Path(data.outputs) / name.format(data.set_name) for kind, name in
@@ -240,8 +232,8 @@ class Segmentation:
         check_layer(model, data.params.segmentation.layer)  # before SAM loads: a params error comes first
         sam = load_sam(data.params.segmentation, getattr(model, "device", "cpu"))
         model.module.eval()
-        rows = score_set(model, data, sam, progress)
-        _, groups = record_groups(data.manifest, data.concepts)
+        labels, groups = record_groups(data.manifest, data.concepts)
+        rows = score_set(model, data, sam, labels, progress)
         if data.outputs is not None:
             rows.to_parquet(Path(data.outputs) / SCORES_FILE.format(data.set_name), index=False)
         note = empty_note(rows)
