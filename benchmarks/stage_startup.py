@@ -1,5 +1,5 @@
-"""What every `dvc repro` stage pays before and after its own work: the imports of a new process and
-DVC's bookkeeping of `dvc.lock`.
+"""What every `dvc repro` stage pays before and after its own work: the imports of a new process, the
+interpreter's teardown at its end (which `python -m ktpipe` skips) and DVC's bookkeeping of `dvc.lock`.
 
 Each import row runs in fresh interpreters (`--repeats` times, the median printed) and adds one
 library to the row above, so the differences are what each library costs on top of the others:
@@ -81,6 +81,9 @@ def main() -> None:
         took = seconds([sys.executable, "-c", code], args.repeats)
         print(f"{label:55s} {took:6.2f} {took - previous:6.2f}")
         previous = took
+    skipped = seconds([sys.executable, "-c", f"{IMPORT_STEPS[-1][1]}; import os; os._exit(0)"], args.repeats)
+    print(f"{'the row above, ending in os._exit (no teardown)':55s} {skipped:6.2f} {skipped - previous:6.2f}")
+    print(f"{'  so the interpreter teardown `python -m ktpipe` skips':55s} {previous - skipped:6.2f}")
     took = seconds([sys.executable, "-m", "ktpipe", "--help"], args.repeats)
     print(f"{'python -m ktpipe --help (the CLI alone)':55s} {took:6.2f}")
 

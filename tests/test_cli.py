@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pkgutil
 import re
+import subprocess
+import sys
 
 import click
 from click.testing import CliRunner
@@ -46,3 +48,21 @@ def test_help_lists_the_commands_and_an_unknown_one_is_a_usage_error():
     assert result.exit_code == 0 and "invert" in result.output and "evaluate" in result.output
     result = runner.invoke(main, ["captions"])
     assert result.exit_code == 2 and "No such command 'captions'" in result.output
+
+
+# `python -m ktpipe` with an exit handler registered first, as a library the command imports would
+ENTRY = ("import atexit, runpy, sys; atexit.register(lambda: print('exit handler ran', flush=True)); "
+         "sys.argv = ['ktpipe', *sys.argv[1:]]; runpy.run_module('ktpipe', run_name='__main__')")
+
+
+def run_entry(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ENTRY, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_entry_point_keeps_the_status_the_output_and_the_exit_handlers():
+    """`python -m ktpipe` skips the interpreter's teardown (ktpipe/__main__.py), not what an exit does."""
+    done = run_entry("--version")
+    assert done.returncode == 0 and "version" in done.stdout and done.stdout.endswith("exit handler ran\n")
+    usage = run_entry("captions")
+    assert usage.returncode == 2 and "No such command 'captions'" in usage.stderr
+    assert "exit handler ran" in usage.stdout

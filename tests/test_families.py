@@ -23,17 +23,16 @@ def test_merge_patch_merges_mappings_deletes_nulls_and_replaces_the_rest():
     assert target == {"a": {"b": 1, "c": 2}, "d": [1, 2], "e": 3}  # the target is left as it was
 
 
-def test_the_demo_vilt_family_overrides_only_what_it_names():
+def test_the_demo_vilt_family_overrides_only_what_it_names_and_shares_the_clip_inversions():
     params = load_params(REPO_PARAMS)
     vilt = load_params(REPO_PARAMS, "vilt")
     assert vilt.model.backend == "demo_vilt" and vilt.model.pretrained == "models/vilt/baseline"
-    assert (vilt.invert.init, vilt.invert.affine_p) == ("normal", 0.0)
-    assert vilt.invert.steps == params.invert.steps and vilt.invert.tv_weight == params.invert.tv_weight
+    assert vilt.invert == params.invert  # it inverts nothing of its own in the demo
     assert vilt.finetune.loss == "itm" and vilt.finetune.epochs == params.finetune.epochs
     assert vilt.finetune.temperature is None  # null restores the default: the model's own
     assert list(vilt.recipes) == ["paper"] and vilt.evaluate.models == ("baseline", "paper")
     assert "test_captions" not in vilt.evaluate.sets and vilt.evaluate.sets["test"] == params.evaluate.sets["test"]
-    assert vilt.inverted_names() == ("blicket", "dax", "wug")
+    assert vilt.inverted_names() == ()  # it fine-tunes on the demo CLIP's inverted images
     assert params.inverted_names() == params.concepts.names
     assert vilt.families == {} and set(params.families) == {"vilt", "coca"}
     assert params.model.backend == "demo" and params.recipe("full").rehearsal  # the file's own model is untouched
