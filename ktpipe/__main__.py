@@ -4,7 +4,9 @@ The process ends as soon as the command has returned: its outputs are written an
 the exit handlers run and stdout and stderr are flushed, but the interpreter's own teardown is
 skipped. With torch, torchvision and open_clip loaded that teardown (freeing every module and
 unloading torch's libraries) takes about 1.4 s on 2 cores, and `dvc repro` would pay it once per
-stage (`python benchmarks/stage_startup.py` measures it). A bug's traceback exits the usual way.
+stage (`python benchmarks/stage_startup.py` measures it). A bug's traceback exits the usual way, and
+so does every run under a profiler or tracer (`python -m cProfile -m ktpipe ...`, coverage, a
+debugger), whose results are written at the interpreter's exit.
 """
 import atexit
 import os
@@ -26,7 +28,17 @@ def exit_now(code: object) -> None:
     os._exit(status)
 
 
+def observed() -> bool:
+    """Whether a profiler, tracer or (Python 3.12+) monitoring tool watches this process."""
+    monitoring = getattr(sys, "monitoring", None)
+    tools = range(6) if monitoring else ()  # sys.monitoring's tool ids 0-5
+    return (sys.getprofile() is not None or sys.gettrace() is not None
+            or any(monitoring.get_tool(tool) is not None for tool in tools))
+
+
 try:
     main(prog_name="ktpipe")
 except SystemExit as done:  # click ends every command, failed or not, with SystemExit
+    if observed():
+        raise
     exit_now(done.code)

@@ -66,3 +66,11 @@ def test_the_entry_point_keeps_the_status_the_output_and_the_exit_handlers():
     usage = run_entry("captions")
     assert usage.returncode == 2 and "No such command 'captions'" in usage.stderr
     assert "exit handler ran" in usage.stdout
+
+
+def test_a_profiled_run_exits_the_usual_way_so_the_profile_is_written(tmp_path):
+    profile = tmp_path / "ktpipe.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "ktpipe", "--version"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "version" in done.stdout
+    assert profile.is_file() and profile.stat().st_size > 0

@@ -26,7 +26,7 @@ from ktpipe.errors import KtpipeError
 from ktpipe.eval import run_evaluate
 from ktpipe.eval import segmentation as seg
 from ktpipe.eval.base import TaskInput
-from ktpipe.masks import mask_boxes
+from ktpipe.masks import EMPTY_TRUTH, mask_boxes
 from ktpipe.models.base import SQUARE_RESIZE, EmbedsTexts, TakesImages, VisionFeatures, square_pixels
 from ktpipe.params import DatasetParams, EvaluateParams, SegmentationParams, load_params
 
@@ -356,7 +356,7 @@ def test_report_table_rows_per_group_and_model():
     assert [r.split(" | ")[:2] for r in rows] == [[f"| {g}", m] for g in groups for m in ("baseline", "paper")]
     assert rows[1] == "| all (5) | paper | 45.67% | 20.00% | 5.00% |"
     assert rows[6] == "| retention (2) | baseline | - | 40.00% | 30.00% |"  # NaN: no image scored
-    assert seg.EMPTY_TRUTH in lines[-1] and lines[-2] == ""
+    assert EMPTY_TRUTH in lines[-1] and lines[-2] == ""
 
 
 def test_report_items_draw_the_figure_only_when_some_dsc_rose(tmp_path):

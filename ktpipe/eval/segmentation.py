@@ -29,7 +29,6 @@ from ktpipe.errors import InputMissingError, KtpipeError
 from ktpipe.eval.base import TaskInput, TaskResult
 from ktpipe.eval.classification import class_embeddings, name_prompts
 from ktpipe.images import open_image
-from ktpipe.masks import EMPTY_TRUTH, image_scores, mask_boxes, mean_scores, resize_saliency_to_image, saliency_to_mask
 from ktpipe.models.base import EmbedsTexts, TakesImages, VisionFeatures, require
 from ktpipe.params import DatasetParams, SegmentationParams
 
@@ -87,7 +86,9 @@ def segment_images(model, images: list[Image.Image], targets: torch.Tensor, cfg:
                    sam) -> list[dict[str, np.ndarray]]:
     """Per image: its saliency map, coarse mask and predicted mask (SAM's, or the coarse one), at
     the image's size."""
-    from ktpipe.saliency import compute_saliency  # imports the saliency code only where a set segments
+    from ktpipe.masks import mask_boxes, resize_saliency_to_image, saliency_to_mask
+    from ktpipe.saliency import compute_saliency  # the saliency and mask code (MONAI, scipy, scikit-image: about
+    # 2.5 s of imports) load only where a set segments
 
     pixels = torch.stack([model.preprocess(image) for image in images]).to(targets.device)
     maps = compute_saliency(model, pixels, targets, cfg, seed=cfg.seed).cpu()  # (B, S, S) in [0, 1]
@@ -113,6 +114,7 @@ def score_set(model, data: TaskInput, sam, groups: list[str], progress: bool = T
     """One row per image: path, mask, class, group (`groups`, one per record), its scores, and where
     its saliency map and predicted mask were written (in `data.outputs`, when given)."""
     from ktpipe.datasets.masks import read_mask
+    from ktpipe.masks import image_scores
 
     cfg, manifest = data.params.segmentation, data.manifest
     targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates))  # (K, D)
@@ -148,6 +150,8 @@ def score_set(model, data: TaskInput, sam, groups: list[str], progress: bool = T
 
 def set_metrics(rows: pd.DataFrame, groups: dict[str, list[int]]) -> dict[str, float]:
     """Means over all images and per group (`<prefix>_dsc`, ...), with image counts."""
+    from ktpipe.masks import mean_scores
+
     keys = [c for c in rows.columns if c.removeprefix("saliency_") in COLUMNS]
     metrics = {**mean_scores({k: rows[k].to_numpy() for k in keys}), "n_images": float(len(rows))}
     for prefix, ids in groups.items():
@@ -159,6 +163,8 @@ def set_metrics(rows: pd.DataFrame, groups: dict[str, list[int]]) -> dict[str, f
 
 def empty_note(rows: pd.DataFrame) -> str | None:
     """A note when MONAI left images unscored (empty ground truth), else None."""
+    from ktpipe.masks import EMPTY_TRUTH
+
     unscored = int(rows["dsc"].isna().sum())
     if not unscored:
         return None
@@ -252,6 +258,8 @@ class Segmentation:
     def report_table(self, results: dict[str, dict[str, float]], concepts: list[ConceptText]) -> list[str]:
         """Tables 4 and 7's shape: DSC, NSD and IoU per model, over all images, the target images,
         each novel concept's and the retention images (with SAM, the saliency mask's DSC too)."""
+        from ktpipe.masks import EMPTY_TRUTH
+
         sam = any("saliency_dsc" in metrics for metrics in results.values())
         columns = [*COLUMNS.values(), *(["Saliency-mask DSC"] if sam else [])]
         rows = [("all", ""), ("target", "target_"),
