@@ -3,7 +3,7 @@
 The process ends as soon as the command has returned: its outputs are written and closed by then,
 the exit handlers run and stdout and stderr are flushed, but the interpreter's own teardown is
 skipped. With torch, torchvision and open_clip loaded that teardown (freeing every module and
-unloading torch's libraries) takes about 1.4 s on 2 cores, and `dvc repro` would pay it once per
+unloading torch's libraries) takes 1.2 to 1.5 s on 2 cores, and `dvc repro` would pay it once per
 stage (`python benchmarks/stage_startup.py` measures it). A bug's traceback exits the usual way, and
 so does every run under a profiler or tracer (`python -m cProfile -m ktpipe ...`, coverage, a
 debugger), whose results are written at the interpreter's exit.
