@@ -177,14 +177,17 @@ def complete_concepts(wanted: list[ConceptText], generated: dict[str, ConceptTex
 
 
 def run_concepts(concepts_file: Path, generated_file: Path, cfg: ConceptsParams, out_dir: Path,
-                 budget: "TextBudget | None" = None, world_path: Path | None = None) -> list[ConceptText]:
+                 budget: "TextBudget | None" = None, world_path: Path | None = None,
+                 known_path: Path | None = None) -> list[ConceptText]:
     """Describe every concept of `cfg.names` and split the descriptions into one file per concept.
 
     Concepts `concepts_file` leaves undescribed take the entry of `generated_file`, or a new one
     from the `cfg.generator` LLM, which is added there. `generated_file` always exists afterwards
     (a DVC output), untouched when nothing new was generated. With a `budget` every text must fit
     the text tower (see check_text_lengths). `world_path` receives the demo world's concepts
-    (world_concepts), a file of its own so that editing a description does not rerun pretraining.
+    (world_concepts), a file of its own so that editing a description does not rerun pretraining;
+    `known_path` the known ones alone, all that pretraining reads, so adding a novel concept does not
+    rerun it either (the world checks that every novel concept takes a held-out combination).
     """
     concepts_file, generated_file = Path(concepts_file), Path(generated_file)
     entries = load_concepts_file(concepts_file)
@@ -197,6 +200,13 @@ def run_concepts(concepts_file: Path, generated_file: Path, cfg: ConceptsParams,
         write_generated(generated_file, new)
     with atomic_dir(out_dir) as tmp:
         write_concept_files(concepts, tmp)
+    drawn = world_concepts(entries)
+    if drawn and (world_path is not None or known_path is not None):
+        from ktpipe.world import load_world
+
+        load_world(concepts=drawn)  # a novel concept on a combination pretraining shows is an error here
     if world_path is not None:
-        write_json(world_path, world_concepts(entries))
+        write_json(world_path, drawn)
+    if known_path is not None:
+        write_json(known_path, {name: c for name, c in drawn.items() if c["role"] == "known"})
     return concepts

@@ -27,8 +27,9 @@ INITS = ("uniform", "normal")  # how optimized (or noise) pixels start: params i
 
 def initial_pixels(n: int, size: int, generator: torch.Generator, init: str = "uniform") -> torch.Tensor:
     """(n, 3, size, size) starting pixels in [0, 1]: uniform noise, or `normal`, N(0.5, 0.5^2)
-    clamped to [0, 1], which ViLT's normalization (mean and std 0.5) turns into the N(0, 1) input
-    its inversion starts from (paper Sec. 4.3)."""
+    clamped to [0, 1]. ViLT's normalization (mean and std 0.5) turns it into N(0, 1) clamped to
+    [-1, 1] (std about 0.72, 32% of values at +-1), not the paper's N(0, 1) (Sec. 4.3): pixels stay
+    in [0, 1], the range every inversion step clamps them to and every image has."""
     if init == "uniform":
         return torch.rand(n, 3, size, size, generator=generator)
     if init == "normal":

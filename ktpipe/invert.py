@@ -3,8 +3,8 @@
 Pixels start as noise and are optimized so that the normalized visual embedding of a randomly
 augmented view matches the description's text embedding, with a total-variation penalty. A
 cross-encoder has no embeddings: its similarity is the log-probability of "match" (ViLT, paper
-Sec. 8.2, which also starts from N(0, 1) noise without the random affine: `invert.init: normal`,
-`invert.affine_p: 0`).
+Sec. 8.2, which also starts from noise without the random affine: `invert.init: normal`, the
+paper's N(0, 1) clamped to ViLT's [-1, 1] input range, and `invert.affine_p: 0`).
 """
 from __future__ import annotations
 

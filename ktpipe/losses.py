@@ -167,8 +167,16 @@ def coca_loss(contrastive: torch.Tensor, captioning: torch.Tensor) -> torch.Tens
 def coca_objective(model: LearnsCaptions, pixels: torch.Tensor, targets: CaptionTargets, labels: torch.Tensor,
                    temperature: Any = None) -> torch.Tensor:
     """CoCa transfer: InfoNCE of the batch's images against their concept captions, plus the
-    captioning loss of a target caption drawn for each image (paper Sec. 8.8)."""
-    inputs = model.caption_loss_inputs(pixels, [targets.captions[int(k)] for k in labels], targets.draw(labels))
+    captioning loss of a target caption drawn for each image (paper Sec. 8.8). At lambda2 = 0 (Table
+    9's rows without the captioning loss) the decoder is not run: InfoNCE alone, as CoCaLoss's."""
+    import open_clip
+
+    texts = [targets.captions[int(k)] for k in labels]
+    if not targets.loss.caption_loss_weight:
+        contrastive = open_clip.ClipLoss.forward(targets.loss, model.encode_images(pixels), model.encode_texts(texts),
+                                                 model.logit_scale())
+        return targets.loss.clip_loss_weight * contrastive
+    inputs = model.caption_loss_inputs(pixels, texts, targets.draw(labels))
     return coca_loss(*targets.loss(**inputs))
 
 

@@ -22,11 +22,20 @@ segment-anything/prompt_sam.py, evaluation/eval.py in HealthX-Lab/MedCLIP-SAMv2)
 - Components: both keep the K largest 8-connected components. MedCLIP-SAMv2 keeps every component
   whose size is among the K largest sizes (ties can keep more than K); MONAI keeps exactly K.
 - Boxes: MedCLIP-SAMv2 by default draws one box around all contours (one box per contour with
-  --multicontour), clips x1, y1 to w-1, h-1, and prompts the whole image when the mask is empty;
-  `mask_boxes` gives one box per component with exclusive ends and no box for an empty mask.
+  --multicontour) and clips x1, y1 to w-1, h-1; its branch for an empty mask (a whole-image box)
+  returns two values where three are unpacked, so an empty coarse mask stops its script.
+  `mask_boxes` gives one box per component with exclusive ends and no box for an empty mask
+  (SAM then predicts nothing).
+- After SAM: both keep the K largest connected components of SAM's mask, K the number of the
+  coarse mask's components (`keep_sam_components`; MedCLIP-SAMv2's write_mask_to_folder in
+  prompt_sam.py, with the tie rule of the component filter above).
 - Scores: MedCLIP-SAMv2 hand-codes DSC and IoU and uses DeepMind's surface-distance NSD at 2 px
-  on 1-pixel spacing, scoring 1 when truth and prediction are both empty; here MONAI scores them,
-  NSD in the set's pixel spacing, and an empty truth has no score (`EMPTY_TRUTH`).
+  on 1-pixel spacing, which weighs each boundary element by its surfel area; MONAI's NSD
+  (compute_surface_dice, use_subvoxels=False as here) counts boundary pixels instead, in the
+  set's pixel spacing, so the two differ a little on the same masks. Empty masks count as
+  MedCLIP-SAMv2's evaluation/eval.py counts them (`EMPTY_TRUTH`): an empty truth with a non-empty
+  prediction scores 0; its branch giving 1 to an empty truth and prediction is never reached (an
+  assert stops the script first), so here that image has no score.
 """
 from __future__ import annotations
 
@@ -49,10 +58,10 @@ METRICS = ("dsc", "nsd", "iou")  # per-image scores, in report order
 KMEANS_ITERATIONS = 20  # Lloyd iterations of the 2-cluster k-means on 1-D values (converges in a few)
 CONNECTIVITY = 2  # 8-connected components in 2-D (skimage's full connectivity; cv2's default too)
 EMPTY_TRUTH: str = (  # how images whose truth mask is empty count (README quotes this)
-    "An image whose truth mask is empty has no score: DSC, IoU and NSD are NaN for it (MONAI's default "
-    "ignore_empty=True gives NaN for DSC and IoU; NSD, which MONAI scores 0 for an empty truth with a "
-    "non-empty prediction, is set to NaN too so that the three metrics count the same images). A set's "
-    "mean skips NaN images, and n_<metric> says how many images it averaged."
+    "An image whose truth mask is empty scores 0 (DSC, IoU and NSD) when its predicted mask is not empty, "
+    "as MedCLIP-SAMv2's evaluation/eval.py scores it; when both are empty it has no score (NaN), as "
+    "eval.py has none either: its assert that a mask holds a label stops it before the branch that would "
+    "give 1. A set's mean skips NaN images, and n_<metric> says how many images it averaged."
 )
 
 EMPTY_MASK_WARNING = r"the (ground truth|prediction) of class .* is all 0"  # MONAI's, per empty mask
@@ -107,6 +116,19 @@ def saliency_to_mask(saliency: np.ndarray, method: str = "kmeans", threshold: fl
     return np.asarray(kept, dtype=bool)
 
 
+def keep_sam_components(sam_mask: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """SAM's mask (H, W) cut to its K largest 8-connected components, K the number of components
+    of the coarse mask (H, W) whose boxes prompted it: MedCLIP-SAMv2's filter after SAM
+    (prompt_sam.py, write_mask_to_folder), so SAM cannot add blobs the saliency did not find.
+    An empty coarse mask keeps nothing."""
+    count = int(label(np.asarray(coarse, dtype=bool), connectivity=CONNECTIVITY).max())
+    if count == 0:
+        return np.zeros(np.shape(sam_mask), dtype=bool)
+    kept = get_largest_connected_component_mask(np.asarray(sam_mask, dtype=bool), connectivity=CONNECTIVITY,
+                                                num_components=count)
+    return np.asarray(kept, dtype=bool)
+
+
 def mask_boxes(mask: np.ndarray) -> list[Box]:
     """One (x0, y0, x1, y1) box per 8-connected component of `mask` (H, W), largest first (ties
     in raster order of the components' first pixels).
@@ -145,14 +167,21 @@ def as_channel_batch(masks: np.ndarray | torch.Tensor | Sequence[np.ndarray]) ->
 
 def surface_dice(y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[float] | None,
                  tolerance: float) -> torch.Tensor:
-    """MONAI's NSD (N, 1) of single-channel batches (N, 1, H, W), NaN where the truth is empty."""
+    """MONAI's NSD (N, 1) of single-channel batches (N, 1, H, W): the share of both masks' boundary
+    pixels within `tolerance` of the other's boundary; 0 where only the truth or only the
+    prediction is empty, NaN where both are."""
     with warnings.catch_warnings():  # empty masks are expected and scored as EMPTY_TRUTH says
         warnings.filterwarnings("ignore", message=EMPTY_MASK_WARNING)
         warnings.filterwarnings("ignore", message=MONAI_INTERNAL_WARNING, category=FutureWarning)
         metric = SurfaceDiceMetric(class_thresholds=[float(tolerance)], include_background=True, reduction="none")
         nsd = metric(y_pred, y, spacing=pixel_spacing(spacing))  # (N, 1)
-    nsd[y.flatten(1).sum(1) == 0] = float("nan")  # MONAI gives 0 when only the prediction has pixels
+    nsd[both_empty(y_pred, y)] = float("nan")  # MONAI's NaN already; set here so all three metrics agree
     return nsd
+
+
+def both_empty(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N,) whether an image's truth and prediction are both empty (no score, `EMPTY_TRUTH`)."""
+    return (y.flatten(1).sum(1) == 0) & (y_pred.flatten(1).sum(1) == 0)
 
 
 def segmentation_scores(predicted: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor,
@@ -160,23 +189,26 @@ def segmentation_scores(predicted: np.ndarray | torch.Tensor, truth: np.ndarray 
     """Per-image DSC, NSD and IoU (each (N,)) of same-size binary masks (N, H, W), with MONAI.
 
     One foreground channel with include_background=True, so each score is that of the mask
-    itself (no background channel to inflate it). NSD counts boundary pixels within `tolerance`
-    of the other mask's boundary, in `spacing` units ((rows, columns), or one value for both;
-    None or empty: pixels). Empty truths score NaN, as `EMPTY_TRUTH` says. Masks of different
-    sizes: call once per image (`image_scores`)."""
+    itself (no background channel to inflate it). NSD counts boundary pixels (not surfel areas)
+    within `tolerance` of the other mask's boundary, in `spacing` units ((rows, columns), or one
+    value for both; None or empty: pixels). An empty truth scores 0 against a non-empty prediction
+    and NaN against an empty one, as `EMPTY_TRUTH` says. Masks of different sizes: call once per
+    image (`image_scores`)."""
     y_pred, y = as_channel_batch(predicted), as_channel_batch(truth)  # (N, 1, H, W)
     if y_pred.shape != y.shape:
         raise KtpipeError(f"predicted masks {tuple(y_pred[:, 0].shape)} and truth {tuple(y[:, 0].shape)} "
                           "differ in shape")
-    dsc = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(y_pred, y)  # (N, 1)
-    iou = MeanIoU(include_background=True, reduction="none", ignore_empty=True)(y_pred, y)  # (N, 1)
+    unscored = both_empty(y_pred, y)  # (N,): MONAI's ignore_empty=False would score these 1
+    dsc = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(y_pred, y)  # (N, 1)
+    iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)(y_pred, y)  # (N, 1)
+    dsc[unscored], iou[unscored] = float("nan"), float("nan")
     nsd = surface_dice(y_pred, y, spacing, tolerance)  # (N, 1)
     return {"dsc": dsc[:, 0].numpy(), "nsd": nsd[:, 0].numpy(), "iou": iou[:, 0].numpy()}
 
 
 def image_scores(predicted: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None,
                  tolerance: float = 2.0) -> dict[str, float]:
-    """DSC, NSD and IoU of one binary mask (H, W) against its truth (H, W); NaN for an empty truth."""
+    """DSC, NSD and IoU of one binary mask (H, W) against its truth (H, W); `EMPTY_TRUTH` for empty ones."""
     scores = segmentation_scores(np.asarray(predicted)[None], np.asarray(truth)[None], spacing, tolerance)
     return {name: float(values[0]) for name, values in scores.items()}
 

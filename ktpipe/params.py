@@ -110,7 +110,8 @@ class InvertParams:
     reduction: str = "sum"  # sum or mean of the per-sample objective over the batch (authors' code: mean)
     padding: str = "zeros"  # fill outside an affine-moved image: zeros, or border (authors' code)
     interpolation: str = "bilinear"  # resizing to the model and between progressive sizes: bilinear or bicubic (authors')
-    init: str = "uniform"  # starting pixels: uniform noise, or normal (N(0, 1) after ViLT's normalization; paper Sec. 4.3)
+    init: str = "uniform"  # starting pixels: uniform noise, or normal: N(0.5, 0.5^2) clamped to [0, 1], i.e. after
+    # ViLT's normalization the paper's N(0, 1) (Sec. 4.3) clamped to [-1, 1] (std 0.72)
 
 
 @dataclass(frozen=True)
@@ -170,18 +171,36 @@ class DatasetParams:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Caption decoding (open_clip's CoCa.generate settings, under its meaning)."""
+    """Caption decoding (open_clip's CoCa.generate settings, under its names)."""
 
-    method: str = "beam_search"  # beam_search, or sampling: top_k or top_p
-    beams: int = 6  # beam search: hypotheses kept per image (open_clip's default)
+    method: str = "beam_search"  # open_clip (CoCa.generate's default: group beam search on logits), beam_search
+    # (ktpipe's: one group, on log-probabilities), or sampling: top_k or top_p
+    beams: int = 6  # beam searches: hypotheses kept per image (open_clip's num_beams, 6)
+    beam_groups: int = 3  # open_clip: beams split into groups that search apart (num_beam_groups, 3; no diversity penalty)
     max_length: int = 30  # tokens per caption, start and end tokens included (open_clip's seq_len)
     min_length: int = 5  # no end token before this many tokens (open_clip's min_seq_len)
     repetition_penalty: float = 1.0  # transformers' RepetitionPenaltyLogitsProcessor (1: none)
-    length_penalty: float = 1.0  # beam search: a finished caption scores log-probability / length ** this
-    temperature: float = 1.0  # logits divided by this before the softmax
+    length_penalty: float = 1.0  # beam searches: a finished caption scores its summed score / length ** this
+    temperature: float = 1.0  # beam_search and sampling: logits divided by this before the softmax (open_clip: unused)
     top_k: int = 1  # top_k sampling: tokens kept
     top_p: float = 0.1  # top_p sampling: probability mass kept
     seed: int = 0  # sampling seed
+
+
+@dataclass(frozen=True)
+class SaliencySearchParams:
+    """MedCLIP-SAMv2's `--hyper-opt` (saliency_maps/generate_saliency_maps.py, which zeroshot.sh runs):
+    every (beta, variance, layer) of the grid scored by the mean DSC of its saliency masks on a
+    validation set, the best (the first in grid order on ties) then segmenting the test set."""
+
+    sets: dict[str, str] = field(default_factory=dict)  # segmentation set -> the evaluate.sets entry searched for it
+    # (its validation images, prompted as the set is); sets not listed segment with the fixed beta, variance, layer
+    beta: tuple[float, ...] = (0.1, 1.0, 2.0)  # M2IB betas tried (MedCLIP-SAMv2's grid)
+    variance: tuple[float, ...] = (0.1, 1.0, 2.0)  # M2IB noise variances tried (MedCLIP-SAMv2's grid)
+    layer: tuple[int, ...] = (7, 8, 9)  # vision blocks tried (MedCLIP-SAMv2's grid)
+    draws: int | None = 3  # images scored per setting: draw i picks one validation image with a non-empty mask
+    # by Python's random.Random(i), repeats possible (MedCLIP-SAMv2's 3 draws); null: every such image once
+    threshold: float = 0.3  # a validation mask is the [0, 1] saliency map above this, unfiltered (MedCLIP-SAMv2: 0.3)
 
 
 @dataclass(frozen=True)
@@ -190,11 +209,12 @@ class SegmentationParams:
     tower, post-processed to a coarse mask, optionally refined by SAM prompted with its boxes."""
 
     saliency: str = "m2ib"  # m2ib (information bottleneck attribution) or gradient (gradient x input, the baseline)
-    layer: int = 7  # vision block (0-based) whose output tokens the saliency reads (MedCLIP-SAMv2: 7)
-    beta: float = 0.1  # M2IB: weight of the bottleneck's KL term
-    variance: float = 1.0  # M2IB: variance of the noise the bottleneck mixes in
-    steps: int = 10  # M2IB: optimization steps of the bottleneck mask
-    lr: float = 1.0  # M2IB: Adam learning rate of the bottleneck mask
+    layer: int = 7  # vision block (0-based) whose output tokens the saliency reads (7: MedCLIP-SAMv2's argparse
+    # default, which its zero-shot run replaces by the grid search's pick of 7, 8 or 9: `hyper_opt`)
+    beta: float = 0.1  # M2IB: weight of the bottleneck's KL term (0.1: its argparse default; `hyper_opt` searches it)
+    variance: float = 1.0  # M2IB: variance of the bottleneck's noise (1: its argparse default; `hyper_opt` searches it)
+    steps: int = 10  # M2IB: optimization steps of the bottleneck mask (fixed at 10 in MedCLIP-SAMv2's code)
+    lr: float = 1.0  # M2IB: Adam learning rate of the bottleneck mask (fixed at 1 in MedCLIP-SAMv2's code)
     noise_samples: int = 10  # M2IB: noisy copies of each image per step (the reference's 10; the main cost)
     batch_size: int = 16  # images whose saliency maps are computed together
     postprocess: str = "kmeans"  # saliency -> mask: threshold (fixed), otsu, or kmeans (2 clusters)
@@ -203,6 +223,7 @@ class SegmentationParams:
     sam: str | None = None  # SAM (transformers SamModel) hub id or local folder: score SAM's mask; None: the saliency mask
     nsd_tolerance: float = 2.0  # NSD boundary tolerance, in the set's spacing units (pixels for a set without spacing)
     seed: int = 0  # M2IB: seed of the noise the bottleneck mixes in
+    hyper_opt: SaliencySearchParams | None = None  # grid search of beta, variance and layer per set; null: off
 
 
 @dataclass(frozen=True)
@@ -211,7 +232,7 @@ class EvaluateParams:
     batch_size: int = 128  # images per forward pass
     workers: int = 0  # image-decoding worker threads (0: decode in the main thread)
     sets: dict[str, DatasetParams] = field(default_factory=dict)  # evaluation sets, by name
-    models: tuple[str, ...] = ()  # the evaluate stage's runs: baseline (before transfer) and every recipe
+    use: tuple[str, ...] | None = None  # the sets this model evaluates (None: every set); a family picks its own
     generation: GenerationParams = field(default_factory=GenerationParams)  # captioning sets: how captions are decoded
     spice: bool = True  # captioning sets: also score SPICE (Stanford CoreNLP, which pycocoevalcap downloads on first use)
     segmentation: SegmentationParams = field(default_factory=SegmentationParams)  # segmentation sets: saliency, masks, SAM
@@ -260,16 +281,17 @@ class Params:
         return self.concepts.names if self.inverted is None else self.inverted
 
     def evaluated_sets(self) -> dict[str, DatasetParams]:
-        """Every evaluation set of this file and of its model families (the data stage writes them
-        all); a set name that two of them define differently is an error."""
-        sets = dict(self.evaluate.sets)
-        for family in self.families:
-            for name, spec in self.family(family).evaluate.sets.items():
-                if name in sets and sets[name] != spec:
-                    raise ParamsError(f"params key 'families.{family}.evaluate.sets.{name}' defines set {name!r} "
-                                      "differently from the file's own; give it another name")
-                sets[name] = spec
-        return sets
+        """Every evaluation set, the data stage writes them all (families pick theirs with `evaluate.use`)."""
+        return dict(self.evaluate.sets)
+
+    def models(self) -> tuple[str, ...]:
+        """The evaluated models: the one before transfer (`baseline`) and every recipe's."""
+        return ("baseline", *self.recipes)
+
+    def used_sets(self) -> dict[str, DatasetParams]:
+        """The sets this model evaluates: `evaluate.use`, or every set."""
+        use = self.evaluate.use
+        return dict(self.evaluate.sets) if use is None else {name: self.evaluate.sets[name] for name in use}
 
     def family(self, name: str) -> "Params":
         """The params of model family `name`: this file with `families.<name>` applied as a JSON
@@ -283,8 +305,16 @@ class Params:
         unknown = sorted(set(patch) - set(FAMILY_KEYS))
         if unknown:
             raise ParamsError(f"params key(s) {[f'families.{name}.{k}' for k in unknown]}: a family may override "
-                              f"{list(FAMILY_KEYS)} only (the world, concepts and seed are shared)")
+                              f"{list(FAMILY_KEYS)} only (the world, concepts, inversions and seed are shared)")
+        missing = [key for key in FAMILY_OWN_KEYS if key not in patch]
+        if missing:
+            raise ParamsError(f"params key(s) {[f'families.{name}.{k}' for k in missing]} missing: a family sets its "
+                              f"own {list(FAMILY_OWN_KEYS)} (its stages depend on its section, not the file's)")
+        if "sets" in (patch.get("evaluate") or {}):
+            raise ParamsError(f"params key 'families.{name}.evaluate.sets': a family picks sets of the file's "
+                              f"evaluate.sets with 'evaluate.use' (the data stage writes every set once)")
         base = {key: value for key, value in dataclasses.asdict(self).items() if key != "families"}
+        base["pretrain"] = {}  # a family's pretraining is its own (its base model stage depends on that alone)
         if "recipes" in patch:  # a family's recipes are its own (dvc.yaml runs one stage per entry)
             base["recipes"] = {}
         try:
@@ -294,8 +324,11 @@ class Params:
 
 
 # What a model family may override: everything that depends on the model, nothing that defines the
-# concepts or the evaluation data (the concepts and data stages run once for every family).
-FAMILY_KEYS = ("lr", "model", "pretrain", "invert", "finetune", "recipes", "evaluate", "inverted")
+# concepts, the inverted images or the evaluation data (their stages run once for every family: a
+# family fine-tunes on the file's model's inverted images and picks its sets with evaluate.use).
+FAMILY_KEYS = ("lr", "model", "pretrain", "finetune", "recipes", "evaluate")
+FAMILY_OWN_KEYS = ("lr", "model", "pretrain", "recipes")  # never inherited (pretrain: null for a real model): the
+# file's own belong to the file's model, and dvc.yaml names families.<name>.model and .pretrain
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -318,6 +351,8 @@ RENAMED: dict[str, dict[str, str]] = {
                            "list of concepts moved into it as 'concepts.names'"},
     "PretrainParams": {"vision_init": "use 'init_from' (the demo CLIP checkpoint a demo ViLT or CoCa starts from)"},
     "FinetuneParams": {"logit_scale": "use 'temperature' (its inverse: logit_scale 3 is temperature 0.3333)"},
+    "EvaluateParams": {"models": "delete it: the evaluate stages run for the model before transfer (evaluate_baseline) "
+                                 "and for every recipe of 'recipes' (evaluate@<recipe>), each named once"},
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {  # string params with a fixed set of values
@@ -325,7 +360,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # string params with a fixed set of val
     "optimizer": ("adam", "adamw"),
     "images": ("inverted", "noise"),
     "loss": ("eq2", "authors", "itm", "mlm", "coca"),
-    "method": ("beam_search", "top_k", "top_p"),
+    "method": ("open_clip", "beam_search", "top_k", "top_p"),
     "init": ("uniform", "normal"),
     "pixels": ("raw", "minmax_png"),
     "similarity": ("cosine", "l2"),
@@ -449,6 +484,9 @@ def validate(params: Params) -> Params:
         for key in ("contrastive_weight", "caption_weight"):
             if getattr(section, key) < 0:
                 raise ParamsError(f"params key '{prefix}.{key}' must be zero or positive, got {getattr(section, key)!r}")
+        if section.loss == "coca" and section.decoder and section.caption_weight == 0:
+            raise ParamsError(f"params key '{prefix}.decoder' trains the text decoder, but '{prefix}.caption_weight' "
+                              "is 0, so no loss reaches it; give caption_weight (paper Sec. 8.8: 0.1) or decoder: false")
         if not section.lr_multiplier > 0:
             raise ParamsError(f"params key '{prefix}.lr_multiplier' must be a positive number")
         unknown = sorted(set(section.concepts or ()) - set(names))
@@ -503,9 +541,12 @@ def validate_invert(cfg: InvertParams) -> None:
 def validate_generation(cfg: GenerationParams) -> None:
     """Decoding settings a captioner can use."""
     check_choices(cfg, "evaluate.generation")
-    for key in ("beams", "max_length", "top_k"):
+    for key in ("beams", "beam_groups", "max_length", "top_k"):
         if getattr(cfg, key) < 1:
             raise ParamsError(f"params key 'evaluate.generation.{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.method == "open_clip" and cfg.beams % cfg.beam_groups:
+        raise ParamsError(f"params key 'evaluate.generation.beam_groups' must divide beams ({cfg.beams}), "
+                          f"got {cfg.beam_groups}")
     if not 0 <= cfg.min_length < cfg.max_length:
         raise ParamsError(f"params key 'evaluate.generation.min_length' must lie in [0, max_length) = "
                           f"[0, {cfg.max_length}), got {cfg.min_length}")
@@ -534,19 +575,35 @@ def validate_segmentation(cfg: SegmentationParams) -> None:
         raise ParamsError(f"params key '{key}.threshold' must lie in [0, 1), got {cfg.threshold}")
     if cfg.sam is not None and not cfg.sam.strip():
         raise ParamsError(f"params key '{key}.sam' must name a SAM hub id or local folder, or be null")
+    search, key = cfg.hyper_opt, f"{key}.hyper_opt"  # that its sets exist is checked where the sets are loaded
+    if search is None:
+        return
+    if cfg.saliency != "m2ib":
+        raise ParamsError(f"params key '{key}' searches M2IB's beta, variance and layer, but saliency is {cfg.saliency!r}")
+    if not search.sets or not all(isinstance(v, str) and v for v in search.sets.values()):
+        raise ParamsError(f"params key '{key}.sets' must map each searched set to a validation set's name, "
+                          f"got {search.sets!r}")
+    for name in ("beta", "variance", "layer"):
+        if not getattr(search, name):
+            raise ParamsError(f"params key '{key}.{name}' must list at least one value")
+    if min(search.beta) < 0 or not min(search.variance) > 0 or min(search.layer) < 0:
+        raise ParamsError(f"params key '{key}': betas must be zero or more, variances positive and layers 0 or more")
+    if search.draws is not None and search.draws < 1:
+        raise ParamsError(f"params key '{key}.draws' must be at least 1 or null, got {search.draws}")
+    if not 0 <= search.threshold < 1:
+        raise ParamsError(f"params key '{key}.threshold' must lie in [0, 1), got {search.threshold}")
 
 
 def validate_models(params: Params) -> None:
-    """`evaluate.models` lists `baseline` and every recipe once: the evaluate stage runs per entry
-    (dvc.yaml `foreach`), and the report compares them all. No recipe may be named `baseline`."""
+    """The evaluated models are `baseline` (the model before transfer) and every recipe, so no recipe
+    may be called `baseline`; `evaluate.use` names sets that exist."""
     if "baseline" in params.recipes:
         raise ParamsError("params key 'recipes.baseline': 'baseline' names the model before transfer; "
                           "call the recipe something else")
-    expected = ["baseline", *params.recipes]
-    models = list(params.evaluate.models)
-    if sorted(models) != sorted(expected) or len(set(models)) != len(models):
-        raise ParamsError(f"params key 'evaluate.models' must list 'baseline' and every recipe once, {expected}; "
-                          f"got {models}")
+    unknown = sorted(set(params.evaluate.use or ()) - set(params.evaluate.sets))
+    if unknown:
+        raise ParamsError(f"params key 'evaluate.use' names {unknown}, which are not in evaluate.sets "
+                          f"{sorted(params.evaluate.sets)}")
 
 
 def validate_sets(sets: dict[str, DatasetParams]) -> None:

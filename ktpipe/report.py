@@ -66,7 +66,7 @@ def mean_of(summary: dict[str, float], names: list[str] | None, key: str) -> flo
 def headline(params: Params, results: dict) -> dict[str, dict]:
     """recipe -> target and retention before and after transfer, from the summaries of the
     report's target and retention sets."""
-    sets = list(params.evaluate.sets)
+    sets = list(params.used_sets())
     target_set = params.report.target_set or sets[0]
     retention_set = params.report.retention_set or sets[-1]
 
@@ -92,7 +92,7 @@ def summary_metrics(params: Params, results: dict) -> dict:
     """Nested metrics for `dvc exp show`: `<set>.<task>.<model>.<metric>` from each task's summary,
     and the headline per recipe."""
     out: dict = {"lr": params.lr, "headline": headline(params, results)}
-    for set_name in params.evaluate.sets:
+    for set_name in params.used_sets():
         task = results[BASELINE]["tasks"][set_name]
         out[set_name] = {task: {model: r["summary"][set_name][task] for model, r in results.items()}}
     return out
@@ -101,7 +101,7 @@ def summary_metrics(params: Params, results: dict) -> dict:
 def lr_point(summary: dict, params: Params) -> list[dict]:
     """One row per experiment for the DVC plot of target and retention against learning rate."""
     row = {"lr": summary["lr"]}
-    for set_name in params.evaluate.sets:
+    for set_name in params.used_sets():
         for task, models in summary[set_name].items():
             for recipe in params.recipes:
                 row.update({f"{recipe}_{set_name}_{g}": models[recipe][g] for g in GROUPS if g in models[recipe]})
@@ -188,16 +188,26 @@ def set_notes(results: dict, set_name: str) -> list[str]:
     return [f"**Note** ({', '.join(found)}): {note}" for note, found in models.items()]
 
 
+def truncation_note(ours: dict[str, dict[str, float]]) -> list[str]:
+    """A note line when a model cut evaluation texts to its text limit (`texts_truncated`)."""
+    cut = {model: int(m["texts_truncated"]) for model, m in ours.items() if m.get("texts_truncated")}
+    if not cut:
+        return []
+    counts = ", ".join(f"{model} {n}" for model, n in cut.items())
+    return [f"**Note**: texts over the model's text limit, cut to it as the model's own library does: {counts}.", ""]
+
+
 def set_section(params: Params, results: dict, concepts: list[ConceptText], set_name: str,
                 eval_dir: Path | None = None, report_dir: Path = Path("reports")) -> list[str]:
     """A set's heading, its task's table (baseline first, then each recipe), the evaluations' notes,
     the items a task shows from its per-item files in `eval_dir` (ReportsItems), and the paper's
     numbers beside ours where published."""
-    spec = params.evaluate.sets[set_name]
+    spec = params.used_sets()[set_name]
     task = TASKS[spec.task]
     ours = set_results(results, set_name, spec.task)
     lines = [f"## Set `{set_name}` ({spec.task}, {spec.format})", "", *task.report_table(ours, concepts), ""]
     lines += [line for note in set_notes(results, set_name) for line in (note, "")]
+    lines += truncation_note(ours)
     if eval_dir is not None and isinstance(task, ReportsItems):
         folders = {model: outputs_dir(Path(eval_dir) / f"{model}.json") for model in results}
         lines += task.report_items(set_name, folders, concepts, report_dir)
@@ -226,7 +236,7 @@ def family_section(name: str, params: Params, results: dict, concepts: list[Conc
     """A model family's recipes and every set's table, as the file's own model has them."""
     parts = [f"## Family {family_heading(name, params)}", "",
              f"Fine-tuning lr {params.lr:g}; recipes:", *[recipe_line(params, r) for r in params.recipes], ""]
-    for set_name in params.evaluate.sets:
+    for set_name in params.used_sets():
         section = set_section(params, results, concepts, set_name, eval_dir, report_dir)
         section[0] = section[0].replace("## Set", f"### `{name}`: set", 1)
         parts += section
@@ -241,7 +251,7 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
     relative to `report_dir`."""
     eval_dirs = eval_dirs or {}
     recipes = list(params.recipes)
-    sets = list(params.evaluate.sets)
+    sets = list(params.used_sets())
     parts = [
         "# Knowledge Transfer results",
         "",
@@ -306,13 +316,13 @@ def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir:
     """Write results.md, metrics.json, lr_curve.json, inverted.png and the tasks' figures (figures/)
     into out_dir; `family_dirs`
     (family name -> its evaluate stages' folder) adds each model family of params `families`."""
-    results = load_results(eval_dir, list(params.evaluate.models))
+    results = load_results(eval_dir, list(params.models()))
     concepts = read_concepts(concepts_dir, params.concepts.names)
     summary = summary_metrics(params, results)
     families = {}
     for name, folder in (family_dirs or {}).items():
         family = params.family(name)
-        family_results = load_results(folder, list(family.evaluate.models))
+        family_results = load_results(folder, list(family.models()))
         family_summary = summary_metrics(family, family_results)
         families[name] = (family, family_results, family_summary["headline"])
         summary.setdefault("families", {})[name] = family_summary

@@ -68,6 +68,8 @@ class World:
     fills: tuple[str, ...]
     backgrounds: dict[str, tuple[int, int, int]]  # name -> RGB in 0..255
     concepts: dict[str, Concept]  # name -> concept, in file order
+    held_out: frozenset[tuple[str, str, str]] = frozenset()  # (shape, color, fill) combinations pretraining
+    # never shows, whatever concepts a user later adds: every novel concept takes one of them
 
     def novel(self) -> list[Concept]:
         """Concepts whose combinations pretraining never shows."""
@@ -185,7 +187,8 @@ def load_world(path: str | Path | None = None, concepts: dict | None = None) -> 
     raw = YAML(typ="safe").load(source.read_text())
     if not isinstance(raw, dict):
         raise WorldError(f"{source}: expected a mapping at the top level")
-    check_keys({k: v for k, v in raw.items() if k != "concepts"}, {"shapes", "colors", "fills", "backgrounds"}, "world")
+    check_keys({k: v for k, v in raw.items() if k not in ("concepts", "held_out")},
+               {"shapes", "colors", "fills", "backgrounds"}, "world")
     world = World(
         shapes=parse_names(raw["shapes"], "shapes", known=tuple(SHAPES)),
         colors=parse_palette(raw["colors"], "colors"),
@@ -193,6 +196,8 @@ def load_world(path: str | Path | None = None, concepts: dict | None = None) -> 
         backgrounds=parse_palette(raw["backgrounds"], "backgrounds"),
         concepts={},
     )
+    if "held_out" in raw:  # without it, pretraining holds out the novel concepts it is given
+        world = dataclasses.replace(world, held_out=parse_held_out(raw["held_out"], world))
     named = concepts if concepts is not None else raw.get("concepts") or {}
     return dataclasses.replace(world, concepts=parse_concepts(named, world) if named else {})
 
@@ -236,8 +241,38 @@ def parse_palette(raw: object, field: str) -> dict[str, tuple[int, int, int]]:
     return {str(name): tuple(rgb) for name, rgb in raw.items()}
 
 
+def parse_held_out(raw: object, world: World) -> frozenset[tuple[str, str, str]]:
+    """The combinations pretraining never draws: a list of [shape, color, fill] the world defines."""
+    if not isinstance(raw, list) or not raw:
+        raise WorldError(f"held_out: expected a non-empty list of [shape, color, fill], got {raw!r}")
+    combos = set()
+    for entry in raw:
+        if not (isinstance(entry, list) and len(entry) == 3 and entry[0] in world.shapes and entry[1] in world.colors
+                and entry[2] in world.fills):
+            raise WorldError(f"held_out: {entry!r} is not a [shape, color, fill] of this world")
+        combos.add(tuple(entry))
+    return frozenset(combos)
+
+
+def check_held_out(concept: Concept, world: World) -> None:
+    """A novel concept takes a held-out combination (pretraining never showed it, whichever concepts
+    exist); a known one takes any other, so the base model never depends on the novel concepts."""
+    combo = (concept.shape, concept.color, concept.fill)
+    if not world.held_out:
+        return
+    if concept.role == "novel" and combo not in world.held_out:
+        free = sorted(" ".join(c) for c in world.held_out)
+        raise WorldError(f"novel concept '{concept.name}': {' '.join(combo)} is shown in pretraining; a novel concept "
+                         f"renders one of the world's held-out combinations (ktpipe/data/demo_world.yaml `held_out`): "
+                         f"{', '.join(free)}")
+    if concept.role == "known" and combo in world.held_out:
+        raise WorldError(f"known concept '{concept.name}': {' '.join(combo)} is held out of pretraining for novel "
+                         f"concepts; give it another combination or make it novel")
+
+
 def parse_concepts(raw: object, world: World) -> dict[str, Concept]:
-    """All concepts, each (shape, color, fill) combination used by at most one of them."""
+    """All concepts, each (shape, color, fill) combination used by at most one of them, novel ones
+    on held-out combinations."""
     if not isinstance(raw, dict) or not raw:
         raise WorldError("concepts: expected a non-empty mapping of name -> attributes")
     concepts: dict[str, Concept] = {}
@@ -248,6 +283,7 @@ def parse_concepts(raw: object, world: World) -> dict[str, Concept]:
         if combo in owner:
             other = owner[combo]
             raise WorldError(f"concept '{name}': combination {combo} already used by '{other}'")
+        check_held_out(concept, world)
         owner[combo] = name
         concepts[name] = concept
     return concepts
@@ -275,8 +311,9 @@ def parse_concept(name: object, fields: object, world: World) -> Concept:
 def sample_attributes(
     world: World, rng: np.random.Generator, n: int, *, exclude_novel: bool = True
 ) -> list[Attributes]:
-    """Uniform draws over all attribute combinations, optionally never a novel concept's."""
-    novel = {(c.shape, c.color, c.fill) for c in world.novel()} if exclude_novel else set()
+    """Uniform draws over all attribute combinations, optionally never a held-out one (where every
+    novel concept lies)."""
+    novel = set(world.held_out) | {(c.shape, c.color, c.fill) for c in world.novel()} if exclude_novel else set()
     every = itertools.product(world.shapes, world.colors, world.fills)
     combos = [combo for combo in every if combo not in novel]
     backgrounds = list(world.backgrounds)

@@ -68,7 +68,7 @@ def tiny_params(checkpoint: Path) -> dict[str, Any]:
         "invert": {"steps": 3, "samples": 2},
         "finetune": {"epochs": 1, "batch_size": 4, "towers": "visual", "rehearsal": False},
         "recipes": {"paper": {"rehearsal": False}, "full": {"rehearsal": True}},
-        "evaluate": {"templates": "demo", "batch_size": 32, "models": ["baseline", "paper", "full"],
+        "evaluate": {"templates": "demo", "batch_size": 32,
                      "sets": {"val": {"format": "demo", "split": "val"}, "test": {"format": "demo", "split": "test"}}},
         "report": {"target_set": "test", "retention_set": "test"},
     }
@@ -223,3 +223,12 @@ def clip_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo_clip")
     build_demo_model().save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def preset_datasets(tmp_path_factory) -> Path:
+    """$KTPIPE_DATASETS of the paper presets: tests/datasets_fixture.py's tiny datasets in every loader's
+    real layout, built once per session (do not modify)."""
+    from datasets_fixture import build_datasets
+
+    return build_datasets(tmp_path_factory.mktemp("datasets"))

@@ -23,7 +23,7 @@ from conftest import DEMO_CONCEPTS, read_params, run_stage, run_stage_here, writ
 from ktpipe.describe import run_concepts
 from ktpipe.params import ConceptsParams
 
-CONCEPTS_ARGS = ("concepts/demo.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json")
+CONCEPTS_ARGS = ("concepts/demo.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json", "data/known.json")
 INVERT_ARGS = ("data/concepts/blicket.json", "data/inverted/blicket", "--timing", "metrics/invert/blicket.json")
 FINETUNE_ARGS = ("paper", "data/concepts", "data/inverted", "models/paper", "metrics/finetune/paper.json")
 
@@ -108,7 +108,7 @@ def unknown_top_level_key(project):
 
 @pytest.mark.parametrize("setup, args, needles", [
     (undescribed_concept, CONCEPTS_ARGS, ["moongate", "no description"]),
-    (None, ("concepts/nope.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json"),
+    (None, ("concepts/nope.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json", "data/known.json"),
      ["concepts file not found", "concepts/nope.yaml"]),
     (malformed_yaml, CONCEPTS_ARGS, ["cannot parse concepts file", "concepts/demo.yaml"]),
     (concept_without_description, CONCEPTS_ARGS, ["'dax'", "has no description"]),
@@ -125,7 +125,7 @@ def test_concepts_stage_rejects(tiny_project, setup, args, needles):
 def test_failed_concepts_run_leaves_the_previous_output_intact(tiny_project):
     assert run_stage_here(tiny_project, "concepts", *CONCEPTS_ARGS).returncode == 0
     before = snapshot(tiny_project / "data")
-    assert len(before) == len(DEMO_CONCEPTS) + 1  # one file per concept, and world.json
+    assert len(before) == len(DEMO_CONCEPTS) + 2  # one file per concept, world.json and known.json
     text = (tiny_project / "concepts/demo.yaml").read_text()
     (tiny_project / "concepts/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
     assert_user_error(run_stage_here(tiny_project, "concepts", *CONCEPTS_ARGS), "'dax'", "has no description")

@@ -262,7 +262,7 @@ def captioning_project(tmp_path: Path, monkeypatch, family: type) -> tuple[Param
     raw = {"concepts": {"names": [c.name for c in CONCEPTS]},
            "model": {"backend": "fake_captioner", "name": "fake", "device": "cpu"},
            "recipes": {"paper": {}},
-           "evaluate": {"models": ["baseline", "paper"], "batch_size": 4,
+           "evaluate": {"batch_size": 4,
                         "sets": {"caps": {"task": "captioning", "format": "folder", "root": str(eval_dir / "caps")}}}}
     return validate(build_section(Params, raw)), eval_dir
 
@@ -304,7 +304,7 @@ def test_bad_input_stops_the_stage_with_no_outputs(tmp_path, monkeypatch):
     params, eval_dir = captioning_project(tmp_path, monkeypatch, FakeCaptioner)
     params_file = tmp_path / "params.yaml"
     raw = {"concepts": {"names": [c.name for c in CONCEPTS]}, "model": dataclasses.asdict(params.model),
-           "recipes": {"paper": {}}, "evaluate": {"models": ["baseline", "paper"], "sets": {
+           "recipes": {"paper": {}}, "evaluate": {"sets": {
                "caps": {"task": "captioning", "format": "folder", "root": str(eval_dir / "caps")}}}}
     params_file.write_text(json.dumps(raw))  # JSON is YAML 1.2
     args = ["evaluate", "--params", str(params_file), "baseline", str(tmp_path / "models/baseline"), str(eval_dir),

@@ -33,7 +33,8 @@ def stage_commands() -> dict[str, str]:
 def test_every_stage_runs_a_command_of_the_group():
     listed = set(main.list_commands(click.Context(main)))
     assert set(stage_commands().values()) <= listed
-    assert {"data", "base_model", "concepts", "invert", "finetune", "evaluate", "report", "experiments"} == listed
+    assert {"data", "base_model", "concepts", "invert", "finetune", "evaluate", "report", "experiments",
+            "finetune_family", "evaluate_family", "preset", "ship_base_models"} == listed
 
 
 def test_each_command_module_exposes_a_click_command_named_after_it():

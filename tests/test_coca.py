@@ -1,13 +1,16 @@
-"""CoCa: the combined transfer loss against a hand computation, the seeded target-caption draw,
-fine-tuning that learns (decoder included), caption generation, the demo CoCa's vocabulary and
-its start from the demo CLIP, demo captioner pretraining, and the bad inputs of the issue."""
+"""CoCa: the combined transfer loss against a hand computation (and InfoNCE alone at caption weight
+0), the seeded target-caption draw, fine-tuning that learns (decoder included), caption generation
+(open_clip's group beam search against open_clip's own loop), the demo CoCa's vocabulary and its
+start from the demo CLIP, demo captioner pretraining, and the bad inputs of the issue."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip import CoCa, coca_model
 
 from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
@@ -15,6 +18,7 @@ from ktpipe.errors import KtpipeError
 from ktpipe.finetune import finetune
 from ktpipe.losses import caption_targets, coca_objective
 from ktpipe.models import GeneratesCaptions, LearnsCaptions, build_demo_model, load_model
+from ktpipe.models.coca import group_beam_search
 from ktpipe.models.demo import CompactTokenizer, build_demo_coca, demo_vocabulary
 from ktpipe.params import FinetuneParams, GenerationParams, ParamsError, PretrainParams, build_section, validate, Params
 from ktpipe.pretrain_caption import pretrain_captioner, world_texts
@@ -133,6 +137,202 @@ def test_captioner_pretraining_learns(world, clip_dir):
     assert all(torch.equal(p, text_tower[n]) for n, p in clip.named_parameters())  # the text tower stays the CLIP's
 
 
+
+def test_caption_weight_zero_is_infonce_alone_without_the_decoder(coca, monkeypatch):
+    """Table 9's rows without the captioning loss: lambda2 = 0 gives lambda1 * InfoNCE, and the
+    decoder is never run (a forward of it would raise here)."""
+    cfg = dataclasses.replace(CFG, contrastive_weight=0.7, caption_weight=0.0, decoder=False)
+    pixels, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        image = F.normalize(coca.module.encode_image(coca.normalize(pixels)), dim=-1)
+        text = F.normalize(coca.module.encode_text(coca.tokenize([CAPTIONS[k] for k in labels])), dim=-1)
+        logits = coca.module.logit_scale.exp() * image @ text.T
+        infonce = 0.5 * (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4)))
+
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("the text decoder ran at caption weight 0")
+
+    monkeypatch.setattr(coca.module.text_decoder, "forward", no_decoder)
+    loss = coca_objective(coca, pixels, caption_targets(coca, CAPTIONS, 5, names=NAMES, cfg=cfg), labels)
+    torch.testing.assert_close(loss.detach(), 0.7 * infonce, rtol=1e-5, atol=1e-6)
+    before = {n: p.detach().clone() for n, p in coca.module.named_parameters()}
+    log = finetune(coca, pixels, labels, CAPTIONS, dataclasses.replace(cfg, epochs=2), 1e-3, progress=False,
+                   names=NAMES)
+    assert len(log) == 2 and all(r["loss"] > 0 for r in log)
+    moved = {n for n, p in coca.module.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("visual.") for n in moved) and not any(n.startswith("text_decoder.") for n in moved)
+
+
+# --- open_clip's decoding: its own `_generate_beamsearch` on a tiny random-init CoCa ------------------
+# open_clip 3.3's loop runs as installed; only transformers' BeamSearchScorer, which transformers 5
+# removed (open_clip issue #1129) and without which open_clip cannot generate, is ported below from
+# transformers 4.57 (generation/beam_search.py), line for line, and patched into open_clip.
+
+VOCAB, SOT, EOT, PAD, CONTEXT = 40, 38, 39, 0, 12
+
+
+class ReferenceHypotheses:
+    """transformers 4.57's BeamHypotheses (early_stopping=False), ported line for line."""
+
+    def __init__(self, num_beams, length_penalty):
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.beams, self.worst_score = [], 1e9
+
+    def __len__(self):
+        return len(self.beams)
+
+    def add(self, hyp, sum_logprobs, generated_len):
+        score = sum_logprobs / (generated_len ** self.length_penalty)
+        if len(self) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, hyp))
+            if len(self) > self.num_beams:
+                sorted_next_scores = sorted([(s, idx) for idx, (s, _) in enumerate(self.beams)])
+                del self.beams[sorted_next_scores[0][1]]
+                self.worst_score = sorted_next_scores[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs, cur_len):
+        if len(self) < self.num_beams:
+            return False
+        return self.worst_score >= best_sum_logprobs / cur_len ** self.length_penalty
+
+
+class ReferenceBeamSearchScorer:
+    """transformers 4.57's BeamSearchScorer (the part open_clip's `_generate_beamsearch` calls),
+    ported line for line: transformers 5 removed it (open_clip issue #1129)."""
+
+    def __init__(self, batch_size, num_beams, device, length_penalty=1.0, num_beam_groups=1):
+        if num_beams <= 1 or num_beam_groups > num_beams or num_beams % num_beam_groups:
+            raise ValueError("num_beams > 1, divisible by num_beam_groups")
+        self.num_beams, self.num_beam_groups = num_beams, num_beam_groups
+        self.group_size = num_beams // num_beam_groups
+        self._beam_hyps = [ReferenceHypotheses(self.group_size, length_penalty)
+                           for _ in range(batch_size * num_beam_groups)]
+        self._done = torch.zeros(batch_size * num_beam_groups, dtype=torch.bool)
+
+    @property
+    def is_done(self):
+        return self._done.all().item()
+
+    def process(self, input_ids, next_scores, next_tokens, next_indices, pad_token_id=None, eos_token_id=None,
+                beam_indices=None, group_index=0):
+        cur_len = input_ids.shape[-1] + 1
+        batch_size = len(self._beam_hyps) // self.num_beam_groups
+        next_beam_scores = torch.zeros((batch_size, self.group_size), dtype=next_scores.dtype)
+        next_beam_tokens = torch.zeros((batch_size, self.group_size), dtype=next_tokens.dtype)
+        next_beam_indices = torch.zeros((batch_size, self.group_size), dtype=next_indices.dtype)
+        for batch_idx in range(batch_size):
+            batch_group_idx = batch_idx * self.num_beam_groups + group_index
+            if self._done[batch_group_idx]:
+                next_beam_scores[batch_idx, :] = 0
+                next_beam_tokens[batch_idx, :] = pad_token_id
+                next_beam_indices[batch_idx, :] = 0
+                continue
+            beam_idx = 0
+            for beam_token_rank, (next_token, next_score, next_index) in enumerate(
+                    zip(next_tokens[batch_idx], next_scores[batch_idx], next_indices[batch_idx])):
+                batch_beam_idx = batch_idx * self.group_size + next_index
+                if next_token.item() in eos_token_id:
+                    if beam_token_rank >= self.group_size:
+                        continue
+                    self._beam_hyps[batch_group_idx].add(input_ids[batch_beam_idx].clone(), next_score.item(),
+                                                         generated_len=cur_len)
+                else:
+                    next_beam_scores[batch_idx, beam_idx] = next_score
+                    next_beam_tokens[batch_idx, beam_idx] = next_token
+                    next_beam_indices[batch_idx, beam_idx] = batch_beam_idx
+                    beam_idx += 1
+                if beam_idx == self.group_size:
+                    break
+            self._done[batch_group_idx] = self._done[batch_group_idx] or self._beam_hyps[batch_group_idx].is_done(
+                next_scores[batch_idx].max().item(), cur_len)
+        return {"next_beam_scores": next_beam_scores.view(-1), "next_beam_tokens": next_beam_tokens.view(-1),
+                "next_beam_indices": next_beam_indices.view(-1)}
+
+    def finalize(self, input_ids, final_beam_scores, final_beam_tokens, final_beam_indices, max_length,
+                 pad_token_id=None, eos_token_id=None, beam_indices=None):
+        batch_size = len(self._beam_hyps) // self.num_beam_groups
+        for batch_group_idx, beam_hyp in enumerate(self._beam_hyps):
+            if self._done[batch_group_idx]:
+                continue
+            for index_per_group in range(self.group_size):
+                batch_beam_idx = batch_group_idx * self.group_size + index_per_group
+                final_tokens = input_ids[batch_beam_idx]
+                beam_hyp.add(final_tokens, final_beam_scores[batch_beam_idx].item(), generated_len=final_tokens.shape[-1])
+        best = []
+        for i in range(batch_size):
+            groups = self._beam_hyps[i * self.num_beam_groups:(i + 1) * self.num_beam_groups]
+            best.append(sorted([beam for hyps in groups for beam in hyps.beams], key=lambda x: x[0]).pop()[1])
+        width = min(max(len(b) for b in best) + 1, max_length)
+        decoded = torch.full((batch_size, width), pad_token_id, dtype=input_ids.dtype)
+        for i, hypo in enumerate(best):
+            decoded[i, :len(hypo)] = hypo
+            if len(hypo) < width:
+                decoded[i, len(hypo)] = eos_token_id[0]
+        return {"sequences": decoded}
+
+
+def tiny_coca(seed: int) -> CoCa:
+    """A random-init open_clip CoCa of 40 tokens whose end token often wins (captions of many lengths)."""
+    torch.manual_seed(seed)
+    text = dict(context_length=CONTEXT, vocab_size=VOCAB, width=16, heads=2, layers=1)
+    module = CoCa(embed_dim=16, multimodal_cfg=dict(text, attn_pooler_heads=2, dim_head=8),
+                  text_cfg=dict(text, embed_cls=True, output_tokens=True),
+                  vision_cfg=dict(image_size=16, layers=1, width=16, patch_size=8, head_width=8,
+                                  attentional_pool=True, attn_pooler_heads=2, output_tokens=True), pad_id=PAD).eval()
+    with torch.no_grad():  # open_clip leaves the decoder's projection uninitialized (torch.empty)
+        torch.nn.init.normal_(module.text_decoder.text_projection, std=2.0)
+        module.text_decoder.text_projection[:, EOT] *= 4.0
+    return module
+
+
+def open_clip_decoding(module: CoCa, images: torch.Tensor, cfg: GenerationParams, monkeypatch) -> list[list[int]]:
+    """open_clip's `_generate_beamsearch` as `CoCa.generate` calls it, tokens between start and end."""
+    from transformers import (LogitsProcessorList, MaxLengthCriteria, MinLengthLogitsProcessor,
+                              RepetitionPenaltyLogitsProcessor, StoppingCriteriaList)
+
+    scorer = functools.partial(ReferenceBeamSearchScorer, length_penalty=cfg.length_penalty)
+    monkeypatch.setattr(coca_model, "BeamSearchScorer", scorer, raising=False)
+    eos = torch.tensor([EOT])
+    processors = LogitsProcessorList([MinLengthLogitsProcessor(cfg.min_length, eos),
+                                      RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty)])
+    with torch.no_grad():
+        out = module._generate_beamsearch(images, pad_token_id=PAD, eos_token_id=eos, sot_token_id=torch.tensor([SOT]),
+                                          num_beams=cfg.beams, num_beam_groups=cfg.beam_groups,
+                                          min_seq_len=cfg.min_length, logit_processor=processors,
+                                          stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(cfg.max_length)]))
+    return [row[1:row.index(EOT)] if EOT in row else row[1:] for row in out.tolist()]
+
+
+@pytest.mark.parametrize("beams, groups, min_length, repetition, length_penalty", [
+    (6, 3, 5, 1.0, 1.0), (6, 3, 2, 1.3, 1.0), (4, 1, 1, 1.0, 0.6), (4, 2, 3, 1.0, 1.0)])
+def test_open_clip_method_is_open_clips_own_group_beam_search(beams, groups, min_length, repetition, length_penalty,
+                                                             monkeypatch):
+    cfg = GenerationParams(method="open_clip", beams=beams, beam_groups=groups, max_length=CONTEXT,
+                           min_length=min_length, repetition_penalty=repetition, length_penalty=length_penalty)
+    lengths = set()
+    for seed in range(3):
+        module, images = tiny_coca(seed), torch.rand(4, 3, 16, 16)
+        expected = open_clip_decoding(module, images, cfg, monkeypatch)
+        assert group_beam_search(module, images, cfg, SOT, EOT, PAD, CONTEXT) == expected
+        lengths |= {len(row) for row in expected}
+    assert len(lengths) > 2  # captions that ended early and ones cut at max_length
+
+
+def test_open_clip_groups_search_alike_without_a_diversity_penalty():
+    module, images = tiny_coca(1), torch.rand(4, 3, 16, 16)
+    grouped = GenerationParams(method="open_clip", beams=6, beam_groups=3, max_length=CONTEXT, min_length=2)
+    one = dataclasses.replace(grouped, beams=2, beam_groups=1)
+    assert group_beam_search(module, images, grouped, SOT, EOT, PAD, CONTEXT) == \
+        group_beam_search(module, images, one, SOT, EOT, PAD, CONTEXT)
+
+
+def test_demo_coca_decodes_with_open_clips_method(coca):
+    pixels = torch.rand(2, 3, 32, 32)
+    captions = coca.generate_captions(pixels, method="open_clip", beams=4, beam_groups=2, max_length=8, min_length=2)
+    assert len(captions) == 2 and all(isinstance(c, str) and "<" not in c for c in captions)
+
 # --- bad input --------------------------------------------------------------------------------
 
 
@@ -149,6 +349,13 @@ def test_generation_settings_out_of_range_are_refused(key, value):
     with pytest.raises(ParamsError, match=f"evaluate.generation.{key}"):
         validate(build_section(Params, {"evaluate": {"generation": {key: value}}}))
     assert GenerationParams().beams == 6
+
+
+def test_beam_groups_must_divide_the_beams_of_open_clips_method():
+    with pytest.raises(ParamsError, match="evaluate.generation.beam_groups"):
+        validate(build_section(Params, {"evaluate": {"generation": {"method": "open_clip", "beams": 4,
+                                                                    "beam_groups": 3}}}))
+    validate(build_section(Params, {"evaluate": {"generation": {"method": "beam_search", "beams": 4}}}))
 
 
 def test_decoder_training_of_a_model_without_a_decoder_is_refused():

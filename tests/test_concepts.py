@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from ktpipe.errors import KtpipeError
+
 import ktpipe.describe as describe_module
 from ktpipe.concepts import (
     GENERATED_HEADER,
@@ -278,15 +280,18 @@ def test_cli_concepts_writes_the_generated_file_and_the_world_where_told(tmp_pat
     from ktpipe.cli import main as cli
 
     project = make_project(tmp_path / "project", tiny_checkpoint, concepts={"names": ["blicket", "dax"]})
-    paths = [str(DEMO_CONCEPTS_FILE), str(tmp_path / "gen.yaml"), str(tmp_path / "out"), str(tmp_path / "world.json")]
+    paths = [str(DEMO_CONCEPTS_FILE), str(tmp_path / "gen.yaml"), str(tmp_path / "out"), str(tmp_path / "world.json"),
+             str(tmp_path / "known.json")]
     result = CliRunner().invoke(cli, ["concepts", "--params", str(project / "params.yaml"), *paths])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "gen.yaml").read_text() == GENERATED_HEADER
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["blicket.json", "dax.json"]
     assert set(json.loads((tmp_path / "world.json").read_text())) == set(load_concepts_file(DEMO_CONCEPTS_FILE))
     assert not (project / "concepts/generated.yaml").exists()  # no default beside the params file
-    result = CliRunner().invoke(cli, ["concepts", "--params", str(project / "params.yaml"), *paths[:3]])
-    assert result.exit_code == 2 and "WORLD_PATH" in result.output  # every path comes from dvc.yaml
+    known = json.loads((tmp_path / "known.json").read_text())  # what pretraining reads: the known concepts alone
+    assert set(known) == {n for n, c in load_concepts_file(DEMO_CONCEPTS_FILE).items() if c.role == "known"}
+    result = CliRunner().invoke(cli, ["concepts", "--params", str(project / "params.yaml"), *paths[:4]])
+    assert result.exit_code == 2 and "KNOWN_PATH" in result.output  # every path comes from dvc.yaml
 
 
 def test_render_entries_must_name_shape_color_and_fill(tmp_path):
@@ -297,11 +302,22 @@ def test_render_entries_must_name_shape_color_and_fill(tmp_path):
 
 def test_world_file_lists_every_rendered_concept(tmp_path):
     path = write(tmp_path, "concepts:\n"
-                           "  zork: {description: a red star, role: novel, render: {shape: star, color: red, fill: solid}}\n"
+                           "  zork: {description: a pink star, role: novel, render: {shape: star, color: pink, fill: outlined}}\n"
                            "  plain: {description: a thing}\n")
     world_path = tmp_path / "world.json"
-    run_concepts(path, tmp_path / "generated.yaml", names("plain"), tmp_path / "out", world_path=world_path)
+    run_concepts(path, tmp_path / "generated.yaml", names("plain"), tmp_path / "out", world_path=world_path,
+                 known_path=tmp_path / "known.json")
     # every rendered entry of the file, not only the params concepts: the world must keep a novel
     # concept out of pretraining even in a run that does not learn it
-    assert json.loads(world_path.read_text()) == {"zork": {"shape": "star", "color": "red", "fill": "solid",
+    assert json.loads(world_path.read_text()) == {"zork": {"shape": "star", "color": "pink", "fill": "outlined",
                                                            "role": "novel"}}
+    assert json.loads((tmp_path / "known.json").read_text()) == {}  # pretraining never reads a novel concept
+
+
+def test_a_novel_concept_on_a_combination_pretraining_shows_is_refused(tmp_path):
+    path = write(tmp_path, "concepts:\n"
+                           "  zork: {description: a red star, role: novel, render: {shape: star, color: red, fill: solid}}\n")
+    with pytest.raises(KtpipeError, match=r"novel concept 'zork': star red solid is shown in pretraining.*star pink outlined"):
+        run_concepts(path, tmp_path / "generated.yaml", names("zork"), tmp_path / "out",
+                     world_path=tmp_path / "world.json", known_path=tmp_path / "known.json")
+    assert not (tmp_path / "world.json").exists() and not (tmp_path / "known.json").exists()

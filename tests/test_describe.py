@@ -190,7 +190,7 @@ def test_device_and_dtype():
 
 # --- concepts stage with a generator ---------------------------------------------------------
 
-STAGE_ARGS = ("concepts/exp.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json")
+STAGE_ARGS = ("concepts/exp.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json", "data/known.json")
 # The demo backend's text budget needs no checkpoint; a random tiny LLM's text may run past its
 # 24-token context, which `truncate` turns into a warning.
 DEMO_MODEL = {"backend": "demo", "name": "ktpipe-demo", "pretrained": "models/baseline"}

@@ -1,6 +1,8 @@
 """The real `dvc repro` in a temporary git repo: the pipeline runs, a second run skips every
-stage, an lr sweep reruns only what depends on lr, and one changed description reruns only
-that concept's inversion.
+stage, an lr sweep reruns only what depends on lr, and each typical edit (a description, a new
+recipe, one recipe's setting, one family's lr, a new novel concept) makes exactly the stages that
+read it stale (`dvc status`, what `dvc repro --dry` would start with; the stages downstream of
+them follow once their inputs change).
 
 Reduced params: demo backend pretrained for 3 steps, 3 of the 11 demo concepts (the novel
 blicket and dax, whose inversions the checks rerun, two being the fewest the paper recipe's Eq. 2
@@ -8,11 +10,12 @@ loss accepts; the known lantern, which the retention metrics
 score), 2 images per concept and split, 3 inversion steps, one recipe (`paper`); the demo ViLT
 family pretrained for 3 steps (it fine-tunes on the demo CLIP's inversions); the demo CoCa family
 pretrained for 3 steps, fine-tuned for one epoch and captioning with 2 beams; the demo CLIP segments
-6 renders. Each of the 23 stage runs pays the interpreter's 5-8 s start-up (torch, open_clip,
-transformers): about 3 minutes on 2 cores.
+6 renders. Each of the 16 stage runs pays the interpreter's 5-8 s start-up (torch, open_clip,
+transformers): about 2 minutes on 2 cores.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,18 +40,15 @@ REDUCED = {
     "pretrain": {"steps": 3, "batch_size": 16, "name_batch": 8, "warmup": 1},
     "invert": {"steps": 3, "samples": 2},
     "finetune": {"epochs": 1},
-    "evaluate": {"models": ["baseline", "paper"]},
     "families": {"vilt": {"pretrain": {"steps": 3, "batch_size": 8, "warmup": 1}},
-                 "coca": {"pretrain": {"steps": 3, "batch_size": 8, "warmup": 1}, "finetune": {"epochs": 1},
+                 "coca": {"pretrain": {"steps": 3, "batch_size": 8, "warmup": 1}, "recipes": {"full": {"epochs": 1}},
                           "evaluate": {"generation": {"beams": 2, "max_length": 8}, "spice": False}}},
 }
 RECIPES = {"paper": {"rehearsal": False}}  # one recipe: every stage kind runs, each run costs a start-up
-VILT_STAGES = {"base_model_vilt", "finetune_vilt@paper", "evaluate_vilt@baseline",
-               "evaluate_vilt@paper"}  # the demo ViLT family (its own lr; it fine-tunes on the CLIP's inversions)
-COCA_STAGES = {"base_model_coca", "finetune_coca@full", "evaluate_coca@baseline", "evaluate_coca@full"}  # the demo
-# captioner (its own lr; it fine-tunes on the demo CLIP's inverted images)
+VILT_STAGES = {"base_model_family@vilt", "finetune_family@vilt", "evaluate_family@vilt"}  # the demo ViLT family
+COCA_STAGES = {"base_model_family@coca", "finetune_family@coca", "evaluate_family@coca"}  # the demo captioner
 ALL_STAGES = {"data", "base_model", "concepts", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
-              "evaluate@baseline", "evaluate@paper", "report", *VILT_STAGES, *COCA_STAGES}
+              "evaluate_baseline", "evaluate@paper", "report", *VILT_STAGES, *COCA_STAGES}
 LR_STAGES = {"finetune@paper", "evaluate@paper", "report"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
 SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
@@ -140,6 +140,9 @@ def test_dvc_pipeline_end_to_end(repo):
     segmented = metrics["test_segmentation"]["segmentation"]  # the demo's segmentation set, scored per model
     assert set(segmented) == {"baseline", "paper"} and all(0 <= m["dsc"] <= 1 for m in segmented.values())
     assert (repo.root / "metrics/eval/paper/test_segmentation.segmentation.parquet").is_file()
+    assert (repo.root / "metrics/coca/eval/full/test_captioning.captions.jsonl").is_file()
+    cached = set((repo.root / ".dvc/cache/runs").rglob("*"))  # DVC's run-cache: every computing stage enters it
+    assert len({p.parent.name for p in cached if p.is_file()}) == len(ALL_STAGES) - 2  # not concepts, report
     assert (reports / "figures").is_dir()
     repo.commit("first run")
 
@@ -166,25 +169,121 @@ def test_dvc_pipeline_end_to_end(repo):
     assert json.loads((reports / "lr_curve.json").read_text())[0]["lr"] == pytest.approx(2e-5)
     assert json.loads((repo.root / "metrics/finetune/paper.json").read_text())["lr"] == pytest.approx(2e-5)
 
+    # 3b. the README's sweep: a queued point runs in DVC's queue, `dvc exp show` lists the metrics,
+    # the lr plot compares experiments and `ktpipe experiments` summarizes them
+    repo.commit("lr 2e-5")
+    mark = time.monotonic()
+    repo.dvc("exp", "run", "--queue", "-S", "lr=5e-5")
+    repo.dvc("queue", "start")
+    wait_for_queue(repo)
+    timings["queued exp"] = time.monotonic() - mark
+    shown = json.loads(repo.dvc("exp", "show", "--json", stdout_only=True))
+    found = [exp for row in shown for exp in (row.get("experiments") or [])]
+    assert found, shown
+    plots = repo.dvc("plots", "diff", *[e["name"] for e in found if e.get("name")], "-o", "plots_out")
+    assert (repo.root / "plots_out/index.html").is_file(), plots
+    table = repo.run(sys.executable, "-m", "ktpipe", "experiments", "--lr", "5e-5", "--out", "reports/experiments.md")
+    assert "over seeds at lr 5e-05" in table and "test.classification.paper.target" in table
+
     # 4. one changed description: the concepts stage reruns; then, of the inversions, only that
-    # concept's is stale (each invert stage depends on its own data/concepts/<concept>.json)
+    # concept's is stale (each invert stage depends on its own data/concepts/<concept>.json); the
+    # base models, which read the known concepts alone, are not
     concepts_file = repo.root / "concepts/demo.yaml"
     concepts_file.write_text(concepts_file.read_text().replace("an outlined pink triangle", "a solid pink triangle"))
-    status = repo.status()
-    assert set(status) == {"concepts"}, status
+    assert set(repo.status()) == {"concepts"}
     mark = time.monotonic()
     ran, _ = ran_and_skipped(repo.dvc("repro", "concepts"))
     timings["repro concepts"] = time.monotonic() - mark
     assert ran == {"concepts"}
-    status = repo.status()
-    stale = {"invert@dax", "finetune@paper", "evaluate@baseline", "evaluate@paper", "report",  # these read all
-             "finetune_vilt@paper", "evaluate_vilt@baseline", "evaluate_vilt@paper",  # of
-             "finetune_coca@full", "evaluate_coca@baseline", "evaluate_coca@full"}  # data/concepts
-    assert set(status) == stale, status
+    stale = {"invert@dax", "finetune@paper", "evaluate_baseline", "evaluate@paper", "report",  # these read
+             "finetune_family@vilt", "evaluate_family@vilt", "finetune_family@coca", "evaluate_family@coca"}  # all
+    assert set(repo.status()) == stale  # of data/concepts
     ran, skipped = ran_and_skipped(repo.dvc("repro", "--dry"))
     assert {s for s in ran if s.startswith("invert@")} == {"invert@dax"}
     assert {f"invert@{c}" for c in CONCEPTS if c != "dax"} <= skipped
-    assert {"data", "base_model", "concepts"} <= skipped
+    assert {"data", "base_model", "concepts", "base_model_family@vilt", "base_model_family@coca"} <= skipped
+    repo.git("checkout", "concepts/demo.yaml")
+    ran, _ = ran_and_skipped(repo.dvc("repro", "concepts"))  # back as committed: nothing else is stale
+    assert "Data and pipelines are up to date." in repo.dvc("status")
+
+    # 5. typical params edits make exactly the stages that read them stale
+    for edit, expected in PARAMS_EDITS:
+        with edited_params(repo.root, edit):
+            assert set(repo.status()) == expected, edit.__doc__
+
+    # 6. a novel concept added the README's way: the concepts and data stages rerun and a new
+    # inversion appears; no base model is stale (pretraining never reads a novel concept)
+    with edited_params(repo.root, add_novel_concept):
+        ran, _ = ran_and_skipped(repo.dvc("repro", "concepts"))
+        status = repo.status()
+        assert {"data", "invert@zork"} <= set(status) and not {s for s in status if s.startswith("base_model")}, status
+
+    # 7. the team's shared cache: a remote takes every output and the run-cache
+    remote = repo.root.parent / "remote"
+    repo.dvc("remote", "add", "-d", "shared", str(remote))
+    repo.dvc("push", "--run-cache")
+    assert (remote / "runs").is_dir() and any((remote / "files").rglob("*"))
 
     timings["total"] = time.monotonic() - start
     print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})
+
+
+def wait_for_queue(repo: Repo, timeout: float = 400) -> None:
+    """Poll `dvc queue status` until no experiment is queued or running; fail on a failed one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = repo.dvc("queue", "status")
+        assert "Failed" not in status, status
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
+
+
+def add_recipe(params: dict) -> None:
+    """A new recipe: its own two stages, and the report that lists every recipe."""
+    params["recipes"]["one"] = {"concepts": ["blicket"], "loss": "authors"}
+
+
+def edit_recipe(params: dict) -> None:
+    """One recipe's setting: that recipe's stages and the report."""
+    params["recipes"]["paper"]["epochs"] = 2
+
+
+def family_lr(params: dict) -> None:
+    """One family's lr: that family's fine-tuning and evaluation, and the report; not its base model."""
+    params["families"]["coca"]["lr"] = 5e-4
+
+
+def add_novel_concept(params: dict) -> None:
+    """A novel concept on a held-out combination, described and rendered in the concepts file."""
+    params["concepts"]["names"].append("zork")
+    path = Path(params["concepts"]["file"])
+    path.write_text(path.read_text() + "  zork: {description: an outlined pink star, role: novel, "
+                                       "render: {shape: star, color: pink, fill: outlined}}\n")
+
+
+PARAMS_EDITS = [
+    (add_recipe, {"finetune@one", "evaluate@one", "report"}),
+    (edit_recipe, {"finetune@paper", "evaluate@paper", "report"}),
+    (family_lr, {"finetune_family@coca", "evaluate_family@coca", "report"}),
+]
+
+
+@contextlib.contextmanager
+def edited_params(root: Path, edit):
+    """params.yaml (and the concepts file) edited in place, restored afterwards."""
+    saved = {name: (root / name).read_text() for name in ("params.yaml", "concepts/demo.yaml")}
+    yaml = YAML(typ="safe", pure=True)
+    params = yaml.load(saved["params.yaml"])
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        edit(params)
+        with (root / "params.yaml").open("w") as fh:
+            yaml.dump(params, fh)
+        yield
+    finally:
+        os.chdir(cwd)
+        for name, text in saved.items():
+            (root / name).write_text(text)

@@ -46,3 +46,73 @@ def test_render_takes_any_set_names():
     renamed = frame().rename(columns=lambda c: c.replace("test.", "rare.").replace("val.", "rare_val."))
     text = render(renamed, 2e-3, 0, test_set="rare", val_set="rare_val")
     assert "| rare.classification.full.target" in text and "`rare_val` against learning rate" in text
+
+
+# --- `ktpipe experiments`, end to end on hand-made experiment records ---------------------------
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows of `text`: first cell -> the other cells, stripped."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and not set(cells[0]) <= set(":-"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def exp_show_rows() -> list[dict]:
+    """What `dvc.api.exp_show` returns: finished runs, one of them listed twice under another name,
+    a failed and a queued run (whose metrics must not count)."""
+    rows = [{**row.to_dict(), "rev": row["Experiment"], "State": "Success", "headline.target": 0.8}
+            for _, row in frame().iterrows()]
+    again = {**rows[1], "Experiment": "e00.002-again", "rev": "e00.002-again"}
+    broken = {**rows[-1], "Experiment": "broken", "State": "Failed", "test.classification.full.target": 0.0}
+    queued = {**rows[-1], "Experiment": "queued", "State": "Queued", "test.classification.full.target": 0.0}
+    return [*rows, again, broken, queued]
+
+
+def test_load_experiments_keeps_finished_runs_once(monkeypatch):
+    import dvc.api
+
+    from ktpipe.experiments import load_experiments
+
+    monkeypatch.setattr(dvc.api, "exp_show", lambda repo: exp_show_rows())
+    loaded = load_experiments(".")
+    assert list(loaded["Experiment"]) == list(frame()["Experiment"])  # the repeat, failed and queued runs dropped
+    assert list(loaded["test.classification.full.target"]) == [0.8, 0.9, 0.7, 0.8]
+
+
+def test_experiments_command_renders_the_records_numbers(monkeypatch, tmp_path):
+    import dvc.api
+    from click.testing import CliRunner
+
+    from ktpipe.cli import main
+
+    monkeypatch.setattr(dvc.api, "exp_show", lambda repo: exp_show_rows())
+    out = tmp_path / "reports" / "experiments.md"
+    result = CliRunner().invoke(main, ["experiments", "--lr", "2e-3", "--seed", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.strip() == result.output.strip()
+    rows = table_rows(text)
+    # seeds 0, 1, 2 at lr 2e-3: full target 0.9, 0.7, 0.8 (mean 0.8, population std sqrt(0.02 / 3))
+    assert rows["test.classification.full.target"] == ["90.0%", "70.0%", "80.0%", "80.0%", "8.2%"]
+    assert rows["test.classification.paper.target"] == ["95.0%", "85.0%", "80.0%", "86.7%", "6.2%"]
+    assert rows["test.classification.full.retention"] == ["100.0%"] * 4 + ["0.0%"]
+    assert "(3 seeds)" in text and "failed" not in text
+    # seed 0 against lr on val: 0.75 at 1e-3, 0.85 at 2e-3; retention 0.99 both
+    assert rows["0.001"] == ["75.0%", "99.0%"] and rows["0.002"] == ["85.0%", "99.0%"]
+    assert [key for key in rows if key.startswith("0.00")] == ["0.001", "0.002"]  # rising lr
+
+
+def test_experiments_command_names_an_lr_without_runs(monkeypatch, tmp_path):
+    import dvc.api
+    from click.testing import CliRunner
+
+    from ktpipe.cli import main
+
+    monkeypatch.setattr(dvc.api, "exp_show", lambda repo: exp_show_rows())
+    out = tmp_path / "experiments.md"
+    result = CliRunner().invoke(main, ["experiments", "--lr", "0.5", "--out", str(out)])
+    assert result.exit_code == 2 and "lr = 0.5" in result.output and not out.exists()

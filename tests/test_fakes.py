@@ -80,7 +80,7 @@ def fake_params(backend: str, sets: dict) -> Params:
                      "rehearsal": True},
         "lr": 0.05,
         "recipes": {"paper": {}},
-        "evaluate": {"templates": "demo", "models": ["baseline", "paper"], "sets": sets},
+        "evaluate": {"templates": "demo", "sets": sets},
     }
     return validate(build_section(Params, raw))
 

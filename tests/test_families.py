@@ -27,13 +27,10 @@ def test_the_demo_vilt_family_overrides_only_what_it_names_and_shares_the_clip_i
     params = load_params(REPO_PARAMS)
     vilt = load_params(REPO_PARAMS, "vilt")
     assert vilt.model.backend == "demo_vilt" and vilt.model.pretrained == "models/vilt/baseline"
-    assert vilt.invert == params.invert  # it inverts nothing of its own in the demo
     assert vilt.finetune.loss == "itm" and vilt.finetune.epochs == params.finetune.epochs
     assert vilt.finetune.temperature is None  # null restores the default: the model's own
-    assert list(vilt.recipes) == ["paper"] and vilt.evaluate.models == ("baseline", "paper")
-    assert "test_captions" not in vilt.evaluate.sets and vilt.evaluate.sets["test"] == params.evaluate.sets["test"]
-    assert vilt.inverted_names() == ()  # it fine-tunes on the demo CLIP's inverted images
-    assert params.inverted_names() == params.concepts.names
+    assert list(vilt.recipes) == ["paper"] and vilt.models() == ("baseline", "paper")
+    assert list(vilt.used_sets()) == ["test", "test_pairs"] and vilt.used_sets()["test"] == params.evaluate.sets["test"]
     assert vilt.families == {} and set(params.families) == {"vilt", "coca"}
     assert params.model.backend == "demo" and params.recipe("full").rehearsal  # the file's own model is untouched
 
@@ -43,9 +40,12 @@ def test_the_demo_coca_family_captions_and_shares_the_clip_inversions():
     coca = load_params(REPO_PARAMS, "coca")
     assert coca.model.backend == "demo_coca" and coca.pretrain.init_from == "models/baseline"
     assert coca.finetune.loss == "coca" and coca.finetune.decoder and coca.finetune.caption_weight == 0.1
-    assert coca.inverted_names() == ()  # it fine-tunes on the demo CLIP's inverted images
-    assert coca.evaluate.sets["test_captioning"].task == "captioning" and "test_captioning" not in params.evaluate.sets
-    assert set(params.evaluated_sets()) == {*params.evaluate.sets, "test_captioning"}  # the data stage writes it
+    assert coca.used_sets()["test_captioning"].task == "captioning" and "test_captioning" not in params.used_sets()
+    assert set(params.evaluated_sets()) == set(params.evaluate.sets)  # the data stage writes every set once
+
+
+OWN = ("    lr: 1.0e-3\n    model: {backend: demo_vilt, name: ktpipe-demo-vilt, pretrained: models/other/baseline}\n"
+       "    pretrain: null\n")
 
 
 def write_with_family(tmp_path: Path, family: str) -> Path:
@@ -55,18 +55,20 @@ def write_with_family(tmp_path: Path, family: str) -> Path:
 
 
 def test_a_family_has_its_own_recipes(tmp_path):
-    family = "    recipes: {noisy: {images: noise}}\n    evaluate: {models: [baseline, noisy]}\n"
+    family = OWN + "    recipes: {noisy: {images: noise}}\n"
     params = load_params(write_with_family(tmp_path, family))
     other = params.family("other")
     assert other.recipes == {"noisy": {"images": "noise"}} and other.recipe("noisy").images == "noise"
-    assert set(params.recipes) == {"paper", "full"}
+    assert other.models() == ("baseline", "noisy") and set(params.recipes) == {"paper", "full"}
 
 
 @pytest.mark.parametrize("family, needles", [
-    ("    world: {image_size: 64}\n", ["'families.other.world'", "the world, concepts and seed are shared"]),
-    ("    invert: {init: gaussian}\n", ["families.other", "'invert.init' must be one of"]),
-    ("    finetune: {epochs: 0}\n", ["families.other", "finetune.epochs"]),
-    ("    inverted: [blicket, gremlin]\n", ["families.other", "'inverted' names ['gremlin']"]),
+    (OWN + "    recipes: {}\n    world: {image_size: 64}\n", ["'families.other.world'", "concepts, inversions and seed"]),
+    (OWN + "    recipes: {}\n    invert: {init: normal}\n", ["'families.other.invert'", "inversions"]),
+    (OWN + "    recipes: {}\n    finetune: {epochs: 0}\n", ["families.other", "finetune.epochs"]),
+    ("    recipes: {}\n", ["'families.other.lr'", "'families.other.model'", "'families.other.pretrain'", "sets its own"]),
+    (OWN + "    recipes: {}\n    evaluate: {sets: {val: null}}\n", ["'families.other.evaluate.sets'", "evaluate.use"]),
+    (OWN + "    recipes: {}\n    evaluate: {use: [test, nowhere]}\n", ["families.other", "'evaluate.use' names ['nowhere']"]),
     ("    - model\n", ["'families.other' must be a mapping"]),
 ])
 def test_a_bad_family_is_an_error_naming_it(tmp_path, family, needles):
@@ -98,44 +100,42 @@ def families_project(tmp_path_factory, tiny_checkpoint) -> Path:
         "lr": 1.0e-3,
         "model": {"backend": "demo_vilt", "name": "ktpipe-demo-vilt", "pretrained": "models/vilt/baseline"},
         "pretrain": {"steps": 2, "batch_size": 8, "candidates": 3, "mlm_weight": 0.5, "name_objective": False},
-        "invert": {"init": "normal", "affine_p": 0.0},
         "finetune": {"loss": "itm", "towers": "both", "swapped_names": True, "temperature": None},
-        "inverted": ["blicket", "dax"],
-        "evaluate": {"templates": "photo", "sets": {"val": None}},
+        "recipes": {"paper": {"rehearsal": False}},
+        "evaluate": {"templates": "photo", "use": ["test"]},
     }
     project = make_project(
         tmp_path_factory.mktemp("families") / "project", tiny_checkpoint,
         concepts={"names": CONCEPTS, "file": "concepts/demo.yaml"}, world={"image_size": 32},
-        evaluate={"models": ["baseline", "paper"]}, inverted=["blicket", "dax"], families={"vilt": family})
+        inverted=["blicket", "dax"], families={"vilt": family})
     params = read_params(project)
     params["recipes"] = {"paper": {"rehearsal": False}}  # one recipe (tiny_params has two)
     YAML(typ="safe", pure=True).dump(params, project / "params.yaml")
     check(run_stage_here(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
-                         "data/world.json"))
+                         "data/world.json", "data/known.json"))
     check(run_stage_here(project, "data", "data/world.json", "data/eval"))
-    for prefix, flags in (("", []), ("vilt/", ["--family", "vilt"])):
-        if flags:
-            check(run_stage_here(project, "base_model", *flags, "data/world.json", f"models/{prefix}baseline",
-                                 f"metrics/{prefix}base_model.json"))
-        for name in ("blicket", "dax"):
-            check(run_stage_here(project, "invert", *flags, f"data/concepts/{name}.json",
-                                 f"data/{prefix}inverted/{name}"))
-        check(run_stage_here(project, "finetune", *flags, "paper", "data/concepts", f"data/{prefix}inverted",
-                             f"models/{prefix}paper", f"metrics/{prefix}finetune/paper.json"))
-        for model in ("baseline", "paper"):
-            check(run_stage_here(project, "evaluate", *flags, model, f"models/{prefix}{model}", "data/eval",
-                                 "data/concepts", f"metrics/{prefix}eval/{model}.json"))
+    for name in ("blicket", "dax"):
+        check(run_stage_here(project, "invert", f"data/concepts/{name}.json", f"data/inverted/{name}"))
+    check(run_stage_here(project, "finetune", "paper", "data/concepts", "data/inverted", "models/paper",
+                         "metrics/finetune/paper.json"))
+    for model in ("baseline", "paper"):
+        check(run_stage_here(project, "evaluate", model, f"models/{model}", "data/eval", "data/concepts",
+                             f"metrics/eval/{model}.json"))
+    check(run_stage_here(project, "base_model", "--family", "vilt", "data/known.json", "models/vilt/baseline",
+                         "metrics/vilt/base_model.json"))
+    check(run_stage_here(project, "finetune_family", "vilt", "data/concepts", "data/inverted", "models/vilt/finetuned",
+                         "metrics/vilt/finetune"))
+    check(run_stage_here(project, "evaluate_family", "vilt", "models/vilt/finetuned", "data/eval", "data/concepts",
+                         "metrics/vilt/eval"))
     check(run_stage_here(project, "report", "metrics/eval", "data/concepts", "data/inverted", "reports",
-                         "--family", "vilt=metrics/vilt/eval"))
+                         "--families-dir", "metrics"))
     return project
 
 
 def test_family_stages_run_the_family_model(families_project):
     project = families_project
     assert (project / "models/vilt/baseline/config.json").is_file()
-    summary = json.loads((project / "data/vilt/inverted/blicket/summary.json").read_text())
-    assert summary["init"] == "normal" and summary["affine_p"] == 0.0
-    assert json.loads((project / "data/inverted/blicket/summary.json").read_text())["init"] == "uniform"
+    assert (project / "models/vilt/finetuned/paper").is_dir()
     finetuned = json.loads((project / "metrics/vilt/finetune/paper.json").read_text())
     assert finetuned["loss"] == "itm" and finetuned["lr"] == pytest.approx(1e-3)
     # the learned descriptions under every other concept's name are mismatches too
@@ -143,6 +143,7 @@ def test_family_stages_run_the_family_model(families_project):
     assert "A lantern is an outlined pink triangle." in finetuned["negatives"]
     evaluated = json.loads((project / "metrics/vilt/eval/paper.json").read_text())
     assert evaluated["params"]["model"]["backend"] == "demo_vilt" and set(evaluated["metrics"]) == {"test"}
+    assert evaluated["checkpoint"] == "models/vilt/finetuned/paper"
 
 
 def test_report_puts_the_families_side_by_side(families_project):

@@ -19,11 +19,9 @@ KNOWN = [c for c in DEMO_CONCEPTS if c not in NOVEL]
 
 
 def make_params(checkpoint: Path, **overrides) -> Params:
-    """Validated params of the tiny project (`recipes` replaces the default recipes, and
-    `evaluate.models` lists them)."""
+    """Validated params of the tiny project (`recipes` replaces the default recipes)."""
     raw = deep_merge(tiny_params(checkpoint), {"invert": {"samples": SAMPLES}})
     raw["recipes"] = overrides.pop("recipes", raw["recipes"])
-    raw["evaluate"]["models"] = ["baseline", *raw["recipes"]]
     return validate(build_section(Params, deep_merge(raw, overrides)))
 
 

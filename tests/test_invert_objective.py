@@ -354,3 +354,19 @@ def test_run_invert_records_resolutions_in_the_summary(tmp_path, tiny_checkpoint
     assert meta["resolutions"] == summary["resolutions"] == [[0, 8], [2, 16]]
     assert summary["grad_clip"] == 1.0
     assert load_inversion(tmp_path / "blicket").shape == (2, 3, 16, 16)
+
+
+def test_normal_init_is_n01_clamped_to_vilts_input_range():
+    """`invert.init: normal` after ViLT's normalization ((x - 0.5) / 0.5) is N(0, 1) clamped to
+    [-1, 1], not N(0, 1): checked against that law's moments and masses, computed here."""
+    from ktpipe.images import initial_pixels
+
+    pixels = initial_pixels(16, 64, torch.Generator().manual_seed(0), "normal")  # 196,608 values
+    z = ((pixels - 0.5) / 0.5).flatten().double()
+    phi1, tail = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * math.erfc(1 / math.sqrt(2))  # density at 1, P(Z > 1)
+    variance = (1 - 2 * tail - 2 * phi1) + 2 * tail  # E[clamp(Z)^2]: the inside's second moment plus the clamped tails
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    assert abs(z.mean().item()) < 0.01
+    assert z.std().item() == pytest.approx(math.sqrt(variance), abs=0.005)  # 0.72, N(0, 1) would give 1
+    assert (z.abs() == 1).double().mean().item() == pytest.approx(2 * tail, abs=0.005)  # 32% at +-1
+    assert (z.abs() < 0.5).double().mean().item() == pytest.approx(math.erf(0.5 / math.sqrt(2)), abs=0.005)

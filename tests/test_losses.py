@@ -96,3 +96,32 @@ def test_multi_positive_with_duplicate_captions():
     loss = multi_positive_clip_loss(images, texts, torch.tensor(groups), torch.tensor(SCALE))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert loss.item() != pytest.approx(clip_loss(images, texts, SCALE).item(), rel=1e-3)
+
+
+def itm(scores: list[list[float]], targets: list[int]) -> float:
+    """Half the mean -log sigmoid(s) over the positive pairs plus half the mean -log(1 - sigmoid(s))
+    over the negative ones (every other caption of each image)."""
+    pos, neg = [], []
+    for row, t in zip(scores, targets):
+        for k, s in enumerate(row):
+            p = 1 / (1 + math.exp(-s))
+            (pos if k == t else neg).append(-math.log(p if k == t else 1 - p))
+    return 0.5 * (sum(pos) / len(pos) + sum(neg) / len(neg))
+
+
+def test_itm_loss_matches_brute_force():
+    from ktpipe.losses import itm_loss
+
+    scores = torch.tensor([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [-0.7, 0.2, 3.0], [1.0, 0.0, -1.0]])
+    targets = [0, 1, 2, 2]  # 4 positives, 8 negatives: the halves weigh equally, not per pair
+    assert itm_loss(scores, torch.tensor(targets)).item() == pytest.approx(itm(scores.tolist(), targets), rel=1e-6)
+    # raising a positive's logit lowers the loss, raising a negative's raises it
+    up = scores.clone().requires_grad_(True)
+    itm_loss(up, torch.tensor(targets)).backward()
+    assert up.grad[0, 0] < 0 and up.grad[0, 1] > 0
+
+
+def test_coca_loss_is_the_sum_of_its_weighted_terms():
+    from ktpipe.losses import coca_loss
+
+    assert coca_loss(torch.tensor(0.75), torch.tensor(0.5)).item() == 1.25

@@ -14,6 +14,7 @@ from ktpipe.masks import (
     METHODS,
     crop_placement,
     image_scores,
+    keep_sam_components,
     mask_boxes,
     mean_scores,
     resize_saliency_to_image,
@@ -94,12 +95,17 @@ def test_spacing_of_three_values_is_an_error():
 
 # ---------------------------------------------------------------- empty masks
 
-def test_empty_truth_has_no_score():
+def test_empty_truth_scores_zero_against_a_prediction_and_nothing_against_an_empty_one():
+    """As MedCLIP-SAMv2's evaluation/eval.py: an empty truth with a predicted blob scores 0; an empty
+    truth with an empty prediction has no score there (its assert stops it), so NaN here."""
     empty = np.zeros((8, 8), dtype=bool)
-    full = rectangle((8, 8), slice(2, 5), slice(2, 5))
-    for prediction in (empty, full):
-        scores = image_scores(prediction, empty)
-        assert all(np.isnan(scores[m]) for m in ("dsc", "nsd", "iou")), scores
+    blob = rectangle((8, 8), slice(2, 5), slice(2, 5))
+    assert image_scores(blob, empty) == {"dsc": 0.0, "nsd": 0.0, "iou": 0.0}
+    scores = image_scores(empty, empty)
+    assert all(np.isnan(scores[m]) for m in ("dsc", "nsd", "iou")), scores
+    batch = segmentation_scores(np.stack([empty, blob, blob]), np.stack([empty, empty, blob]))
+    for name in ("dsc", "nsd", "iou"):  # batched: the same per image
+        assert np.isnan(batch[name][0]) and list(batch[name][1:]) == [0.0, 1.0]
 
 
 def test_empty_prediction_of_a_present_class_scores_zero():
@@ -174,6 +180,27 @@ def test_diagonal_pixels_form_one_component_and_empty_mask_has_no_box():
     mask = np.eye(5, dtype=bool)  # 8-connected: one component
     assert mask_boxes(mask) == [(0, 0, 5, 5)]
     assert mask_boxes(np.zeros((4, 4), bool)) == []
+
+
+# ---------------------------------------------------------------- SAM's mask cut to the coarse mask's count
+
+def test_sam_mask_keeps_as_many_largest_components_as_the_coarse_mask_has():
+    """MedCLIP-SAMv2's write_mask_to_folder: SAM's mask keeps its K largest 8-connected blobs, K the
+    coarse mask's blob count. SAM here finds a 12-pixel, a 6-pixel (two diagonal 3-pixel runs: one
+    8-connected blob) and a 2-pixel blob."""
+    sam = np.zeros((10, 12), dtype=bool)
+    sam[0:3, 0:4] = True  # 12 pixels
+    sam[5, 5:8] = sam[6, 8:11] = True  # 6 pixels, touching at a corner
+    sam[9, 0:2] = True  # 2 pixels
+    one = rectangle((10, 12), slice(1, 2), slice(1, 2))
+    two = one | rectangle((10, 12), slice(8, 9), slice(8, 10))
+    expected_two = sam.copy()
+    expected_two[9, 0:2] = False
+    assert np.array_equal(keep_sam_components(sam, one), rectangle((10, 12), slice(0, 3), slice(0, 4)))
+    assert np.array_equal(keep_sam_components(sam, two), expected_two)
+    four = two | rectangle((10, 12), slice(4, 5), slice(0, 1)) | rectangle((10, 12), slice(0, 1), slice(11, 12))
+    assert np.array_equal(keep_sam_components(sam, four), sam)  # more coarse blobs than SAM's: all kept
+    assert not keep_sam_components(sam, np.zeros_like(sam)).any()  # no coarse blob, no box, nothing kept
 
 
 # ---------------------------------------------------------------- saliency back onto the image

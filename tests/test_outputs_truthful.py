@@ -43,7 +43,7 @@ def test_concepts_stage_rejects_a_description_over_the_context(tiny_project):
     write_params(tiny_project, concepts={"names": ["blicket", "zorp"]})
     params = load_params(tiny_project / "params.yaml")
     result = run_stage_here(tiny_project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
-                            "data/world.json")
+                            "data/world.json", "data/known.json")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     count = load_base_text_budget(params.model).count(LONG)
     assert "concept 'zorp'" in result.stderr and f"{count} tokens" in result.stderr and "context of 24" in result.stderr
@@ -66,7 +66,7 @@ def test_truncate_warns_and_records_the_text_used(tiny_project, capsys):
 
 
 def test_world_concepts_come_from_the_concepts_file(tiny_project):
-    extra = "  zorp: {description: a solid red crescent, role: novel, render: {shape: crescent, color: red, fill: solid}}\n"
+    extra = "  zorp: {description: a striped red crescent, role: novel, render: {shape: crescent, color: red, fill: striped}}\n"
     path = concepts_file(tiny_project, extra)
     run_concepts(path, tiny_project / "concepts/generated.yaml", ConceptsParams(names=("blicket", "zorp")),
                  tiny_project / "data/concepts", world_path=tiny_project / "data/world.json")
@@ -83,7 +83,6 @@ def unevaluated_project(tmp_path, tiny_checkpoint):
                            invert={"steps": 1, "samples": 2})
     params = read_params(project)
     params["recipes"] = {"paper": {"rehearsal": False}}
-    params["evaluate"]["models"] = ["baseline", "paper"]
     (project / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     concepts_file(project, "  zorp: {description: a solid red crescent, role: novel}\n")
     return project

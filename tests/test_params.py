@@ -93,7 +93,8 @@ def test_non_mapping_recipe_is_a_params_error(tmp_path):
 
 def test_demo_evaluation_sets_and_report_keys_load():
     params = load_params(REPO_PARAMS)
-    assert list(params.evaluate.sets) == ["val", "test", "test_captions", "test_pairs", "test_segmentation"]
+    assert list(params.evaluate.sets) == ["val", "test", "test_captions", "test_pairs", "test_segmentation",
+                                        "test_captioning"]
     assert params.evaluate.sets["val"].format == "demo" and params.evaluate.sets["test"].split == "test"
     assert params.evaluate.sets["test_captions"].task == "retrieval"
     assert params.report.target_set == params.report.retention_set == "test"
@@ -184,29 +185,31 @@ def test_concept_listed_twice_is_named(tmp_path):
         load_params(rewritten(tmp_path, lambda raw: raw["concepts"]["names"].append("dax")))
 
 
-# --- evaluate.models and the evaluation sets' tasks ------------------------------------------
+# --- the evaluated models, evaluate.use and the evaluation sets' tasks ------------------------
 
-MODELS_LINE = next(line for line in REPO_PARAMS.read_text().splitlines() if line.startswith("  models:"))
-
-
-@pytest.mark.parametrize("models", ["[baseline, paper]", "[paper, full]", "[baseline, paper, full, extra]",
-                                    "[baseline, paper, full, full]", "[]"],
-                         ids=["missing-recipe", "missing-baseline", "extra-name", "twice", "empty"])
-def test_evaluate_models_must_list_baseline_and_every_recipe(tmp_path, models):
-    with pytest.raises(ParamsError, match="'evaluate.models' must list 'baseline' and every recipe once") as err:
-        load_params(edited(tmp_path, MODELS_LINE, f"  models: {models}"))
-    assert "['baseline', 'paper', 'full']" in str(err.value)
+USE_LINE = next(line for line in REPO_PARAMS.read_text().splitlines() if line.startswith("  use:"))
 
 
-def test_evaluate_models_in_any_order_load(tmp_path):
-    params = load_params(edited(tmp_path, MODELS_LINE, "  models: [full, baseline, paper]"))
-    assert params.evaluate.models == ("full", "baseline", "paper")
+def test_evaluated_models_are_baseline_and_every_recipe_named_once():
+    params = load_params(REPO_PARAMS)
+    assert params.models() == ("baseline", "paper", "full")
+
+
+def test_old_evaluate_models_key_names_the_move(tmp_path):
+    with pytest.raises(ParamsError, match=r"'evaluate.models' was renamed: delete it.*evaluate_baseline"):
+        load_params(rewritten(tmp_path, lambda raw: raw["evaluate"].update(models=["baseline", "paper", "full"])))
+
+
+def test_evaluate_use_picks_sets_and_names_unknown_ones(tmp_path):
+    params = load_params(edited(tmp_path, USE_LINE, "  use: [test, val]"))
+    assert list(params.used_sets()) == ["test", "val"] and len(params.evaluated_sets()) == 6
+    with pytest.raises(ParamsError, match=r"'evaluate.use' names \['nowhere'\]"):
+        load_params(edited(tmp_path, USE_LINE, "  use: [test, nowhere]"))
 
 
 def test_a_recipe_named_baseline_is_refused(tmp_path):
     def baseline_recipe(raw):
         raw["recipes"]["baseline"] = {}
-        raw["evaluate"]["models"].append("baseline")
 
     with pytest.raises(ParamsError, match=r"'recipes\.baseline'.*before transfer"):
         load_params(rewritten(tmp_path, baseline_recipe))
@@ -216,6 +219,15 @@ def test_evaluation_sets_default_to_classification(tmp_path):
     sets = load_params(REPO_PARAMS).evaluate.sets
     assert {name: s.task for name, s in sets.items()} == {"val": "classification", "test": "classification",
                                                           "test_captions": "retrieval", "test_pairs": "retrieval",
-                                                          "test_segmentation": "segmentation"}
+                                                          "test_segmentation": "segmentation",
+                                                          "test_captioning": "captioning"}
     params = load_params(edited(tmp_path, SETS_LINE, "    test: {format: demo, split: test, task: classification}"))
     assert params.evaluate.sets["test"].task == "classification"
+
+
+def test_a_trained_decoder_without_captioning_loss_is_refused(tmp_path):
+    def decoder_without_loss(raw):
+        raw["recipes"]["paper"] = {"loss": "coca", "decoder": True, "caption_weight": 0.0}
+
+    with pytest.raises(ParamsError, match=r"'recipes.paper.decoder' trains the text decoder.*caption_weight' is 0"):
+        load_params(rewritten(tmp_path, decoder_without_loss))

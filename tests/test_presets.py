@@ -80,7 +80,7 @@ def test_preset_validates_and_its_references_exist(name, monkeypatch):
     assert params.model.backend in ("open_clip", "vilt") and params.model.name in ARCH
     described = load_concepts_file(REPO / params.concepts.file)
     assert set(params.concepts.names) <= set(described)
-    assert list(params.evaluate.models) == ["baseline", *params.recipes]
+    assert params.models() == ("baseline", *params.recipes)
     assert params.invert.steps == 5000 and params.invert.tv_weight == 0.005 and params.invert.samples == 10
     vilt = params.model.backend == "vilt"
     if vilt:  # paper Sec. 4.3 and 8.2: N(0, 1) start, no random affine, ViLT's weight decay
@@ -137,7 +137,7 @@ def write_datasets(root: Path) -> Path:
         write_png(root / "jsrt" / f"{stem}.png", rng)
     write_flickr(root / "flickr30k", rng)
     write_mscoco(root / "mscoco", rng)
-    for name in SEGMENTATION_SETS:
+    for name in (*SEGMENTATION_SETS, *(f"{n}_val" for n in SEGMENTATION_SETS)):
         write_masks_layout(root / name, rng)
     return root
 
@@ -266,16 +266,20 @@ def shrink(preset: dict, checkpoint: Path, folder: Path, sam: Path | None = None
         "model": {"name": f"local-dir:{checkpoint}", "pretrained": None, "device": "cpu"},
         "invert": {"steps": 2, "samples": 2, "progressive_sizes": [64], "progressive_steps": [1]},
         "finetune": {"epochs": 1},
-        "evaluate": {"batch_size": 8, "workers": 0, "sets": sets, "models": ["baseline", recipe]},
+        "evaluate": {"batch_size": 8, "workers": 0, "sets": sets},
     })
     out["recipes"] = {recipe: overrides}  # replaced, not merged: the others name other concepts
     if preset["model"]["backend"] == "vilt":  # one image per concept: each pair costs ~0.5 s at 384 px
         out["invert"]["samples"] = 1
     if "generation" in preset["evaluate"]:  # captioning: 2 beams, 8 tokens (the preset's 6 beams of 30 tokens
         # repeat the same decoding step; on a random-init CoCa no caption ends early: ~70 s per model and 2 images)
-        out["evaluate"]["generation"] = {**preset["evaluate"]["generation"], "beams": 2, "max_length": 8}
+        out["evaluate"]["generation"] = {**preset["evaluate"]["generation"], "beams": 2, "beam_groups": 1,
+                                          "max_length": 8}
     if "segmentation" in preset["evaluate"]:  # M2IB: one step of one noisy copy (~2 forward passes per image)
         cheap = {"steps": 1, "noise_samples": 1, "batch_size": 2}
+        if preset["evaluate"]["segmentation"].get("hyper_opt"):  # the search over one setting (the preset's: 27)
+            cheap["hyper_opt"] = {**preset["evaluate"]["segmentation"]["hyper_opt"], "beta": [0.1], "variance": [1.0],
+                                  "layer": [preset["evaluate"]["segmentation"]["layer"]]}
         if preset["evaluate"]["segmentation"].get("sam"):
             cheap["sam"] = str(sam)
         out["evaluate"]["segmentation"] = {**preset["evaluate"]["segmentation"], **cheap}
@@ -320,7 +324,7 @@ def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint,
     if cfg.loss == "itm":  # every image meets a caption that is not its own
         assert len(summary["captions"]) + len(summary["negatives"]) >= 2
         assert not set(summary["negatives"]) & set(summary["captions"])
-    for model in params.evaluate.models:
+    for model in params.models():
         result = run_evaluate(params, model, Path(f"models/{model}"), Path("data/eval"), Path("data/concepts"),
                               Path(f"metrics/eval/{model}.json"))
         assert result["tasks"] == {set_name: spec.task for set_name, spec in params.evaluate.sets.items()}

@@ -122,6 +122,32 @@ def test_cross_encoder_scores_every_pair(tmp_path):
     assert metrics == pytest.approx({**expected, "pairs_scored": len(manifest) * len(captions)})
 
 
+class CuttingCrossEncoder(FakeCrossEncoder):
+    """A cross-encoder that reads at most 12 characters, as ViLT reads at most 40 tokens (CutsTexts)."""
+
+    def fit_texts(self, texts: list[str]) -> list[str]:
+        return [text[:12] for text in texts]
+
+
+def test_a_cross_encoder_that_cuts_texts_scores_cut_captions_and_counts_them(tmp_path):
+    from ktpipe.report import truncation_note
+
+    manifest = write_captioned(tmp_path / "images")
+    model = CuttingCrossEncoder()
+    metrics = TASKS["retrieval"].evaluate(model, task_input(manifest), progress=False)
+    captions, positives = caption_index(manifest)
+    with torch.no_grad():
+        pixels = torch.stack([model.preprocess(Image.open(p)) for p in manifest.paths])
+        scores = torch.stack([model.score_pairs(pixels, [c[:12]] * len(pixels)) for c in captions], dim=1)
+    expected = retrieval_metrics(scores, positives, concept_groups(captions, CONCEPTS))  # groups: the whole captions
+    cut = sum(len(c) > 12 for c in captions)
+    assert cut == 12 and metrics == pytest.approx({**expected, "pairs_scored": 72, "texts_truncated": cut})
+    note = truncation_note({"baseline": metrics, "paper": {**metrics, "texts_truncated": 0.0}})
+    assert note == ["**Note**: texts over the model's text limit, cut to it as the model's own library does: "
+                    "baseline 12.", ""]
+    assert truncation_note({"baseline": {"t2i_r1": 1.0}}) == []
+
+
 def test_a_model_without_scores_is_a_clear_error(tmp_path):
     manifest = write_captioned(tmp_path / "images")
 

@@ -26,9 +26,17 @@ from ktpipe.errors import KtpipeError
 from ktpipe.eval import run_evaluate
 from ktpipe.eval import segmentation as seg
 from ktpipe.eval.base import TaskInput
-from ktpipe.masks import EMPTY_TRUTH, mask_boxes
+from ktpipe.masks import EMPTY_TRUTH, keep_sam_components, mask_boxes
 from ktpipe.models.base import SQUARE_RESIZE, EmbedsTexts, TakesImages, VisionFeatures, square_pixels
-from ktpipe.params import DatasetParams, EvaluateParams, SegmentationParams, load_params
+from ktpipe.params import (
+    DatasetParams,
+    EvaluateParams,
+    ParamsError,
+    SaliencySearchParams,
+    SegmentationParams,
+    load_params,
+    validate_segmentation,
+)
 
 FAST = {"layer": 0, "steps": 2, "noise_samples": 2, "batch_size": 2}  # M2IB on the tiny CLIP (one vision block)
 
@@ -139,7 +147,8 @@ def test_run_evaluate_writes_metrics_scores_and_pngs_at_each_images_size(tiny_pr
 
 def test_sam_refines_the_saliency_masks_boxes(tiny_project, shapes, sam_folder):
     """With SAM the predicted masks are SAM's masks for the boxes of the coarse saliency masks (the
-    masks the same run without SAM predicts), and the coarse masks' scores are kept as saliency_*."""
+    masks the same run without SAM predicts), cut to as many components as each coarse mask has,
+    and the coarse masks' scores are kept as saliency_*."""
     from ktpipe.models.sam import SamSegmenter
 
     params, eval_dir, concepts_dir = shapes
@@ -159,7 +168,8 @@ def test_sam_refines_the_saliency_masks_boxes(tiny_project, shapes, sam_folder):
     coarse_masks = [png(tiny_project / "metrics/plain/baseline" / p) > 0 for p in before["predicted"]]
     sam_masks = [png(tiny_project / "metrics/sam/baseline" / p) > 0 for p in after["predicted"]]
     images = [Image.open(p).convert("RGB") for p in after["path"]]
-    expected = SamSegmenter.load(str(sam_folder)).segment(images, [mask_boxes(m) for m in coarse_masks])
+    expected = [keep_sam_components(mask, rough) for mask, rough in zip(
+        SamSegmenter.load(str(sam_folder)).segment(images, [mask_boxes(m) for m in coarse_masks]), coarse_masks)]
     for got, want, rough, image in zip(sam_masks, expected, coarse_masks, images):
         assert got.shape == (image.height, image.width)
         np.testing.assert_array_equal(got, want)
@@ -297,6 +307,113 @@ def test_spacing_scales_the_nsd_tolerance(tmp_path):
         scored[spacing] = seg.Segmentation().evaluate(BrightnessTower(), data).metrics
     assert scored[()]["nsd"] == pytest.approx(1.0) and scored[(1.0, 4.0)]["nsd"] < 1.0
     assert scored[()]["dsc"] == scored[(1.0, 4.0)]["dsc"] == pytest.approx(2 * 56 / 128)  # DSC ignores spacing
+
+
+# --- MedCLIP-SAMv2's hyper-parameter search ----------------------------------------------------
+
+
+class DeepTower(BrightnessTower):
+    """BrightnessTower with three vision blocks, so the search has layers to pick from."""
+
+    vision_layers = 3
+
+
+BEST = (1.0, 2.0, 2)  # (beta, variance, layer): the one setting whose fake M2IB map is right
+
+
+@pytest.fixture
+def fake_m2ib(monkeypatch) -> list[tuple[float, float, int]]:
+    """M2IB replaced by each pixel's brightness for the setting BEST and its darkness for any other
+    (DSC 1 and 0 on bright objects); returns the (beta, variance, layer) of every call, in order."""
+    from ktpipe import saliency
+
+    calls = []
+
+    def fake(model, pixels, texts, cfg, seed):
+        calls.append((cfg.beta, cfg.variance, cfg.layer))
+        brightness = pixels.mean(1)  # (B, 16, 16): the toy tower's patch grid
+        return brightness if calls[-1] == BEST else 1 - brightness
+
+    monkeypatch.setitem(saliency.SALIENCY_METHODS, "m2ib", fake)
+    return calls
+
+
+def search_input(tmp_path: Path, **search) -> TaskInput:
+    """The toy set `toy` (NATIVE) with the validation set `toy_val` (SCALED) searched for it."""
+    search = SaliencySearchParams(**{"sets": {"toy": "toy_val"}, "beta": (0.1, 1.0), "variance": (1.0, 2.0),
+                                     "layer": (0, 2), **search})
+    data = toy_input(write_layout(tmp_path / "toy", NATIVE), tmp_path / "out", saliency="m2ib",
+                     postprocess="threshold", hyper_opt=search)
+    val_spec = dataclasses.replace(data.spec, root=str(write_layout(tmp_path / "toy_val", SCALED)))
+    return dataclasses.replace(data, sets={"toy": data.manifest, "toy_val": load_dataset("toy_val", val_spec, seed=0)})
+
+
+def test_hyper_opt_searches_the_grid_and_segments_with_the_best_setting(tmp_path, fake_m2ib):
+    metrics = seg.Segmentation().evaluate(DeepTower(), search_input(tmp_path), progress=False).metrics
+    grid = [(b, v, layer) for b in (0.1, 1.0) for v in (1.0, 2.0) for layer in (0, 2)]  # MedCLIP-SAMv2's order
+    assert fake_m2ib[:len(grid)] == grid  # each setting once, on the validation images together
+    assert set(fake_m2ib[len(grid):]) == {BEST}  # then the test images with the best setting only
+    assert (metrics["hyper_opt_beta"], metrics["hyper_opt_variance"], metrics["hyper_opt_layer"]) == BEST
+    assert metrics["hyper_opt_dsc"] > 0.9 and metrics["hyper_opt_n_images"] == 3
+    scored = {k: v for k, v in metrics.items() if k.startswith("hyper_opt_dsc_")}
+    assert len(scored) == len(grid) and scored.pop("hyper_opt_dsc_beta1_variance2_layer2") == metrics["hyper_opt_dsc"]
+    assert all(v < 0.1 for v in scored.values()) and "hyper_opt_dsc_beta0p1_variance1_layer0" in scored
+    assert (metrics["dsc"], metrics["n_dsc"]) == (1.0, 3)  # the test set segmented perfectly: BEST applied
+
+
+def test_hyper_opt_takes_the_first_of_equal_scores_and_leaves_other_sets_alone(tmp_path, fake_m2ib):
+    data = search_input(tmp_path, beta=(0.1, 0.5), variance=(1.0,), layer=(0,))  # BEST not in the grid
+    metrics = seg.Segmentation().evaluate(DeepTower(), data, progress=False).metrics
+    assert metrics["hyper_opt_dsc_beta0p1_variance1_layer0"] == metrics["hyper_opt_dsc_beta0p5_variance1_layer0"]
+    assert metrics["hyper_opt_beta"] == 0.1  # the same map for both: the first in grid order wins
+    val = dataclasses.replace(data, set_name="toy_val", manifest=data.sets["toy_val"])
+    fake_m2ib.clear()
+    metrics = seg.Segmentation().evaluate(DeepTower(), val, progress=False).metrics
+    assert not any(k.startswith("hyper_opt") for k in metrics) and set(fake_m2ib) == {(0.1, 1.0, 0)}  # fixed setting
+
+
+def test_hyper_opt_draws_one_image_per_seed_among_those_with_a_mask(tmp_path):
+    import random
+
+    root = write_layout(tmp_path / "val", NATIVE + [(None, f"n{i}", ".png", (16, 16), (4, 4, 12, 10)) for i in range(5)])
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "masks" / "square.png")  # an empty mask: never drawn
+    manifest = load_dataset("val", DatasetParams(task="segmentation", format="masks", root=str(root),
+                                                 classes=("object",)), seed=0)
+    pool = [i for i, r in enumerate(manifest.records) if Path(r.path).stem != "square"]
+    assert seg.search_images(manifest, None) == pool
+    assert seg.search_images(manifest, 3) == [random.Random(i).sample(pool, 1)[0] for i in range(3)]
+
+
+def test_hyper_opt_names_unknown_sets_and_bad_grids(tmp_path):
+    data = search_input(tmp_path)
+    with pytest.raises(ParamsError, match=r"hyper_opt\.sets' names \['toy_val'\]"):
+        seg.Segmentation().evaluate(DeepTower(), dataclasses.replace(data, sets={"toy": data.manifest}))
+    with pytest.raises(ParamsError, match="blocks: use 0 to 2"):  # every searched layer checked up front
+        seg.Segmentation().evaluate(DeepTower(), search_input(tmp_path / "deep", layer=(2, 3)))
+    search = data.params.segmentation.hyper_opt
+    for bad, message in [({"saliency": "gradient"}, "searches M2IB"),
+                         ({"hyper_opt": dataclasses.replace(search, beta=())}, r"hyper_opt\.beta' must list"),
+                         ({"hyper_opt": dataclasses.replace(search, sets={})}, r"hyper_opt\.sets' must map"),
+                         ({"hyper_opt": dataclasses.replace(search, draws=0)}, r"hyper_opt\.draws"),
+                         ({"hyper_opt": dataclasses.replace(search, threshold=1.0)}, r"hyper_opt\.threshold")]:
+        with pytest.raises(ParamsError, match=message):
+            validate_segmentation(dataclasses.replace(data.params.segmentation, **bad))
+
+
+def test_hyper_opt_through_run_evaluate_records_the_search_in_the_metrics_json(tiny_project, tmp_path):
+    """The tiny CLIP with real M2IB: the searched set's metrics hold the choice and the grid's
+    scores, its validation set (evaluated too) holds none, and the params record the grid."""
+    sets = {"shapes": {"task": "segmentation", "format": "masks", "root": str(write_layout(tmp_path / "shapes"))},
+            "shapes_val": {"task": "segmentation", "format": "masks", "root": str(write_layout(tmp_path / "val"))}}
+    search = {"sets": {"shapes": "shapes_val"}, "beta": [0.1, 2.0], "variance": [1.0], "layer": [0], "draws": 2}
+    params, eval_dir, concepts_dir = segmentation_project(tiny_project, sets, hyper_opt=search)
+    result = evaluate(tiny_project, params, eval_dir, concepts_dir)
+    found = result["metrics"]["shapes"]["segmentation"]
+    assert found["hyper_opt_beta"] in (0.1, 2.0) and found["hyper_opt_layer"] == 0 and found["hyper_opt_n_images"] == 2
+    grid = [found["hyper_opt_dsc_beta0p1_variance1_layer0"], found["hyper_opt_dsc_beta2_variance1_layer0"]]
+    assert found["hyper_opt_dsc"] == max(grid) and all(0 <= v <= 1 for v in grid)
+    assert not any(k.startswith("hyper_opt") for k in result["metrics"]["shapes_val"]["segmentation"])
+    assert result["params"]["evaluate"]["segmentation"]["hyper_opt"]["beta"] == (0.1, 2.0)  # as asdict gives it
 
 
 # --- prompts ------------------------------------------------------------------------------------

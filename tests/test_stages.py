@@ -42,7 +42,7 @@ def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_checkpoint)
     runs = {}
     runs["concepts"] = run_stage(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
-                                 "data/world.json")
+                                 "data/world.json", "data/known.json")
     check(runs["concepts"])
     runs["data"] = run_stage_here(project, "data", "data/world.json", "data/eval")
     check(runs["data"])
@@ -283,8 +283,8 @@ def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
         world={"image_size": 32},
     )
     check(run_stage_here(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
-                         "data/world.json"))
-    check(run_stage_here(project, "base_model", "data/world.json", out, "metrics/pretrain.json"))
+                         "data/world.json", "data/known.json"))
+    check(run_stage_here(project, "base_model", "data/known.json", out, "metrics/pretrain.json"))
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     log = json.loads((project / "metrics/pretrain.json").read_text())
     assert [r["step"] for r in log["log"]] == [0, 1]
@@ -320,7 +320,7 @@ def test_cli_command_help(command):
 def concepts_command(project: Path, out: Path) -> list[str]:
     """`ktpipe concepts` on the project's files with absolute paths (CliRunner keeps the cwd)."""
     return ["concepts", "--params", str(project / "params.yaml"), str(project / "concepts/demo.yaml"),
-            str(project / "concepts/generated.yaml"), str(out), str(project / "world.json")]
+            str(project / "concepts/generated.yaml"), str(out), str(project / "world.json"), str(project / "known.json")]
 
 
 def test_cli_concepts_writes_concept_files(tiny_project):

@@ -2,6 +2,7 @@
 refusal, distillation, non-finite params and losses, inversion options and min-max PNG pixels."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -146,14 +147,30 @@ def test_finetune_refuses_eq2_with_one_distinct_caption(tiny_checkpoint, caption
 
 
 def test_finetune_with_authors_loss_learns_one_concept(tiny_checkpoint):
+    """Two AdamW steps: a loss above zero, every visual weight moved beyond what weight decay alone
+    does, the text tower untouched, and each image closer to its caption."""
     model = load_tiny(tiny_checkpoint)
-    before = state(model)
-    log = finetune(model, images(4), torch.zeros(4, dtype=torch.long), CAPTIONS[:1],
-                   FinetuneParams(loss="authors", batch_size=2), 1e-3, progress=False, recipe="solo")
+    before, pixels, lr = state(model), images(4), 1e-3
+    with torch.no_grad():
+        caption = model.encode_texts(CAPTIONS[:1])[0]
+        start = model.encode_images(pixels) @ caption  # (4,) cosine of each image to the caption
+    cfg = FinetuneParams(loss="authors", batch_size=2)
+    log = finetune(model, pixels, torch.zeros(4, dtype=torch.long), CAPTIONS[:1], cfg, lr, progress=False,
+                   recipe="solo")
     assert [r["step"] for r in log] == [0, 1]
     assert all(r["loss"] > 0 for r in log)
-    assert not torch.equal(model.module.visual.proj, before["visual.proj"])  # the visual tower trained
-    assert torch.equal(model.module.text_projection, before["text_projection"])  # the text tower did not
+    # AdamW's decoupled decay alone would leave p0 * (1 - lr * wd) per step; Adam's first steps move
+    # each parameter with a gradient by about lr, so the trained weights sit well away from that
+    decay_only = (1 - lr * cfg.weight_decay) ** len(log)
+    for name, weight in model.module.named_parameters():
+        beyond_decay = (weight.detach() - decay_only * before[name]).abs().mean().item()
+        if name.startswith("visual"):
+            assert beyond_decay > lr / 2, f"{name} moved only {beyond_decay:.2e} beyond weight decay"
+        else:
+            assert torch.equal(weight.detach(), before[name]), f"{name} (text tower) changed"
+    with torch.no_grad():
+        end = model.encode_images(pixels) @ caption
+    assert (end > start + 0.1).all(), (start.tolist(), end.tolist())  # each image moved toward its caption
 
 
 def test_frozen_text_target_is_computed_in_eval_mode(tiny_checkpoint, monkeypatch):
@@ -212,6 +229,87 @@ def test_finetune_names_the_capability_a_recipe_needs(cfg, needed):
     check_capabilities(model, FinetuneParams(loss="eq2", temperature=0.07), "ok")  # Eq. 2 needs scores only
     with pytest.raises(KtpipeError, match=rf"recipe 'cross'.*\({needed}\); PairScorer does not"):
         finetune(model, images(4), torch.tensor([0, 1, 0, 1]), CAPTIONS, cfg, 1e-3, progress=False, recipe="cross")
+
+
+# --- fine-tuning's plumbing: optimizer, temperature, refusals, negatives ---------------------
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)])
+def test_build_optimizer_is_the_recipes_optimizer_with_its_settings(name, kind):
+    from ktpipe.finetune import build_optimizer
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    cfg = FinetuneParams(optimizer=name, weight_decay=0.3, betas=(0.8, 0.9), eps=1e-7)
+    optimizer = build_optimizer([weight], cfg, 2e-3)
+    assert type(optimizer) is kind
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], tuple(group["betas"]), group["eps"]) == (2e-3, 0.3, (0.8, 0.9), 1e-7)
+
+
+def test_temperature_is_the_recipes_or_the_models_own(tiny_checkpoint):
+    from ktpipe.finetune import temperature_of
+
+    model = load_tiny(tiny_checkpoint)
+    own = temperature_of(model, FinetuneParams(loss="authors"))
+    assert float(own) == pytest.approx(1 / model.logit_scale().item())  # logits = cosine * logit scale
+    assert temperature_of(model, FinetuneParams(loss="eq2", temperature=0.5)) == 0.5
+    assert temperature_of(model, FinetuneParams(loss="itm")) is None  # a match logit has no temperature
+
+
+def test_itm_needs_two_distinct_captions_counting_negatives():
+    from ktpipe.finetune import check_objective
+
+    check_objective(FinetuneParams(loss="itm"), CAPTIONS[:1], CAPTIONS[1:], "r")  # one caption, one negative: fine
+    with pytest.raises(ParamsError, match="'itm'"):
+        check_objective(FinetuneParams(loss="itm"), CAPTIONS[:1], CAPTIONS[:1], "r")
+    check_objective(FinetuneParams(loss="eq2"), CAPTIONS, [], "r")
+    with pytest.raises(ParamsError, match="'eq2'"):
+        check_objective(FinetuneParams(loss="eq2"), CAPTIONS[:1], CAPTIONS[1:], "r")  # eq2 ignores negatives
+
+
+def test_itm_scores_each_image_against_the_captions_and_new_negatives_once():
+    from fakes import FakeCrossEncoder
+
+    seen = []
+
+    class Spy(FakeCrossEncoder):
+        def text_targets(self, texts):
+            seen.append(list(texts))
+            return super().text_targets(texts)
+
+    negatives = [CAPTIONS[1], "A dax is an outlined pink triangle.", CAPTIONS[0]]  # CAPTIONS[0] is a caption
+    log = finetune(Spy(), images(2), torch.zeros(2, dtype=torch.long), CAPTIONS[:1], FinetuneParams(loss="itm"), 1e-3,
+                   progress=False, negatives=negatives)
+    assert seen == [[CAPTIONS[0], CAPTIONS[1], "A dax is an outlined pink triangle."]] and len(log) == 1
+
+
+def test_finetune_refuses_no_images_and_takes_one():
+    with pytest.raises(KtpipeError, match="no images"):
+        finetune(None, torch.zeros(0, 3, SIZE, SIZE), torch.zeros(0, dtype=torch.long), CAPTIONS,
+                 FinetuneParams(), 1e-3, progress=False)
+    from fakes import FakeCrossEncoder
+
+    log = finetune(FakeCrossEncoder(), images(1), torch.zeros(1, dtype=torch.long), CAPTIONS,
+                   FinetuneParams(temperature=0.07), 1e-3, progress=False)
+    assert len(log) == 1 and log[0]["loss"] > 0
+
+
+def test_a_small_distillation_weight_still_distills(tiny_checkpoint):
+    cfg = FinetuneParams(loss="authors", batch_size=2, kd_weight=0.5)
+    log = finetune(load_tiny(tiny_checkpoint), images(4), torch.tensor([0, 0, 1, 1]), CAPTIONS, cfg, 1e-3,
+                   progress=False)
+    assert all("kd_loss" in r for r in log)
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_stops_before_the_step():
+    from ktpipe.finetune import backward_step
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    loss = weight.sqrt().sum()  # 0, with an infinite gradient at 0
+    with pytest.raises(NonFiniteError, match="gradient norm"):
+        backward_step(loss, optimizer, [weight], "r", 0)
+    assert torch.equal(weight.detach(), torch.zeros(3))
 
 
 # --- distillation ---------------------------------------------------------------------------
@@ -335,6 +433,37 @@ def test_finetune_stage_rejects_non_finite_lr(tmp_path, tiny_checkpoint, lr, ok)
     assert not (project / "models").exists() and not (project / "metrics").exists()
 
 
+def test_finetune_stage_lr_option_reaches_the_optimizer_and_the_log(tmp_path, tiny_checkpoint, monkeypatch):
+    """`ktpipe finetune --lr 3e-3` overrides params `lr` (1e-4): the optimizer steps at 3e-3 and the
+    training log records it."""
+    import ktpipe.finetune as finetune_module
+
+    seen = []
+    build = finetune_module.build_optimizer
+
+    def spy(params, cfg, lr):
+        optimizer = build(params, cfg, lr)
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return optimizer
+
+    monkeypatch.setattr(finetune_module, "build_optimizer", spy)
+    project = finetune_project(tmp_path / "project", tiny_checkpoint, recipes={"paper": {"loss": "authors"}})
+    result = run_stage_here(project, "finetune", "--lr", "3e-3", *FINETUNE_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert seen == [[pytest.approx(3e-3)]]
+    log = json.loads((project / FINETUNE_ARGS[-1]).read_text())
+    assert log["lr"] == pytest.approx(3e-3) and log["base_lr"] == pytest.approx(3e-3)
+    assert log["lr_multiplier"] == 1.0 and len(log["log"]) >= 1
+
+
+@pytest.mark.parametrize("lr", ["0", "-1e-3", "nan", "inf"])
+def test_finetune_stage_rejects_a_non_positive_or_non_finite_lr_option(tmp_path, tiny_checkpoint, lr):
+    project = finetune_project(tmp_path / "project", tiny_checkpoint)
+    result = run_stage_here(project, "finetune", "--lr", lr, *FINETUNE_ARGS)
+    assert result.returncode == 2 and "--lr must be a finite positive number" in result.stderr
+    assert not (project / "models").exists() and not (project / "metrics").exists()
+
+
 # --- NaN losses stop the run ----------------------------------------------------------------
 
 
@@ -398,6 +527,25 @@ def test_border_padding_fills_the_moved_out_corners():
     for corner in (zeros_out[..., 0, 0], zeros_out[..., 0, -1], zeros_out[..., -1, 0], zeros_out[..., -1, -1]):
         assert torch.equal(corner, torch.zeros_like(corner))
     assert border_out.min() > 0.999 and border_out.max() < 1.001
+
+
+def test_an_unaugmented_view_is_the_image_itself():
+    """affine_p 0: the view is the pixels as they are (affine_grid and grid_sample must agree on
+    align_corners, else the identity resamples the image slightly scaled)."""
+    pixels = images(3, seed=4)
+    for padding in ("zeros", "border"):
+        view = random_affine(pixels, InvertParams(affine_p=0.0, padding=padding), torch.Generator().manual_seed(0))
+        torch.testing.assert_close(view, pixels, rtol=0, atol=1e-5)
+
+
+def test_set_trainable_freezes_everything_but_the_chosen_tower(tiny_checkpoint):
+    from ktpipe.finetune import set_trainable
+
+    model = load_tiny(tiny_checkpoint)
+    trainable = set_trainable(model, "visual")
+    names = {name for name, p in model.module.named_parameters() if p.requires_grad}
+    assert names and all(name.startswith("visual.") for name in names)  # text tower, logit scale: frozen
+    assert {id(p) for p in trainable} == {id(p) for p in model.module.parameters() if p.requires_grad}
 
 
 def test_bicubic_resize_differs_from_bilinear_and_stays_in_range():
@@ -481,6 +629,14 @@ def test_minmax_png_matches_torchvision_png(tmp_path, seed):
     image = 0.1 + 0.8 * torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     expected = save_image_round_trip(image, tmp_path / "image.png")
     torch.testing.assert_close(minmax_png(image[None])[0], expected, rtol=0, atol=1 / 255 + 1e-6)
+
+
+def test_minmax_png_rounds_to_the_nearest_8_bit_level_as_torchvision(tmp_path):
+    """Within one level above, but the same level almost everywhere (+0.5 then floor: rounding)."""
+    image = 0.1 + 0.8 * torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    expected = save_image_round_trip(image, tmp_path / "image.png")
+    same = (minmax_png(image[None])[0] * 255).round() == (expected * 255).round()
+    assert same.float().mean() > 0.99
 
 
 def test_minmax_png_matches_torchvision_on_a_low_contrast_image(tmp_path):

@@ -1,6 +1,7 @@
 """ViLT backend on a tiny random-init ViLT written offline: the match head (retrieval head, or the
 two-way pretraining head mapped to its log-odds, or a refusal), pair scores, the 40-token text
-limit, save and load, the tower split, the inversion objective and retrieval pair by pair."""
+limit (evaluation cuts, fine-tuning refuses), ViLT's image processor with its pixel mask, ViLT's
+80/10/10 masking, save and load, the tower split, the inversion objective and retrieval pair by pair."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -131,7 +132,8 @@ def test_retrieval_scores_every_pair_through_vilt(vilt_folder, tmp_path):
     with torch.no_grad():
         images = torch.stack([model.preprocess(Image.open(r.path)) for r in records])
         scores = torch.stack([model.score_pairs(images, [c] * 4) for c in captions], dim=1)
-    assert metrics == pytest.approx({**retrieval_metrics(scores, positives), "pairs_scored": 4 * 8})
+    assert metrics == pytest.approx({**retrieval_metrics(scores, positives), "pairs_scored": 4 * 8,
+                                     "texts_truncated": 0})
 
 
 def test_inversion_raises_the_match_probability(vilt_folder):
@@ -151,3 +153,103 @@ def test_inversion_raises_the_match_probability(vilt_folder):
         end = model.score_pairs(images, ["a heart"] * 3)
     torch.testing.assert_close(sims, torch.nn.functional.logsigmoid(end))
     assert (end > start.max() + 0.1).all()  # every image's match logit rose (random init saturates near +0.16)
+
+
+def test_evaluation_cuts_texts_over_forty_tokens_and_counts_them(vilt_folder, tmp_path):
+    from ktpipe.datasets import CaptionedImage, LabeledImage, Manifest
+    from ktpipe.eval import TASKS
+    from ktpipe.eval.base import TaskInput
+    from ktpipe.eval.retrieval import caption_index, retrieval_metrics
+    from ktpipe.params import DatasetParams, EvaluateParams
+
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    with torch.no_grad():
+        model.module.rank_output.weight.mul_(300.0)  # pairs rank apart
+    long = "a chest x ray of a " + " ".join(["heart"] * 45)
+    cut = model.fit_texts(["a heart", long])
+    assert cut[0] == "a heart" and model.tokenize(cut)["input_ids"].shape == (2, 40)
+    assert model.tokenizer(cut[1])["input_ids"] == model.tokenizer(long, truncation=True, max_length=40)["input_ids"]
+    with pytest.raises(ModelLoadError, match="ViLT reads at most 40"):  # fine-tuning captions keep the refusal
+        model.text_targets([long])
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), (120 * i, 30, 200)).save(paths[-1])
+    manifest = Manifest("pairs", (), (CaptionedImage(str(paths[0]), (long, "a heart")),
+                                      CaptionedImage(str(paths[1]), ("a lung scan",))))
+    data = TaskInput("pairs", manifest, DatasetParams(task="retrieval", format="captions"), [], [], [],
+                     EvaluateParams(batch_size=2))
+    metrics = TASKS["retrieval"].evaluate(model, data, progress=False)
+    captions, positives = caption_index(manifest)
+    with torch.no_grad():
+        images = torch.stack([model.preprocess(Image.open(p)) for p in paths])
+        scores = torch.stack([model.score_pairs(images, [c] * 2) for c in model.fit_texts(captions)], dim=1)
+    assert metrics == pytest.approx({**retrieval_metrics(scores, positives), "pairs_scored": 6, "texts_truncated": 1})
+
+    labeled = Manifest("classes", ("heart", "lung"), (LabeledImage(str(paths[0]), 0), LabeledImage(str(paths[1]), 1)))
+    templates = ["a photo of a {}.", "a chest x ray of a {} " + " ".join(["heart"] * 45)]
+    data = TaskInput("classes", labeled, DatasetParams(task="classification", format="folder"), [], templates, [],
+                     EvaluateParams(batch_size=2))
+    assert TASKS["classification"].evaluate(model, data, progress=False)["texts_truncated"] == 2
+
+
+def test_images_keep_their_aspect_through_vilts_processor_with_a_pixel_mask(vilt_folder, tmp_path):
+    from transformers import ViltProcessor
+
+    from ktpipe.eval.classification import image_batches
+    from ktpipe.models.base import PaddedPixels
+
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    with torch.no_grad():
+        model.module.rank_output.weight.mul_(300.0)
+    wide = Image.new("RGB", (300, 200), (200, 40, 90))
+    wide.paste((20, 220, 60), (150, 50, 250, 150))
+    tall = wide.transpose(Image.Transpose.ROTATE_90)
+    assert model.preprocess(wide).shape == (3, 384, 576) and model.preprocess(tall).shape == (3, 576, 384)
+    for i, image in enumerate((wide, tall)):
+        image.save(tmp_path / f"{i}.png")
+    batch = next(iter(image_batches(model, (str(tmp_path / "0.png"), str(tmp_path / "1.png")), 2, progress=False)))
+    assert isinstance(batch, PaddedPixels) and batch.pixels.shape == (2, 3, 576, 576)
+    assert batch.mask[0, :384].all() and not batch.mask[0, 384:].any()  # the wide image: padding rows are 0
+    assert batch.mask[1, :, :384].all() and not batch.mask[1, :, 384:].any()
+
+    texts = ["a heart", "a lung scan"]
+    reference = ViltProcessor.from_pretrained(vilt_folder)(images=[wide, tall], text=texts, padding="max_length",
+                                                           max_length=40, return_tensors="pt")
+    inputs = model._pixel_inputs(batch)
+    assert torch.equal(inputs["pixel_mask"], reference["pixel_mask"])
+    torch.testing.assert_close(inputs["pixel_values"], reference["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        scores = model.score_pairs(batch, texts)
+        expected = model.module(**reference).logits[:, 0]
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert scores.std() > 0
+    square = pixels(2)  # inverted images: as they are, the mask all ones
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_pairs(square, texts), model.score_pairs(
+            PaddedPixels(square, torch.ones(2, 32, 32, dtype=torch.long)), texts))
+
+
+def test_masked_tokens_are_80_percent_mask_10_random_10_kept_and_the_demo_keeps_all_mask(vilt_folder):
+    from ktpipe.models.demo_vilt import build_demo_vilt
+
+    model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
+    words = "a heart with a lung scan of the chest x ray and a tumor with pneumonia normal"
+    texts = [" ".join(words.split()[i % 5:] + words.split()[:i % 5]) for i in range(600)]
+    masked = model.word_masker(3)(texts)
+    picked = masked["labels"] != -100
+    given, truth = masked["input_ids"][picked], masked["labels"][picked]
+    assert picked.sum() > 1000
+    as_mask = (given == model.tokenizer.mask_token_id).float().mean().item()
+    kept = (given == truth).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.03 and abs(kept - 0.1) < 0.03 and abs(1 - as_mask - kept - 0.1) < 0.03
+    content = masked["attention_mask"].bool().sum() - 2 * len(texts)
+    assert abs(picked.sum().item() / content.item() - 0.15) < 0.03
+
+    demo = build_demo_vilt(set())
+    assert demo.resize_rule.startswith("shorter side to 32 px")  # the demo's square crop
+    assert demo.preprocess(Image.new("RGB", (48, 32))).shape == (3, 32, 32)
+    demo_masked = demo.word_masker(3)(["a photo of a red circle."] * 200)
+    picked = demo_masked["labels"] != -100
+    assert picked.any() and (demo_masked["input_ids"][picked] == demo.tokenizer.mask_token_id).all()

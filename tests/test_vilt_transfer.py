@@ -119,7 +119,7 @@ def test_word_masker_masks_whole_words_about_fifteen_percent_and_is_seeded(folde
     first, again = model.word_masker(7)(texts), model.word_masker(7)(texts)
     assert torch.equal(first["input_ids"], again["input_ids"])
     masked = first["labels"] != -100
-    assert torch.equal(first["input_ids"][masked], torch.full_like(first["input_ids"][masked], model.tokenizer.mask_token_id))
+    assert (first["input_ids"][masked] == model.tokenizer.mask_token_id).float().mean() > 0.6  # ViLT's 80% [MASK]
     content = first["attention_mask"].bool() & ~torch.isin(first["input_ids"], torch.tensor(
         [model.tokenizer.cls_token_id, model.tokenizer.sep_token_id]))
     assert 0.08 < masked.sum() / (content.sum()) < 0.25
@@ -178,7 +178,7 @@ def test_inversion_records_vilts_settings(folder):
 
     choices = inversion_choices(InvertParams(init="normal", affine_p=0.0), vilt(folder))
     assert choices["image_size"] == 32 and choices["init"] == "normal" and choices["affine_p"] == 0.0
-    assert "shorter side to 32 px" in choices["resize"] and "640" in choices["resize"]
+    assert "image processor: shorter side to 384 px" in choices["resize"] and "32x32" in choices["resize"]
 
 
 # --- retrieval by rerank ---------------------------------------------------------------------------

@@ -79,10 +79,10 @@ def task_inputs(params: Params, sets: dict[str, Manifest], concepts: list[Concep
                 outputs: Path | None = None) -> dict[str, TaskInput]:
     """Set name -> what its task reads (records, concepts, templates, candidate classes of other sets)."""
     inputs = {}
-    for name, spec in params.evaluate.sets.items():
+    for name, spec in params.used_sets().items():
         extra = [c for other in spec.extra_classes for c in sets[other].classes]
         templates = load_templates(spec.templates or params.evaluate.templates)
-        inputs[name] = TaskInput(name, sets[name], spec, concepts, templates, extra, params.evaluate, outputs)
+        inputs[name] = TaskInput(name, sets[name], spec, concepts, templates, extra, params.evaluate, outputs, sets)
     return inputs
 
 
@@ -91,10 +91,11 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
     """Evaluate one model (`baseline` or a recipe) on every evaluation set with the set's task;
     write and return {model, params, tasks, metrics: {set: {task: {...}}}, summary, unevaluated},
     plus `notes: {set: [...]}` when a task left notes. Tasks' per-item files go to the folder
-    `outputs_dir(out_path)`, written whole (none when no task writes any) or, on an error, not at all."""
+    `outputs_dir(out_path)`, written whole (empty when no task writes any: it is a DVC output) or, on an
+    error, not at all."""
     concepts = read_concepts(concepts_dir, params.concepts.names)
-    tasks = {name: get_task(spec.task, name) for name, spec in params.evaluate.sets.items()}
-    sets = {name: load_eval_set(eval_dir, name) for name in params.evaluate.sets}
+    tasks = {name: get_task(spec.task, name) for name, spec in params.used_sets().items()}
+    sets = {name: load_eval_set(eval_dir, name) for name in params.used_sets()}
     for name, task in tasks.items():
         check_records(task, sets[name], name)
     unevaluated = unevaluated_concepts(concepts, sets)
@@ -115,9 +116,6 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
         "tasks": {name: task.name for name, task in tasks.items()},
         "metrics": metrics, "summary": summary, "unevaluated": unevaluated,
     }
-    folder = outputs_dir(out_path)
-    if not any(folder.iterdir()):  # no task wrote per-item files: leave no empty folder behind
-        folder.rmdir()
     if any(notes.values()):
         result["notes"] = {name: left for name, left in notes.items() if left}
     write_json(out_path, result)

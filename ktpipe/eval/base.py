@@ -4,7 +4,7 @@ evaluation set picks it with its `task:` key, and its metrics land under `<set>.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -26,6 +26,8 @@ class TaskInput:
     extra_classes: list[str]  # classes of the sets named in the set's `extra_classes`
     params: EvaluateParams
     outputs: Path | None = None  # folder for the task's per-item files (generated captions), or None: none written
+    sets: dict[str, Manifest] = field(default_factory=dict)  # every loaded set by name (segmentation's hyper_opt
+    # searches on another set's images)
 
 
 @dataclass(frozen=True)

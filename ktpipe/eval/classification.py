@@ -9,7 +9,9 @@ is also tried as the class prompt (the description-prompt baseline).
 
 A model that embeds images and texts classifies by CLIP's recipe (each class's prompt embeddings
 averaged and renormalized); a model that only scores pairs (a cross-encoder) scores every image
-against every prompt and averages a class's prompt scores.
+against every prompt and averages a class's prompt scores. A model that cuts long texts itself
+(ViLT's 40 tokens) gets its name prompts cut to that limit, counted as `texts_truncated`;
+description prompts over it stay an error.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from ktpipe.datasets import Manifest, normalize_class as normalize
 from ktpipe.eval.base import TaskInput, pct
 from ktpipe.eval.metrics import accuracy, per_class_accuracy
 from ktpipe.images import open_image
-from ktpipe.models.base import EmbedsImages, EmbedsTexts, ScoresPairs, TakesImages, is_dual_encoder, require
+from ktpipe.models.base import (CutsTexts, EmbedsImages, EmbedsTexts, PadsImages, ScoresPairs, TakesImages,
+                                is_dual_encoder, require)
 
 GROUPS = {"novel": "target", "known": "retention"}
 PER_CLASS_LIMIT = 20  # sets with more classes report per-class accuracy for concepts only
@@ -105,8 +108,11 @@ class ImageList(torch.utils.data.Dataset):
 
 def image_batches(model: TakesImages, paths: tuple[str, ...], batch_size: int, workers: int = 0,
                   progress: bool = True, desc: str = "images"):
-    """Batches of preprocessed pixels (B, 3, S, S), decoded by `workers` processes (0: in this process)."""
-    loader = torch.utils.data.DataLoader(ImageList(paths, model), batch_size=batch_size, num_workers=workers)
+    """Batches of preprocessed pixels (B, 3, S, S), or PaddedPixels for a model that pads its own
+    batches (PadsImages), decoded by `workers` processes (0: in this process)."""
+    collate = model.collate_images if isinstance(model, PadsImages) else None
+    loader = torch.utils.data.DataLoader(ImageList(paths, model), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate)
     return tqdm(loader, desc=desc, disable=not progress, leave=False)
 
 
@@ -130,6 +136,22 @@ def pair_class_scores(model: ScoresPairs, paths: tuple[str, ...], prompts: list[
         scores = model.score_targets(pixels, targets).cpu()  # (B, P)
         rows.append(torch.zeros(len(pixels), len(prompts)).index_add_(1, owner, scores) / counts)
     return torch.cat(rows)
+
+
+def fit_texts(model, texts: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Evaluation texts cut to the text limit of a model that cuts texts itself (CutsTexts), and
+    `texts_truncated`, how many were cut; other models' texts as they are, and no metric."""
+    if not isinstance(model, CutsTexts):
+        return list(texts), {}
+    fitted = model.fit_texts(list(texts))
+    return fitted, {"texts_truncated": float(sum(a != b for a, b in zip(texts, fitted)))}
+
+
+def fit_prompts(model, prompts: list[tuple[str, ...]]) -> tuple[list[tuple[str, ...]], dict[str, float]]:
+    """`fit_texts` over each class's prompts, grouped as given."""
+    fitted, cut = fit_texts(model, [p for class_prompts in prompts for p in class_prompts])
+    found = iter(fitted)
+    return [tuple(next(found) for _ in class_prompts) for class_prompts in prompts], cut
 
 
 def class_scores(model, paths: tuple[str, ...], kinds: dict[str, list], batch_size: int, workers: int = 0,
@@ -167,16 +189,18 @@ class ZeroShotClassification:
     record_kind = "labeled"
 
     def evaluate(self, model, data: TaskInput, progress: bool = True) -> dict[str, float]:
-        """Accuracy overall, per group (target, retention) and per class, per prompt kind."""
+        """Accuracy overall, per group (target, retention) and per class, per prompt kind; for a
+        model that cuts long texts, how many name prompts it cut (`texts_truncated`)."""
         model.module.eval()
         names, label_map = candidate_classes(data.manifest, data.extra_classes)
         candidates = build_candidates(names, data.concepts, data.templates)
         labels = torch.tensor([label_map[k] for k in data.manifest.labels])
         per_class = len(candidates) <= PER_CLASS_LIMIT
-        kinds = {"name": [c.prompts for c in candidates]}
+        prompts, cut = fit_prompts(model, [c.prompts for c in candidates])
+        kinds = {"name": prompts}
         if all(c.description for c in candidates):
             kinds["description"] = [(description_prompt(c.description),) for c in candidates]
-        metrics: dict[str, float] = {"n_images": float(len(data.manifest))}
+        metrics: dict[str, float] = {"n_images": float(len(data.manifest)), **cut}
         scores = class_scores(model, data.manifest.paths, kinds, data.params.batch_size, data.params.workers, progress)
         for kind, logits in scores.items():
             metrics.update(score(logits.argmax(-1), labels, candidates, kind, per_class))

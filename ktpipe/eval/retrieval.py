@@ -12,6 +12,8 @@ that only scores pairs (a cross-encoder) scores every image with every caption (
 when the set has a `rerank` entry, only the K best candidates that a dual encoder proposes for
 each query (`rerank`): for a caption its K best images, for an image its K best captions, each
 pair scored once. Reranked candidates rank above the rest, which keep the dual encoder's order.
+A model that cuts long texts itself (ViLT: 40 tokens) scores the captions cut to its limit, and
+`texts_truncated` counts the captions it cut.
 
 Recalls are reported over all queries and, when the set's captions name the experiment's
 concepts, over the queries of novel concepts (target) and of known ones (retention): transfer
@@ -27,7 +29,7 @@ import torch
 from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest
 from ktpipe.eval.base import TaskInput, pct
-from ktpipe.eval.classification import embed_images, image_batches, pair_class_scores
+from ktpipe.eval.classification import embed_images, fit_texts, image_batches, pair_class_scores
 from ktpipe.models.base import EmbedsTexts, ScoresPairs, is_dual_encoder, require
 from ktpipe.params import ParamsError
 
@@ -178,16 +180,18 @@ class Retrieval:
 
     def evaluate(self, model, data: TaskInput, progress: bool = True) -> dict[str, float]:
         """Recall@K overall and per concept group (target, retention); for a cross-encoder also
-        the number of pairs it scored (`pairs_scored`), and with `rerank`, its k."""
+        the number of pairs it scored (`pairs_scored`), and with `rerank`, its k; for a model that
+        cuts long texts, how many captions it cut (`texts_truncated`)."""
         model.module.eval()
         captions, positives = caption_index(data.manifest)
         groups = concept_groups(captions, data.concepts)
+        scored, cut = fit_texts(model, captions)  # the captions as the evaluated model reads them
         batch, workers = data.params.batch_size, data.params.workers
         dual = is_dual_encoder(model)
         if data.spec.rerank is None:
-            scores = score_matrix(model, data.manifest, captions, batch, workers, progress)
+            scores = score_matrix(model, data.manifest, scored, batch, workers, progress)
             extra = {} if dual else {"pairs_scored": float(scores.numel())}
-            return {**retrieval_metrics(scores, positives, groups), **extra}
+            return {**retrieval_metrics(scores, positives, groups), **extra, **cut}
         if dual:
             raise ParamsError(f"params key 'evaluate.sets.{data.set_name}.rerank': rerank rescores candidates "
                               f"with a cross-encoder, but the evaluated model embeds images and texts (a dual "
@@ -196,10 +200,10 @@ class Retrieval:
         check_rerank_k(data.spec.rerank.k, len(data.manifest), len(captions), data.set_name)
         proposer = load_proposer(data.spec.rerank.model, data.set_name)
         proposals = score_matrix(proposer, data.manifest, captions, batch, workers, progress)
-        i2t, t2i, passes = rerank(model, proposals, data.manifest, captions, data.spec.rerank.k, batch, workers,
+        i2t, t2i, passes = rerank(model, proposals, data.manifest, scored, data.spec.rerank.k, batch, workers,
                                   progress)
         return {**retrieval_metrics(i2t, positives, groups, t2i_scores=t2i), "pairs_scored": float(passes),
-                "rerank_k": float(data.spec.rerank.k)}
+                "rerank_k": float(data.spec.rerank.k), **cut}
 
     def summary(self, metrics: dict[str, float], concepts: list[ConceptText]) -> dict[str, float]:
         """Recall@1 and @5 both ways, overall and for the target group when the set has one."""

@@ -2,7 +2,11 @@
 saliency map of the vision tower for the set's prompt (M2IB, or the gradient baseline;
 ktpipe.saliency), post-processed to a coarse mask (threshold, Otsu or k-means, then the largest
 connected components; ktpipe.masks), optionally refined by SAM prompted with the components'
-boxes (ktpipe.models.sam), scored against the ground truth with MONAI's DSC, NSD and IoU.
+boxes (ktpipe.models.sam) and cut to as many components as the coarse mask has, scored against
+the ground truth with MONAI's DSC, NSD and IoU. With `hyper_opt`, a set's M2IB beta, variance and
+layer are first picked by MedCLIP-SAMv2's grid search on its validation set (`search_saliency`);
+the metrics then hold the chosen setting (`hyper_opt_beta`, `_variance`, `_layer`, `_dsc`) and
+every setting's validation DSC (`hyper_opt_dsc_beta<b>_variance<v>_layer<l>`, '.' written 'p').
 
 Masks are scored at each image's own size and geometry: the saliency map covers the model's
 center crop of the image and is zero outside it. An image's scores are MONAI's for that image;
@@ -14,7 +18,10 @@ with the scores, and the saliency map and predicted mask of each image as PNGs.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +37,7 @@ from ktpipe.eval.base import TaskInput, TaskResult
 from ktpipe.eval.classification import class_embeddings, name_prompts
 from ktpipe.images import open_image
 from ktpipe.models.base import EmbedsTexts, TakesImages, VisionFeatures, require
-from ktpipe.params import DatasetParams, SegmentationParams
+from ktpipe.params import DatasetParams, ParamsError, SegmentationParams
 
 COLUMNS = {"dsc": "DSC", "nsd": "NSD", "iou": "IoU"}
 SCORES_FILE = "{}.segmentation.parquet"  # per set, in TaskInput.outputs: one row per image
@@ -84,9 +91,9 @@ def load_sam(cfg: SegmentationParams, device: str):
 
 def segment_images(model, images: list[Image.Image], targets: torch.Tensor, cfg: SegmentationParams,
                    sam) -> list[dict[str, np.ndarray]]:
-    """Per image: its saliency map, coarse mask and predicted mask (SAM's, or the coarse one), at
-    the image's size."""
-    from ktpipe.masks import mask_boxes, resize_saliency_to_image, saliency_to_mask
+    """Per image: its saliency map, coarse mask and predicted mask (SAM's cut to as many components
+    as the coarse mask has, or the coarse one), at the image's size."""
+    from ktpipe.masks import keep_sam_components, mask_boxes, resize_saliency_to_image, saliency_to_mask
     from ktpipe.saliency import compute_saliency  # the saliency and mask code (MONAI, scipy, scikit-image: about
     # 2.5 s of imports) load only where a set segments
 
@@ -100,7 +107,7 @@ def segment_images(model, images: list[Image.Image], targets: torch.Tensor, cfg:
     if sam is not None:
         refined = sam.segment(images, [mask_boxes(found["coarse"]) for found in out])
         for found, mask in zip(out, refined):
-            found["mask"] = mask
+            found["mask"] = keep_sam_components(mask, found["coarse"])
     return out
 
 
@@ -171,6 +178,72 @@ def empty_note(rows: pd.DataFrame) -> str | None:
     return f"{unscored} of {len(rows)} images not scored: {EMPTY_TRUTH}"
 
 
+# --- MedCLIP-SAMv2's hyper-parameter search (--hyper-opt) -------------------------------------
+
+SEARCH_KEY = "evaluate.segmentation.hyper_opt"
+
+
+def check_search_sets(data: TaskInput) -> None:
+    """Every name in `hyper_opt.sets` is a loaded set, and no set is its own validation set."""
+    search = data.params.segmentation.hyper_opt
+    unknown = [name for pair in search.sets.items() for name in pair if name not in data.sets]
+    if unknown:
+        raise ParamsError(f"params key '{SEARCH_KEY}.sets' names {unknown}, which are not evaluated sets "
+                          f"(loaded: {sorted(data.sets)})")
+    own = [name for name, other in search.sets.items() if name == other]
+    if own:
+        raise ParamsError(f"params key '{SEARCH_KEY}.sets': {own} cannot be searched on their own images")
+
+
+def search_images(manifest: Manifest, draws: int | None) -> list[int]:
+    """Record indices the search scores: of the images whose mask is not empty (MedCLIP-SAMv2
+    skips images without a mask), every one, or `draws` draws of one each, draw i by
+    Python's random.Random(i) as MedCLIP-SAMv2's hyper_opt draws (repeats possible)."""
+    from ktpipe.datasets.masks import read_mask
+
+    pool = [i for i, record in enumerate(manifest.records) if read_mask(Path(record.mask)).any()]
+    if not pool:
+        raise KtpipeError(f"validation set {manifest.name!r} has no image with a non-empty mask to search on")
+    return pool if draws is None else [random.Random(i).sample(pool, 1)[0] for i in range(draws)]
+
+
+def grid_key(beta: float, variance: float, layer: int) -> str:
+    """The metric name of one setting's validation DSC ('.' written 'p': DVC nests keys at dots)."""
+    return f"hyper_opt_dsc_beta{beta:g}_variance{variance:g}_layer{layer}".replace(".", "p")
+
+
+def search_saliency(model, data: TaskInput, progress: bool = True) -> tuple[SegmentationParams, dict[str, float]]:
+    """MedCLIP-SAMv2's --hyper-opt: every (beta, variance, layer) of the grid, in its order, scored
+    by the mean DSC of the saliency map above `threshold` (no component filter, no SAM) on the
+    validation images, prompted as this set prompts. Returns the set's params with the best
+    setting (the first on ties) and the metrics: the setting, its DSC, and each setting's DSC."""
+    from ktpipe.datasets.masks import read_mask
+    from ktpipe.masks import image_scores, resize_saliency_to_image
+    from ktpipe.saliency import compute_saliency
+
+    cfg = data.params.segmentation
+    manifest = data.sets[cfg.hyper_opt.sets[data.set_name]]
+    records = [manifest.records[i] for i in search_images(manifest, cfg.hyper_opt.draws)]
+    images = [open_image(Path(r.path)) for r in records]
+    truths = [read_mask(Path(r.mask), image.size) for r, image in zip(records, images)]
+    targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates))  # (K, D)
+    texts = targets[torch.tensor([r.label for r in records], device=targets.device)]  # (B, D)
+    pixels = torch.stack([model.preprocess(image) for image in images]).to(targets.device)  # (B, 3, S, S)
+    grid = list(itertools.product(cfg.hyper_opt.beta, cfg.hyper_opt.variance, cfg.hyper_opt.layer))
+    scores = {}
+    for beta, variance, layer in tqdm(grid, desc=f"hyper_opt {data.set_name}", disable=not progress, leave=False):
+        setting = dataclasses.replace(cfg, beta=beta, variance=variance, layer=layer)
+        maps = compute_saliency(model, pixels, texts, setting, seed=cfg.seed).cpu()  # (B, S, S)
+        dsc = [image_scores(resize_saliency_to_image(m, *image.size) > cfg.hyper_opt.threshold, truth)["dsc"]
+               for m, image, truth in zip(maps, images, truths)]
+        scores[beta, variance, layer] = float(np.mean(dsc))
+    beta, variance, layer = max(scores, key=scores.get)  # the first of equal maxima, as pandas' idxmax
+    metrics = {"hyper_opt_beta": beta, "hyper_opt_variance": variance, "hyper_opt_layer": float(layer),
+               "hyper_opt_dsc": scores[beta, variance, layer], "hyper_opt_n_images": float(len(records)),
+               **{grid_key(*setting): score for setting, score in scores.items()}}
+    return dataclasses.replace(cfg, beta=beta, variance=variance, layer=layer), metrics
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -229,21 +302,31 @@ class Segmentation:
     record_kind = "masked"
 
     def evaluate(self, model, data: TaskInput, progress: bool = True) -> TaskResult:
-        """Segment every image, score overall, per group and per novel concept, and write the
-        per-image scores, saliency maps and masks to `data.outputs`."""
+        """Segment every image (with M2IB's setting searched on the validation set first when
+        `hyper_opt.sets` names this set), score overall, per group and per novel concept, and
+        write the per-image scores, saliency maps and masks to `data.outputs`."""
         from ktpipe.saliency import check_layer
 
         for capability in (TakesImages, VisionFeatures, EmbedsTexts):
             require(model, capability, "segmentation (saliency maps)")
-        check_layer(model, data.params.segmentation.layer)  # before SAM loads: a params error comes first
-        sam = load_sam(data.params.segmentation, getattr(model, "device", "cpu"))
+        cfg = data.params.segmentation
+        searched = cfg.hyper_opt is not None and data.set_name in cfg.hyper_opt.sets
+        if cfg.hyper_opt is not None:
+            check_search_sets(data)
+        for layer in cfg.hyper_opt.layer if searched else (cfg.layer,):
+            check_layer(model, layer)  # before SAM loads: a params error comes first
+        sam = load_sam(cfg, getattr(model, "device", "cpu"))
         model.module.eval()
+        search = {}
+        if searched:
+            chosen, search = search_saliency(model, data, progress)
+            data = dataclasses.replace(data, params=dataclasses.replace(data.params, segmentation=chosen))
         labels, groups = record_groups(data.manifest, data.concepts)
         rows = score_set(model, data, sam, labels, progress)
         if data.outputs is not None:
             rows.to_parquet(Path(data.outputs) / SCORES_FILE.format(data.set_name), index=False)
         note = empty_note(rows)
-        return TaskResult(set_metrics(rows, groups), (note,) if note else ())
+        return TaskResult({**set_metrics(rows, groups), **search}, (note,) if note else ())
 
     def summary(self, metrics: dict[str, float], concepts: list[ConceptText]) -> dict[str, float]:
         """DSC, NSD and IoU over all images; `target` and `retention` are the groups' DSC, and

@@ -3,11 +3,13 @@
 A backend implements the capabilities its model family has: an open_clip CLIP embeds images and
 texts, scores pairs, exposes its vision blocks and trains; a cross-encoder (ViLT) only scores
 pairs; a captioner (CoCa) also generates captions. Images enter as float pixels in [0, 1], shape
-(B, 3, S, S) with S = `image_size`; each backend applies its own normalization, so inversion can
-optimize raw pixels. Callers ask `isinstance(model, <capability>)`, never which family a model is.
+(B, 3, S, S) with S = `image_size` (evaluation batches of a PadsImages model: PaddedPixels); each
+backend applies its own normalization, so inversion can optimize raw pixels. Callers ask
+`isinstance(model, <capability>)`, never which family a model is.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
@@ -32,7 +34,41 @@ class TakesImages(Protocol):
     resize_rule: str  # how `preprocess` brings an image to S x S, in words (recorded beside inversions)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (3, S, S) float tensor in [0, 1]."""
+        """PIL image -> (3, S, S) float tensor in [0, 1] ((3, H, W) of its own size for PadsImages)."""
+
+
+@dataclass(frozen=True)
+class PaddedPixels:
+    """Images of different sizes as one batch: `pixels` (B, 3, H, W) in [0, 1], each image at the
+    top left and zeros beyond it, and `mask` (B, H, W), 1 on an image's own pixels (ViLT's pixel_mask)."""
+
+    pixels: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, index: Any) -> "PaddedPixels":
+        return PaddedPixels(self.pixels[index], self.mask[index])
+
+
+@runtime_checkable
+class PadsImages(TakesImages, Protocol):
+    """Images kept at their own aspect ratio (ViLT's processor): `preprocess` sizes differ, so the
+    model batches them itself, padded, with a mask; its pair scores take PaddedPixels too."""
+
+    def collate_images(self, images: list[torch.Tensor]) -> PaddedPixels:
+        """(3, H_i, W_i) pixels from `preprocess` -> one padded batch."""
+
+
+@runtime_checkable
+class CutsTexts(Protocol):
+    """A model whose own library cuts texts past its text limit (ViLT: 40 tokens). Evaluation cuts
+    its texts (captions, class prompts) the same way; descriptions and fine-tuning captions over the
+    limit stay errors naming the text."""
+
+    def fit_texts(self, texts: list[str]) -> list[str]:
+        """Each text cut to the model's text limit; a text that fits comes back unchanged."""
 
 
 @runtime_checkable

@@ -25,6 +25,14 @@ PUNCTUATION = list(".,;:'\"!?-()")
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
 
 
+class DemoViltCrossEncoder(ViltCrossEncoder):
+    """The ViLT backend with the demo's own setup, which its committed results used: square 32 px
+    crops instead of ViLT's image processor, and every masked word [MASK]."""
+
+    keeps_aspect = False
+    replace_split = (1.0, 0.0)
+
+
 def demo_vilt_file() -> dict:
     """The packaged demo ViLT file: its architecture (hidden 96, 3 blocks of 3 heads, 32 px images
     in 8 px patches: the demo CLIP vision tower's shape; texts of 40 tokens) and `words`, the demo
@@ -71,7 +79,7 @@ def build_demo_vilt(words: set[str], vision_init: Path | None = None, device: st
     module.add_module(MLM_HEAD.rstrip("."), ViltMLMHead(config))
     if vision_init is not None:
         copy_clip_vision_tower(module, Path(vision_init))
-    return ViltCrossEncoder(module, ViltProcessor(image_processor, tokenizer), device, base_model=DEMO_VILT_ARCH)
+    return DemoViltCrossEncoder(module, ViltProcessor(image_processor, tokenizer), device, base_model=DEMO_VILT_ARCH)
 
 
 def copy_clip_vision_tower(module: torch.nn.Module, clip_dir: Path) -> None:
@@ -129,7 +137,7 @@ def checkpoint_folder(name: str, pretrained: str | None) -> Path:
 
 def load_demo_vilt(name: str, pretrained: str | None, device: str = "cpu") -> ViltCrossEncoder:
     """The pretrained (or fine-tuned) demo ViLT from its checkpoint folder."""
-    return ViltCrossEncoder.load(str(checkpoint_folder(name, pretrained)), device=device)
+    return DemoViltCrossEncoder.load(str(checkpoint_folder(name, pretrained)), device=device)
 
 
 def load_demo_vilt_text_budget(name: str, pretrained: str | None = None) -> ViltTextBudget:

@@ -8,14 +8,27 @@ pretraining head (`itm_score.fc`, two-way: no match, match), its log-odds (row 1
 weight and bias), which ranks pairs as the softmax match probability does. A checkpoint with
 neither is refused: `from_pretrained` would start the head at random.
 
-Pixels keep the backend contract: (B, 3, S, S) in [0, 1] at the config's `image_size`; the
-backend normalizes them (ViLT's mean and std, 0.5) and masks nothing (square images fill the
-grid). Texts take at most `max_position_embeddings` tokens (40), start and end included.
+Images go through the checkpoint's own `ViltImageProcessor`, as in ViLT: `preprocess` resizes
+the shorter side to the processor's shortest edge (384), the longer to at most 1333/800 of it,
+both rounded down to multiples of 32 (bicubic), and keeps pixels in [0, 1] at that size;
+`collate_images` pads a batch to its largest image with the processor's `pad` and returns the
+pixel mask (PaddedPixels). Square (B, 3, S, S) tensors (inverted images, fine-tuning batches)
+do not go through the processor: they enter as they are with an all-ones mask, which is what
+the processor gives an S x S image when S is its shortest edge and a multiple of 32 (ViLT's
+checkpoints: `image_size` 384). The backend normalizes (ViLT's mean and std, 0.5; padding stays
+0, as the processor pads after normalizing). The demo ViLT (ktpipe.models.demo_vilt) keeps the
+square crop at its 32 px (`keeps_aspect` False).
+
+Texts take at most `max_position_embeddings` tokens (40), start and end included. Evaluation cuts
+longer texts to that limit (`fit_texts`), as ViLT's own text pipeline truncates at 40; a longer
+text given to `tokenize` (descriptions at inversion, fine-tuning captions) is an error naming it.
 
 A checkpoint that keeps ViLT's masked-language-modelling head (`mlm_score.*`, as
 `dandelin/vilt-b32-mlm-itm` and `ViltForMaskedLM` checkpoints do) also predicts masked words
 (masked language modelling fine-tuning, paper Sec. 8.9); the head rides along in the module as
-`mlm_score`, so fine-tuning and saving treat it as the rest of the network.
+`mlm_score`, so fine-tuning and saving treat it as the rest of the network. Its masker picks
+whole words at 15% and, as ViLT's whole-word collator (BERT's recipe), turns 80% of the picked
+tokens into [MASK], 10% into a random token and leaves 10% unchanged (the demo ViLT: all [MASK]).
 """
 from __future__ import annotations
 
@@ -28,13 +41,17 @@ from PIL import Image
 from safetensors import safe_open
 
 from ktpipe.models import LOCAL_DIR
-from ktpipe.models.base import CROSS_ENCODER, SQUARE_RESIZE, ModelLoadError, square_pixels
+from ktpipe.models.base import CROSS_ENCODER, SQUARE_RESIZE, ModelLoadError, PaddedPixels, square_pixels
 
 ITM_HEAD = ("itm_score.fc.weight", "itm_score.fc.bias")  # ViLT pretraining's two-way head
 RANK_HEAD = ("rank_output.weight", "rank_output.bias")  # transformers' one-logit retrieval head
 MLM_HEAD = "mlm_score."  # ViLT pretraining's masked-language-modelling head
 PAIR_CHUNK = 64  # image-text pairs per forward pass when scoring every pair
 MASKING_RATE = 0.15  # share of a text's words masked for masked language modelling (ViLT, BERT)
+REPLACE_SPLIT = (0.8, 0.1)  # of the masked tokens: share made [MASK], share made a random token (rest kept)
+PROCESSOR_RULE = ("ViLT's image processor: shorter side to {shortest} px, longer at most 1333/800 of it, both "
+                  "rounded down to multiples of 32 (bicubic), padded in a batch with a pixel mask; square "
+                  "{size}x{size} tensors (inverted images) enter as they are")
 RESIZE_RULE = (SQUARE_RESIZE + "; ViLT's own processor keeps the aspect ratio (shorter side {size}, longer at "
                "most 640/384 of it, multiples of 32) and masks the padding: the square crop fills the patch grid")
 
@@ -114,6 +131,21 @@ def masked_word_head(module: torch.nn.Module, state: dict[str, torch.Tensor], so
     return head
 
 
+def replace_masked(input_ids: torch.Tensor, labels: torch.Tensor, split: tuple[float, float], vocab_size: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """BERT's replacement of masked tokens, token by token as ViLT's collator draws it: of the
+    positions with a label (B, L), a share split[0] stays [MASK], split[1] becomes a random token of
+    the vocabulary, the rest gets its own token (the label) back."""
+    masked = labels != -100
+    draw = torch.rand(labels.shape, generator=generator)
+    to_random = masked & (draw >= split[0]) & (draw < split[0] + split[1])
+    kept = masked & (draw >= split[0] + split[1])
+    out = input_ids.clone()
+    out[to_random] = torch.randint(vocab_size, labels.shape, generator=generator)[to_random]
+    out[kept] = labels[kept]
+    return out
+
+
 class ViltTextBudget:
     """The text budget of a ViLT tokenizer: `context_length` tokens, [CLS] and [SEP] included."""
 
@@ -129,10 +161,12 @@ class ViltTextBudget:
 
 
 class ViltCrossEncoder:
-    """A ViLT image-text matching model behind the ktpipe interface (ScoresPairs, Invertible,
-    Trainable, and PredictsMaskedWords when the checkpoint has an MLM head)."""
+    """A ViLT image-text matching model behind the ktpipe interface (ScoresPairs, PadsImages,
+    CutsTexts, Invertible, Trainable, and PredictsMaskedWords when the checkpoint has an MLM head)."""
 
     kind = CROSS_ENCODER
+    keeps_aspect = True  # images through ViLT's image processor (False: the square crop, the demo's)
+    replace_split = REPLACE_SPLIT  # what masked tokens become (the demo ViLT: every one [MASK])
 
     def __init__(self, module: torch.nn.Module, processor: Any, device: str = "cpu", base_model: str | None = None):
         if device == "cpu":
@@ -152,7 +186,11 @@ class ViltCrossEncoder:
         self.mean = torch.tensor(processor.image_processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_processor.image_std, device=device).view(1, 3, 1, 1)
         self._to_pixels = square_pixels(self.image_size)
-        self.resize_rule = RESIZE_RULE.format(size=self.image_size)
+        if self.keeps_aspect:
+            self.resize_rule = PROCESSOR_RULE.format(shortest=processor.image_processor.size["shortest_edge"],
+                                                     size=self.image_size)
+        else:
+            self.resize_rule = RESIZE_RULE.format(size=self.image_size)
 
     @classmethod
     def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "ViltCrossEncoder":
@@ -183,8 +221,25 @@ class ViltCrossEncoder:
         return cls(module, processor, device, base_model=source)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """(3, S, S) pixels in [0, 1]: shorter side resized to S, center crop."""
-        return self._to_pixels(image.convert("RGB"))
+        """(3, H, W) pixels in [0, 1] resized by ViLT's image processor (module docstring); with
+        `keeps_aspect` False, (3, S, S): shorter side resized to S, center crop."""
+        if not self.keeps_aspect:
+            return self._to_pixels(image.convert("RGB"))
+        found = self.processor.image_processor(image.convert("RGB"), do_normalize=False, do_pad=False,
+                                               return_tensors="pt")
+        return found["pixel_values"][0]
+
+    def collate_images(self, images: list[torch.Tensor]) -> PaddedPixels:
+        """One batch of `preprocess` outputs, padded to the largest by ViLT's image processor, with
+        its pixel mask."""
+        padded, masks = self.processor.image_processor.pad(list(images), return_mask=True)
+        return PaddedPixels(torch.stack(padded), torch.stack(masks))
+
+    def fit_texts(self, texts: list[str]) -> list[str]:
+        """Each text cut to `context_length` tokens ([CLS] and [SEP] included), as ViLT truncates
+        its texts; a text that fits comes back unchanged."""
+        budget = ViltTextBudget(self.tokenizer, self.context_length)
+        return [budget.kept(text) if budget.count(text) > self.context_length else text for text in texts]
 
     def _encode(self, texts: list[str], **extra: Any) -> list[dict[str, list[int]]]:
         """Each text's token ids (with [CLS] and [SEP]); a text over the context is an error naming
@@ -202,25 +257,30 @@ class ViltCrossEncoder:
                                    return_tensors="pt")
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def _pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """ViLT's pixel_values (normalized) and pixel_mask (all ones: square images fill the grid)."""
+    def _pixel_inputs(self, pixels: torch.Tensor | PaddedPixels) -> dict[str, torch.Tensor]:
+        """ViLT's pixel_values (normalized; padding 0) and pixel_mask (all ones for a square batch)."""
+        if isinstance(pixels, PaddedPixels):
+            mask = pixels.mask.to(self.device)
+            values = (pixels.pixels.to(self.device) - self.mean) / self.std * mask.unsqueeze(1)
+            return {"pixel_values": values, "pixel_mask": mask}
         mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long, device=self.device)
         return {"pixel_values": (pixels.to(self.device) - self.mean) / self.std, "pixel_mask": mask}
 
-    def _image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_tokens(self, pixels: torch.Tensor | PaddedPixels) -> tuple[torch.Tensor, torch.Tensor]:
         """ViLT's embedded image tokens (B, P, D) and their mask (B, P). ViLT's patch sampling
         draws the order of each image's patches at random; attention does not depend on it, but
         float sums do, so the draw is seeded here and the same inputs give the same bytes (the
         global random state is left as it was)."""
         inputs = self._pixel_inputs(pixels)
-        devices = [pixels.device.index or 0] if pixels.is_cuda else []
+        values = inputs["pixel_values"]
+        devices = [values.device.index or 0] if values.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             embeds, masks, _ = self.module.vilt.embeddings.visual_embed(
                 inputs["pixel_values"], inputs["pixel_mask"], max_image_length=self.module.config.max_image_length)
         return embeds, masks
 
-    def match_logits(self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def match_logits(self, pixels: torch.Tensor | PaddedPixels, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) match logits of N (image, text) pairs, row by row."""
         embeds, masks = self._image_tokens(pixels)
         return self.module(image_embeds=embeds, pixel_mask=masks, **tokens).logits[:, 0]
@@ -228,10 +288,10 @@ class ViltCrossEncoder:
     def text_targets(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenize(texts)
 
-    def score_targets(self, pixels: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def score_targets(self, pixels: torch.Tensor | PaddedPixels, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) match logits of every image with every text, PAIR_CHUNK pairs per pass; each
         image's patch embeddings are computed once and shared by its pairs."""
-        n_images, n_texts = pixels.shape[0], targets["input_ids"].shape[0]
+        n_images, n_texts = len(pixels), targets["input_ids"].shape[0]
         image_index = torch.arange(n_images, device=self.device).repeat_interleave(n_texts)
         text_index = torch.arange(n_texts, device=self.device).repeat(n_images)
         embeds, masks = self._image_tokens(pixels)
@@ -242,7 +302,7 @@ class ViltCrossEncoder:
             scores.append(self.module(image_embeds=embeds[images], pixel_mask=masks[images], **tokens).logits[:, 0])
         return torch.cat(scores).reshape(n_images, n_texts)
 
-    def score_pairs(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def score_pairs(self, pixels: torch.Tensor | PaddedPixels, texts: list[str]) -> torch.Tensor:
         return self.match_logits(pixels, self.tokenize(texts))
 
     def text_target(self, text: str, similarity: str = "cosine") -> dict[str, torch.Tensor]:
@@ -257,19 +317,26 @@ class ViltCrossEncoder:
     def word_masker(self, seed: int) -> Callable[[list[str]], dict[str, torch.Tensor]]:
         """Whole-word masking at 15% (ViLT's MLM setup) through transformers'
         `DataCollatorForLanguageModeling`, seeded: texts -> input_ids with masked words, labels
-        (-100 where nothing is predicted), attention_mask, token_type_ids. A masked word becomes
-        [MASK] throughout (the collator's whole-word mode replaces no word at random)."""
+        (-100 where nothing is predicted), attention_mask, token_type_ids. Of the masked tokens,
+        `replace_split` says the shares that become [MASK] and a random token (80% and 10%, as
+        ViLT's whole-word collator); the rest keep their token. The collator's whole-word mode
+        makes every masked token [MASK], so `replace_masked` redraws the split afterwards."""
         from transformers import DataCollatorForLanguageModeling
 
         collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=MASKING_RATE, whole_word_mask=True,
                                                    mask_replace_prob=1.0, random_replace_prob=0.0, seed=seed)
+        generator = torch.Generator().manual_seed(seed + 1)  # a stream apart from the collator's (`seed`)
 
         def mask(texts: list[str]) -> dict[str, torch.Tensor]:
             # padded one by one (padding never cuts, so the length check still sees a long text): the
             # collator cannot pad the offset mapping that whole-word masking reads
             encoded = self._encode(texts, padding="max_length", max_length=self.context_length,
                                    return_special_tokens_mask=True, return_offsets_mapping=True)
-            return {key: value.to(self.device) for key, value in collator(encoded).items()}
+            batch = collator(encoded)
+            if self.replace_split != (1.0, 0.0):
+                batch["input_ids"] = replace_masked(batch["input_ids"], batch["labels"], self.replace_split,
+                                                    len(self.tokenizer), generator)
+            return {key: value.to(self.device) for key, value in batch.items()}
 
         return mask
 
