@@ -600,6 +600,9 @@ def validate_models(params: Params) -> None:
     if "baseline" in params.recipes:
         raise ParamsError("params key 'recipes.baseline': 'baseline' names the model before transfer; "
                           "call the recipe something else")
+    if "families" in params.recipes:
+        raise ParamsError("params key 'recipes.families': metrics/eval/families holds the model families' "
+                          "evaluations; call the recipe something else")
     unknown = sorted(set(params.evaluate.use or ()) - set(params.evaluate.sets))
     if unknown:
         raise ParamsError(f"params key 'evaluate.use' names {unknown}, which are not in evaluate.sets "

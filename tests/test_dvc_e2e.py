@@ -140,7 +140,7 @@ def test_dvc_pipeline_end_to_end(repo):
     segmented = metrics["test_segmentation"]["segmentation"]  # the demo's segmentation set, scored per model
     assert set(segmented) == {"baseline", "paper"} and all(0 <= m["dsc"] <= 1 for m in segmented.values())
     assert (repo.root / "metrics/eval/paper/test_segmentation.segmentation.parquet").is_file()
-    assert (repo.root / "metrics/coca/eval/full/test_captioning.captions.jsonl").is_file()
+    assert (repo.root / "metrics/eval/families/coca/full/test_captioning.captions.jsonl").is_file()
     cached = set((repo.root / ".dvc/cache/runs").rglob("*"))  # DVC's run-cache: every computing stage enters it
     assert len({p.parent.name for p in cached if p.is_file()}) == len(ALL_STAGES) - 2  # not concepts, report
     assert (reports / "figures").is_dir()

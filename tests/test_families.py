@@ -126,9 +126,9 @@ def families_project(tmp_path_factory, tiny_checkpoint) -> Path:
     check(run_stage_here(project, "finetune_family", "vilt", "data/concepts", "data/inverted", "models/vilt/finetuned",
                          "metrics/vilt/finetune"))
     check(run_stage_here(project, "evaluate_family", "vilt", "models/vilt/finetuned", "data/eval", "data/concepts",
-                         "metrics/vilt/eval"))
+                         "metrics/eval/families/vilt"))
     check(run_stage_here(project, "report", "metrics/eval", "data/concepts", "data/inverted", "reports",
-                         "--families-dir", "metrics"))
+                         "--families-dir", "metrics/eval/families"))
     return project
 
 
@@ -141,7 +141,7 @@ def test_family_stages_run_the_family_model(families_project):
     # the learned descriptions under every other concept's name are mismatches too
     assert "A dax is a striped orange ring." in finetuned["negatives"]
     assert "A lantern is an outlined pink triangle." in finetuned["negatives"]
-    evaluated = json.loads((project / "metrics/vilt/eval/paper.json").read_text())
+    evaluated = json.loads((project / "metrics/eval/families/vilt/paper.json").read_text())
     assert evaluated["params"]["model"]["backend"] == "demo_vilt" and set(evaluated["metrics"]) == {"test"}
     assert evaluated["checkpoint"] == "models/vilt/finetuned/paper"
 
@@ -154,7 +154,7 @@ def test_report_puts_the_families_side_by_side(families_project):
     assert "## Family `vilt` (demo_vilt:ktpipe-demo-vilt, models/vilt/baseline)" in markdown
     assert "### `vilt`: set `test` (classification, demo)" in markdown
     metrics = json.loads((reports / "metrics.json").read_text())
-    evaluated = json.loads((families_project / "metrics/vilt/eval/paper.json").read_text())
+    evaluated = json.loads((families_project / "metrics/eval/families/vilt/paper.json").read_text())
     assert metrics["families"]["vilt"]["headline"]["paper"]["target"] == pytest.approx(
         evaluated["summary"]["test"]["classification"]["target"])
     assert "vilt" not in metrics["test"]["classification"]  # the file's own tables hold its own models only

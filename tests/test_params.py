@@ -231,3 +231,8 @@ def test_a_trained_decoder_without_captioning_loss_is_refused(tmp_path):
 
     with pytest.raises(ParamsError, match=r"'recipes.paper.decoder' trains the text decoder.*caption_weight' is 0"):
         load_params(rewritten(tmp_path, decoder_without_loss))
+
+
+def test_a_recipe_named_families_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match=r"'recipes.families'.*metrics/eval/families"):
+        load_params(rewritten(tmp_path, lambda raw: raw["recipes"].update(families={})))

@@ -15,7 +15,8 @@ presets' real layouts (`$KTPIPE_DATASETS`). Each run must:
    ktpipe/data/paper_results.csv): one published number, quoted in `PresetRun.paper`.
 
 Stand-ins (`STAND_INS`), each a random-init model of the preset's family, small enough that a stage
-spends its time in DVC and the interpreter's start-up (5-8 s per stage) rather than in the model:
+spends its time in DVC and the interpreter's start-up (7 s per stage on an idle core) rather than in
+the model:
 - CLIP ViT-B/32 -> a 2-layer, 32-wide open_clip CLIP ViT at 32 px with CLIP's BPE tokenizer and
   77-token context (the real ViT-B-32 runs every stage in tests/test_presets.py);
 - BiomedCLIP -> its published config with timm's `test_vit3` trunk (a 9-block, 96-wide ViT/16 at
@@ -28,11 +29,13 @@ spends its time in DVC and the interpreter's start-up (5-8 s per stage) rather t
 Sizes: 2 inversion steps of 2 images (ViLT: 1) through one progressive size (8 px), 3 ImageNet
 classes, captions of 3 beams (one per beam group) and 8 tokens, M2IB with one step of one noisy copy
 and a saliency search over one setting on one validation image, image decoding in the stage's own
-process (`evaluate.workers=0`). The MSCOCO presets learn 80 concepts, one inversion
-stage each (about 10 minutes of start-ups alone): their runs keep 2 of them (`concepts.names`); every
-other preset keeps all its concepts and recipes.
+process (`evaluate.workers=0`). The MSCOCO presets learn 80 concepts, one inversion stage each
+(about 10 minutes of start-ups alone): their runs keep 2 of them (`concepts.names`); every other
+preset keeps all its concepts and recipes, so each run has 9 to 17 stages. Overrides of keys that a
+preset leaves out take `+` (`-S +key=value`, hydra's syntax, which `dvc exp run` uses).
 
-`pytest -s` prints each run's wall time and its stages.
+`pytest -n 0 -s` (or `-rP`) prints each run's wall time and its stages: 120-210 s each when two runs share
+the 2-core test machine (`-n 2`; 9 to 17 stages at 12-16 s each), 8.6 minutes for the five.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ from test_sam import TINY_SAM
 
 pytestmark = pytest.mark.slow
 
-EXP_RUN_TIMEOUT = 600  # seconds; the runs take 1-3 minutes on 2 cores
+EXP_RUN_TIMEOUT = 600  # seconds; a run takes 3-4 minutes on 2 busy cores
 RAN = re.compile(r"Ran experiment\(s\): (\S+)")
 
 # --- stand-ins ----------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def experiment_metrics(shown: list[dict], name: str) -> dict[str, dict]:
     raise AssertionError(f"experiment {name!r} not in dvc exp show --json: {json.dumps(shown)[:2000]}")
 
 
-def dotted(data: dict, key: str):
+def dotted(data: dict, key: str) -> object:
     """data['a']['b'] for key 'a.b'; None when absent."""
     for part in key.split("."):
         if not isinstance(data, dict) or part not in data:
@@ -310,8 +313,8 @@ def test_preset_runs_every_stage_under_dvc(run, preset_datasets, stand_in, tmp_p
     # 2. the documented metrics, as `dvc exp show` lists them
     name = RAN.search(output).group(1)
     shown = experiment_metrics(json.loads(clone.dvc("exp", "show", "--json")), name)
-    missing = [f"{path}: {key}" for path, key in run.metrics if not isinstance(dotted(shown.get(path, {}), key),
-                                                                               (int, float))]
+    missing = [f"{path}: {key}" for path, key in run.metrics
+               if not isinstance(dotted(shown.get(path, {}), key), (int, float))]
     assert not missing, f"not in dvc exp show --json: {missing}\nfiles: {sorted(shown)}"
 
     # 3. the paper's numbers beside ours
