@@ -1,7 +1,7 @@
 """Inversion and zero-shot evaluation speed of open_clip models and ViLT on this machine.
 
 For each model, in a fresh subprocess (so peak memory figures do not mix):
-- inversion: the real `ktpipe.invert.invert_text` (paper Eq. 3, `samples` images as one batch)
+- inversion: the real `ktpipe.transfer.invert.invert_text` (paper Eq. 3, `samples` images as one batch)
   at the model's input size; the first step is a warm-up, the next `--steps` are timed from
   one forward call of the network (CLIP: its visual tower) to the next;
 - peak memory of that inversion: `torch.cuda.max_memory_allocated` on CUDA, otherwise the
@@ -24,7 +24,7 @@ With `--captioning` (paper Tables 6 and 9), also, in its own subprocess:
 `--captioning-only` runs just that section.
 
 With `--segmentation` (MedCLIP-SAMv2's zero-shot segmentation), also, in its own subprocess:
-- saliency: `ktpipe.saliency.compute_saliency` (M2IB through `m2ib_token_maps`: layer 7, beta 0.1,
+- saliency: `ktpipe.eval.saliency.compute_saliency` (M2IB through `m2ib_token_maps`: layer 7, beta 0.1,
   variance 1, lr 1) maps per second on `--segmentation-images` random 224 px images for a random-init
   BiomedCLIP (its published open_clip config, a timm ViT-B/16 vision tower, with the tiny BERT text
   tower that tests/archs.py writes offline); batched (one bottleneck per image, all optimized together)
@@ -34,7 +34,7 @@ With `--segmentation` (MedCLIP-SAMv2's zero-shot segmentation), also, in its own
   extrapolated from it, linear in both. Also the gradient x input baseline, batched;
 - SAM: masks per second of a random-init SAM ViT-B (`SamSegmenter.segment`, one box per image) on
   `--sam-images` `--sam-image-size` px images, each timed (the first includes warm-up);
-- scores: MONAI's DSC, IoU and NSD (`ktpipe.masks.segmentation_scores`, batched, each metric timed
+- scores: MONAI's DSC, IoU and NSD (`ktpipe.eval.masks.segmentation_scores`, batched, each metric timed
   alone too, and per image `image_scores`) on `--metric-masks` synthetic 224x224 masks, reported
   per 1,000 masks. The metrics run on the CPU whatever the device.
 One warm-up map and one warm-up scoring go first.
@@ -142,7 +142,7 @@ def build_model(name: str, pretrained: str | None, device: str, scratch: Path):
 
 def time_inversion(model, steps: int, samples: int, device: str) -> dict:
     """Seconds per steady-state step of `invert_text`, from the start of one visual forward to the next."""
-    from ktpipe.invert import invert_text
+    from ktpipe.transfer.invert import invert_text
     from ktpipe.params import InvertParams
 
     starts: list[float] = []

@@ -67,7 +67,7 @@ def build_saliency_model(device: str, scratch: Path):
 def time_m2ib(model, pixels, texts, cfg, device: str) -> dict:
     """Maps per second of M2IB through `compute_saliency`, with `cfg.batch_size` images per call,
     and its full-step seconds (one forward, backward and Adam update of batch x noise copies)."""
-    from ktpipe.saliency import compute_saliency
+    from ktpipe.eval.saliency import compute_saliency
 
     with forward_starts(model.vision_blocks()[0], device) as starts:
         _, seconds = timed(device, lambda: compute_saliency(model, pixels, texts, cfg))
@@ -86,7 +86,7 @@ def time_saliency(args: argparse.Namespace, device: str) -> dict:
     import torch
 
     from ktpipe.params import SegmentationParams
-    from ktpipe.saliency import compute_saliency
+    from ktpipe.eval.saliency import compute_saliency
 
     scratch = tempfile.TemporaryDirectory()
     model = build_saliency_model(device, Path(scratch.name))
@@ -169,12 +169,12 @@ def synthetic_masks(count: int, size: int = 224, seed: int = 0):
 
 
 def time_metrics(count: int, tolerance: float = 2.0) -> dict:
-    """Seconds per 1,000 synthetic 224x224 masks of MONAI's scores through ktpipe.masks: batched
+    """Seconds per 1,000 synthetic 224x224 masks of MONAI's scores through ktpipe.eval.masks: batched
     `segmentation_scores`, its DSC, IoU and NSD alone (as it calls them), and per image `image_scores`."""
     import numpy as np
     from monai.metrics import DiceMetric, MeanIoU
 
-    from ktpipe.masks import as_channel_batch, image_scores, segmentation_scores, surface_dice
+    from ktpipe.eval.masks import as_channel_batch, image_scores, segmentation_scores, surface_dice
 
     predicted, truth = synthetic_masks(count)
     segmentation_scores(predicted[:2], truth[:2], None, tolerance)  # warm-up: MONAI's first call costs more

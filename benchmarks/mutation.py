@@ -42,16 +42,16 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ktpipe/eval/metrics.py": (
         ("accuracy", "per_class_accuracy"),
         ("tests/test_metrics.py", "tests/test_prediction_paths.py", "-k", "classification or score or accuracy")),
-    "ktpipe/losses.py": (
+    "ktpipe/transfer/losses.py": (
         ("eq2_loss", "authors_infonce", "distillation_loss", "itm_loss", "coca_loss", "eq2_objective",
          "authors_objective"),
         ("tests/test_losses.py", "tests/test_training_checks.py", "-k",
          "infonce or eq2 or distillation or itm or coca or learns_one_concept")),
-    "ktpipe/invert.py": (
+    "ktpipe/transfer/invert.py": (
         ("random_affine", "total_variation", "inversion_loss", "cosine_lr", "clip_pixel_grad"),
         ("tests/test_invert_objective.py", "tests/test_training_checks.py", "-k",
          "not progressive and not run_invert and not stage and not nan")),
-    "ktpipe/finetune.py": (
+    "ktpipe/transfer/finetune.py": (
         ("set_trainable", "build_optimizer", "check_objective", "temperature_of", "backward_step", "finetune",
          "minmax_png", "choose_concepts"),
         ("tests/test_training_checks.py", "tests/test_finetune_recipes.py")),

@@ -4,7 +4,7 @@
     python benchmarks/pretrain_demo.py --threads 1 2 --steps 60
 
 Runs the pretraining step of the packaged demo world (`params.yaml`'s `pretrain` section) from
-scratch, without saving. It times the stage's own loop (`ktpipe.pretrain.pretrain`) with and
+scratch, without saving. It times the stage's own loop (`ktpipe.demo.pretrain.pretrain`) with and
 without `--steps` extra steps, then separately the batch making (drawing captions and made-up
 names, rendering) of as many steps; the model's share (tokenizing, forward, backward, AdamW) is
 the difference.
@@ -22,15 +22,15 @@ import torch
 
 from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.params import load_params
-from ktpipe.pretrain import image_batch, name_batch, pretrain
+from ktpipe.demo.pretrain import image_batch, name_batch, pretrain
 from ktpipe.templates import load_templates
-from ktpipe.world import load_world
+from ktpipe.demo.world import load_world
 
 WARM_STEPS = 5
 
 
 def measure(params_path: Path, threads: int, steps: int) -> dict:
-    """Time `ktpipe.pretrain.pretrain` itself (the stage's loop) for WARM_STEPS and for
+    """Time `ktpipe.demo.pretrain.pretrain` itself (the stage's loop) for WARM_STEPS and for
     WARM_STEPS + `steps` steps; the difference is `steps` whole steps, without model build."""
     torch.set_num_threads(threads)
     params = load_params(params_path)

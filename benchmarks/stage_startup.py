@@ -1,5 +1,5 @@
 """What every `dvc repro` stage pays before and after its own work: the imports of a new process, the
-interpreter's teardown at its end (which `python -m ktpipe` skips) and DVC's bookkeeping of `dvc.lock`.
+interpreter's teardown at its end (which a stage, `python -m stages.<stage>`, skips) and DVC's bookkeeping of `dvc.lock`.
 
 Each import row runs in fresh interpreters (`--repeats` times, the median printed) and adds one
 library to the row above, so the differences are what each library costs on top of the others:
@@ -82,10 +82,10 @@ def main() -> None:
         print(f"{label:55s} {took:6.2f} {took - previous:6.2f}")
         previous = took
     skipped = seconds([sys.executable, "-c", f"{IMPORT_STEPS[-1][1]}; import os; os._exit(0)"], args.repeats)
-    print(f"{'the row above ending in os._exit, as python -m ktpipe':55s} {skipped:6.2f} {skipped - previous:6.2f}"
+    print(f"{'the row above ending in os._exit, as a stage does':55s} {skipped:6.2f} {skipped - previous:6.2f}"
           "  (the interpreter's teardown)")
-    took = seconds([sys.executable, "-m", "ktpipe", "--help"], args.repeats)
-    print(f"{'python -m ktpipe --help (the CLI alone)':55s} {took:6.2f}")
+    took = seconds([sys.executable, "-m", "stages", "--help"], args.repeats)
+    print(f"{'python -m stages --help (the CLI alone)':55s} {took:6.2f}")
 
     if args.lock.is_file():
         print(f"\n{args.lock} ({args.lock.stat().st_size / 1024:.0f} KB), best of {args.repeats}")

@@ -1,7 +1,7 @@
 """The model before transfer, as a DVC output every later stage depends on.
 
 For a demo backend this is the tiny CLIP (ViLT, CoCa) pretrained on the demo world: the package
-ships each one pretrained with its provenance (ktpipe/data/base_models/<backend>/, written by
+ships each one pretrained with its provenance (ktpipe/demo/base_models/<backend>/, written by
 `ktpipe ship_base_models`), and the stage copies it when the params and code that would pretrain
 it are those the record names; otherwise it pretrains, saying why. For a real backend (open_clip
 weights from a hub or a file) it is `model.json`: what was loaded, its input size and parameter
@@ -47,9 +47,9 @@ def describe_model(params: Params) -> dict:
 
 
 # demo backend -> module and function that pretrain it on the demo world (imported only here)
-DEMO_PRETRAINING = {"demo": ("ktpipe.pretrain", "run_pretrain"),
-                    "demo_vilt": ("ktpipe.pretrain_cross", "run_pretrain_cross"),
-                    "demo_coca": ("ktpipe.pretrain_caption", "run_pretrain_captioner")}
+DEMO_PRETRAINING = {"demo": ("ktpipe.demo.pretrain", "run_pretrain"),
+                    "demo_vilt": ("ktpipe.demo.pretrain_cross", "run_pretrain_cross"),
+                    "demo_coca": ("ktpipe.demo.pretrain_caption", "run_pretrain_captioner")}
 
 
 def run_base_model(params: Params, out_dir: Path, log_path: Path, world_path: Path | None = None) -> dict:
@@ -58,7 +58,7 @@ def run_base_model(params: Params, out_dir: Path, log_path: Path, world_path: Pa
         if Path(params.model.pretrained or "") != Path(out_dir):
             raise ParamsError(f"for the {params.model.backend} backend, params key 'model.pretrained' must be "
                               f"{str(out_dir)!r} (the base_model stage's output), got {params.model.pretrained!r}")
-        from ktpipe.shipped import copy_shipped, mismatch, pretraining_record, read_shipped
+        from ktpipe.demo.shipped import copy_shipped, mismatch, pretraining_record, read_shipped
 
         record = pretraining_record(params, world_path)
         shipped = read_shipped(params.model.backend)

@@ -1,19 +1,20 @@
-"""`ktpipe` command line: one click group whose commands are the pipeline's stages.
+"""What every command line of ktpipe shares: the params and family options, one-line user errors,
+and a quick exit.
 
-`dvc.yaml` runs each stage as `python -m ktpipe <stage> ...`; outside DVC the same commands run
-one step by hand. Each command is the module `ktpipe/commands/<stage>.py` (its `command`), imported
-only when it runs, so a stage pays only for its own imports and its DVC deps name only its own
-code: a new stage is one new module, found by its file name.
+The commands themselves live in two places: one module per DVC stage in the top-level `stages/`
+folder (the command `dvc.yaml` runs, `python -m stages.<stage> ...`) and the commands that are
+not stages (experiments, preset, ship_base_models) in `ktpipe/commands/`. The `ktpipe` console
+script (`stages/cli.py`) reaches both, so every command has one definition.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import atexit
+import os
+import sys
 from typing import Any, Callable
 
 import click
 
-from ktpipe import commands
 from ktpipe.errors import KtpipeError
 
 PARAMS_OPTION = click.option(
@@ -22,10 +23,14 @@ PARAMS_OPTION = click.option(
 )
 
 
-FAMILY_OPTION = click.option(
-    "--family", default=None, metavar="NAME",
-    help="Run for model family NAME: params with `families.NAME` applied (default: the file's own model).",
-)
+def family_option(required: bool = False) -> Callable:
+    """`--family NAME`, the same everywhere: run with params `families.NAME` merged over the file."""
+    default = "" if required else " (default: the file's own model)"
+    return click.option("--family", default=None, required=required, metavar="NAME",
+                        help=f"Model family NAME: params with `families.NAME` applied{default}.")
+
+
+FAMILY_OPTION = family_option()
 
 
 class UserError(click.ClickException):
@@ -53,22 +58,42 @@ def load_params(path: str, family: str | None = None):
     return run_step(read_params, path, family)
 
 
-class StageGroup(click.Group):
-    """Commands are the modules of `ktpipe.commands`, imported when one runs (or help lists them)."""
+def exit_now(code: object) -> None:
+    """Exit with `SystemExit`'s `code` (None: 0; a message: printed, 1) after the exit handlers.
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(m.name for m in pkgutil.iter_modules(commands.__path__))
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in self.list_commands(ctx):
-            return None
-        return importlib.import_module(f"{commands.__name__}.{name}").command
-
-
-@click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="ktpipe")
-def main() -> None:
-    """Knowledge Transfer: teach an image-text model new visual concepts from descriptions alone.
-
-    Each command is one pipeline stage; `dvc repro` chains them with caching.
+    The interpreter's own teardown is skipped: with torch, torchvision and open_clip loaded it takes
+    1.2 to 1.5 s on 2 cores (freeing every module, unloading torch's libraries), paid once per DVC
+    stage (`python benchmarks/stage_startup.py` measures it). Outputs are written and closed by then.
     """
+    if code is None or isinstance(code, int):
+        status = code or 0
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()  # what a normal exit runs first: logging's flush, weakref finalizers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def observed() -> bool:
+    """Whether a profiler, tracer or (Python 3.12+) monitoring tool watches this process."""
+    monitoring = getattr(sys, "monitoring", None)
+    tools = range(6) if monitoring else ()  # sys.monitoring's tool ids 0-5
+    return (sys.getprofile() is not None or sys.gettrace() is not None
+            or any(monitoring.get_tool(tool) is not None for tool in tools))
+
+
+def run_command(command: click.Command) -> None:
+    """Run a command as a program (a stage's `python -m stages.<stage>`, the `ktpipe` script).
+
+    The process ends as soon as the command has returned, skipping the interpreter's teardown; a
+    bug's traceback exits the usual way, and so does every run under a profiler or tracer
+    (`python -m cProfile -m stages.invert ...`, coverage, a debugger), whose results are written at exit.
+    """
+    try:
+        command(prog_name="ktpipe")
+    except SystemExit as done:  # click ends every command, failed or not, with SystemExit
+        if observed():
+            raise
+        exit_now(done.code)

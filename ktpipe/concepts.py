@@ -1,4 +1,4 @@
-"""Concepts and their descriptions: read from `concepts/*.yaml`, checked against the text tower,
+"""Concepts and their descriptions: read from `captions/*.yaml`, checked against the text tower,
 written one file per concept, turned into fine-tuning captions.
 
 A concepts file may leave a concept undescribed (`name:` with no `description`); the concepts

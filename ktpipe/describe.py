@@ -202,7 +202,7 @@ def run_concepts(concepts_file: Path, generated_file: Path, cfg: ConceptsParams,
         write_concept_files(concepts, tmp)
     drawn = world_concepts(entries)
     if drawn and (world_path is not None or known_path is not None):
-        from ktpipe.world import load_world
+        from ktpipe.demo.world import load_world
 
         load_world(concepts=drawn)  # a novel concept on a combination pretraining shows is an error here
     if world_path is not None:

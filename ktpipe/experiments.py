@@ -52,8 +52,25 @@ def seed_table(frame: pd.DataFrame, lr: float, split: str = "test") -> pd.DataFr
     return pd.concat([table, summary])
 
 
-def render(frame: pd.DataFrame, lr: float, seed: int, test_set: str = "test", val_set: str = "val") -> str:
-    """Markdown with the seed table (on `test_set`) and the lr table (on `val_set`)."""
+def lr_curves(table: pd.DataFrame) -> dict[str, list[tuple[float, float, float]]]:
+    """recipe -> (lr, target, retention) points, from an lr table (`lr_table`); the model before
+    transfer does not depend on lr and is left out."""
+    recipes = dict.fromkeys(c.split(".")[-2] for c in table.columns if c.endswith(".target"))
+    curves = {}
+    for recipe in recipes:
+        if recipe == "baseline":
+            continue
+        target = next(c for c in table.columns if c.endswith(f".{recipe}.target"))
+        retention = next((c for c in table.columns if c.endswith(f".{recipe}.retention")), None)
+        if retention is not None:
+            curves[recipe] = [(float(lr), float(row[target]), float(row[retention])) for lr, row in table.iterrows()]
+    return curves
+
+
+def render(frame: pd.DataFrame, lr: float, seed: int, test_set: str = "test", val_set: str = "val",
+           figure: str | None = None) -> str:
+    """Markdown with the seed table (on `test_set`) and the lr table (on `val_set`), and the lr
+    curve's image `figure` (a path relative to the Markdown file) when given."""
     seeds = seed_table(frame, lr, test_set)
     transposed = seeds.T.map(lambda v: f"{100 * v:.1f}%")
     return "\n".join([
@@ -68,6 +85,7 @@ def render(frame: pd.DataFrame, lr: float, seed: int, test_set: str = "test", va
         "",
         f"## `{val_set}` against learning rate (seed {seed})",
         "",
+        *([f"![Target and retention against learning rate]({figure})", ""] if figure else []),
         lr_table(frame, seed, val_set).map(lambda v: f"{100 * v:.1f}%").to_markdown(),
         "",
     ])

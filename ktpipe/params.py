@@ -84,8 +84,8 @@ class GeneratorParams:
 @dataclass(frozen=True)
 class ConceptsParams:
     names: tuple[str, ...] = ()  # concepts to invert and learn, each described in `file` (or `generated`)
-    file: str = "concepts/demo.yaml"  # concept descriptions of this experiment
-    generated: str = "concepts/generated.yaml"  # LLM descriptions of concepts `file` leaves undescribed
+    file: str = "captions/demo.yaml"  # concept descriptions of this experiment
+    generated: str = "captions/generated.yaml"  # LLM descriptions of concepts `file` leaves undescribed
     generator: GeneratorParams | None = None  # null: every concept needs a description in `file`
     truncate: bool = False  # false: a text longer than the text tower's context is an error; true: warn and cut
 
@@ -156,7 +156,7 @@ class RerankParams:
 @dataclass(frozen=True)
 class DatasetParams:
     task: str = "classification"  # evaluation task (ktpipe.eval.TASKS); metrics land under <set>.<task>.<metric>
-    format: str = "folder"  # one of DATASET_FORMATS (README "Datasets" documents each layout)
+    format: str = "folder"  # one of DATASET_FORMATS (docs/datasets.md documents each layout)
     root: str | None = None  # dataset folder; relative image paths resolve under it
     labels: str | None = None  # label file: manifest CSV/parquet, CheXpert CSV or JSRT CLNDAT file
     split: str = "test"  # demo world: val or test; karpathy: the split file's test, val, train or restval
@@ -260,7 +260,7 @@ class Params:
     report: ReportParams = field(default_factory=ReportParams)
     inverted: tuple[str, ...] | None = None  # concepts the invert stages run for (None: every concepts.names entry)
     families: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> a second model family, as a
-    # merge patch of this file (FAMILY_KEYS); its stages run with `--family <name>` (README "Model families")
+    # merge patch of this file (FAMILY_KEYS); its stages run with `--family <name>` (docs/models.md)
 
     def recipe(self, name: str) -> FinetuneParams:
         """The finetune section with a recipe's overrides applied."""

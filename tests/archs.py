@@ -83,7 +83,7 @@ def concept_words() -> tuple[str, ...]:
     import re
 
     repo = Path(__file__).resolve().parents[1]
-    files = [*(repo / "concepts").glob("*.yaml"), *(repo / "ktpipe/data/templates").glob("*.txt")]
+    files = [*(repo / "captions").glob("*.yaml"), *(repo / "ktpipe/data/templates").glob("*.txt")]
     return tuple(sorted({w for f in files for w in re.findall(r"[a-z0-9]+", f.read_text().lower())}))
 
 

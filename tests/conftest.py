@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random-init open_clip checkpoint, a tiny project folder, and the real
 architectures' random-init checkpoints (tests/archs.py), each built once per session.
 
-Stages are commands of the `ktpipe` CLI (`python -m ktpipe <stage> ...`, as dvc.yaml runs them):
+Stages are modules of stages/ (`python -m stages.<stage> ...`, as dvc.yaml runs them):
 they take their paths as arguments and read `params.yaml` from the working directory, so a
 "project" is a folder with a params file and the demo concepts file; tests run a stage in it as a
 subprocess, exactly as `dvc repro` would (`run_stage`), or in-process through the same click
@@ -33,7 +33,7 @@ from ruamel.yaml import YAML
 torch.set_num_threads(1)  # one thread per pytest-xdist worker (pyproject addopts): workers fill the cores
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONCEPTS_FILE = REPO / "concepts" / "demo.yaml"
+DEMO_CONCEPTS_FILE = REPO / "captions" / "demo.yaml"
 DEMO_CONCEPTS = ["blicket", "dax", "wug", "lantern", "clover", "button", "shield", "ember", "halo", "tile", "comet"]
 NOVEL = ["blicket", "dax", "wug"]
 
@@ -64,7 +64,7 @@ def tiny_params(checkpoint: Path) -> dict[str, Any]:
         "model": {"backend": "open_clip", "name": f"local-dir:{checkpoint}", "pretrained": None, "device": "cpu"},
         "world": {"image_size": 16, "val_per_concept": 2, "test_per_concept": 2},
         "pretrain": {"steps": 2, "batch_size": 16, "name_batch": 8, "warmup": 1},
-        "concepts": {"names": list(DEMO_CONCEPTS), "file": "concepts/demo.yaml"},
+        "concepts": {"names": list(DEMO_CONCEPTS), "file": "captions/demo.yaml"},
         "invert": {"steps": 3, "samples": 2},
         "finetune": {"epochs": 1, "batch_size": 4, "towers": "visual", "rehearsal": False},
         "recipes": {"paper": {"rehearsal": False}, "full": {"rehearsal": True}},
@@ -98,18 +98,18 @@ def write_params(project: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def make_project(folder: Path, checkpoint: Path, **overrides: Any) -> Path:
-    """Lay out params.yaml and concepts/demo.yaml in `folder`; returns it."""
+    """Lay out params.yaml and captions/demo.yaml in `folder`; returns it."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "concepts").mkdir(exist_ok=True)
-    shutil.copy(DEMO_CONCEPTS_FILE, folder / "concepts" / "demo.yaml")
+    (folder / "captions").mkdir(exist_ok=True)
+    shutil.copy(DEMO_CONCEPTS_FILE, folder / "captions" / "demo.yaml")
     with (folder / "params.yaml").open("w") as fh:
         YAML(typ="safe", pure=True).dump(deep_merge(tiny_params(checkpoint), overrides), fh)
     return folder
 
 
 def run_stage(project: Path, stage: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m ktpipe <stage> ARGS` (this repo's ktpipe) with the project as working directory."""
-    cmd = [sys.executable, "-m", "ktpipe", stage, *map(str, args)]
+    """Run `python -m stages.<stage> ARGS` (this repo's stages and ktpipe) with the project as working directory."""
+    cmd = [sys.executable, "-m", f"stages.{stage}", *map(str, args)]
     return subprocess.run(cmd, cwd=project, env=STAGE_ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -130,7 +130,7 @@ def run_stage_here(project: Path, stage: str, *args: str) -> subprocess.Complete
     as `run_stage` reads them (`text_mode`: a progress bar's "\\r" becomes "\\n"). The working
     directory, argv, environment and the global RNG states are restored afterwards.
     """
-    from ktpipe.cli import main
+    from stages.cli import main
 
     argv = [stage, *map(str, args)]
     out, err = io.StringIO(), io.StringIO()
@@ -157,7 +157,7 @@ def run_stage_here(project: Path, stage: str, *args: str) -> subprocess.Complete
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-    return subprocess.CompletedProcess([sys.executable, "-m", "ktpipe", *argv], returncode, text_mode(out.getvalue()),
+    return subprocess.CompletedProcess([sys.executable, "-m", "stages", *argv], returncode, text_mode(out.getvalue()),
                                        text_mode(err.getvalue()))
 
 

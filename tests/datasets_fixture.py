@@ -1,4 +1,4 @@
-"""Tiny evaluation datasets in each loader's real on-disk layout (README "Datasets"), as the paper
+"""Tiny evaluation datasets in each loader's real on-disk layout (docs/datasets.md), as the paper
 presets read them through `$KTPIPE_DATASETS/...`. Not a test module: `build_datasets(root)` writes
 them all under `root` (conftest's session fixture `preset_datasets` builds them once).
 
@@ -34,12 +34,12 @@ from ktpipe.datasets.medical import CHEXPERT_CLASSES
 SEED = 0
 IMAGENET_PER_CLASS = 1  # 1000 folders: one image each keeps the build under a second
 PER_CLASS = 3  # images per class (or per set) everywhere else
-RARE_CONCEPTS = ("moongate", "tonometer", "gyroscope")  # Table 1 (concepts/rare_concepts.yaml)
+RARE_CONCEPTS = ("moongate", "tonometer", "gyroscope")  # Table 1 (captions/rare_concepts.yaml)
 SEGMENTATION_SETS = ("unitochest", "siim_pneumothorax", "udiat", "brats23")  # roots in table4_medclip_samv2.yaml,
 # each with its validation set <root>_val
 SHAPES = ("ellipse", "rectangle", "triangle")
 
-# Karpathy split entries: (split, captions); the captions name MSCOCO classes (concepts/mscoco.yaml), so
+# Karpathy split entries: (split, captions); the captions name MSCOCO classes (captions/mscoco.yaml), so
 # retrieval and captioning have target images, and a few name none of them (retention).
 FLICKR = [
     ("test", ["A person rides a bicycle down the street.", "A man on a bike.", "Someone cycling past a car.",

@@ -23,7 +23,7 @@ from conftest import DEMO_CONCEPTS, read_params, run_stage, run_stage_here, writ
 from ktpipe.describe import run_concepts
 from ktpipe.params import ConceptsParams
 
-CONCEPTS_ARGS = ("concepts/demo.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json", "data/known.json")
+CONCEPTS_ARGS = ("captions/demo.yaml", "captions/generated.yaml", "data/concepts", "data/world.json", "data/known.json")
 INVERT_ARGS = ("data/concepts/blicket.json", "data/inverted/blicket", "--timing", "metrics/invert/blicket.json")
 FINETUNE_ARGS = ("paper", "data/concepts", "data/inverted", "models/paper", "metrics/finetune/paper.json")
 
@@ -58,7 +58,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def write_concepts(project: Path) -> None:
     """data/concepts/*.json, as the concepts stage writes them (in-process: no torch needed)."""
-    run_concepts(project / "concepts/demo.yaml", project / "concepts/generated.yaml",
+    run_concepts(project / "captions/demo.yaml", project / "captions/generated.yaml",
                  ConceptsParams(names=tuple(DEMO_CONCEPTS)), project / "data/concepts",
                  world_path=project / "data/world.json")
 
@@ -75,7 +75,7 @@ def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
 
 
 def test_wrong_argument_count_prints_usage(tiny_project):
-    result = run_stage_here(tiny_project, "concepts", "concepts/demo.yaml")
+    result = run_stage_here(tiny_project, "captions", "captions/demo.yaml")
     assert result.returncode == 2 and result.stderr.startswith("Usage: ktpipe concepts ")
     assert "CONCEPTS_FILE GENERATED_FILE OUT_DIR WORLD_PATH" in " ".join(result.stderr.split())  # click wraps it
     assert "Missing argument 'GENERATED_FILE'" in result.stderr and "Traceback" not in result.stderr
@@ -89,11 +89,11 @@ def undescribed_concept(project):
 
 
 def malformed_yaml(project):
-    (project / "concepts/demo.yaml").write_text("concepts:\n  blicket: {description: [unclosed\n")
+    (project / "captions/demo.yaml").write_text("concepts:\n  blicket: {description: [unclosed\n")
 
 
 def concept_without_description(project):
-    (project / "concepts/demo.yaml").write_text(
+    (project / "captions/demo.yaml").write_text(
         "concepts:\n  blicket: {description: a striped orange ring}\n  dax: {role: novel}\n")
     write_params(project, concepts={"names": ["blicket", "dax"]})
 
@@ -108,9 +108,9 @@ def unknown_top_level_key(project):
 
 @pytest.mark.parametrize("setup, args, needles", [
     (undescribed_concept, CONCEPTS_ARGS, ["moongate", "no description"]),
-    (None, ("concepts/nope.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json", "data/known.json"),
-     ["concepts file not found", "concepts/nope.yaml"]),
-    (malformed_yaml, CONCEPTS_ARGS, ["cannot parse concepts file", "concepts/demo.yaml"]),
+    (None, ("captions/nope.yaml", "captions/generated.yaml", "data/concepts", "data/world.json", "data/known.json"),
+     ["concepts file not found", "captions/nope.yaml"]),
+    (malformed_yaml, CONCEPTS_ARGS, ["cannot parse concepts file", "captions/demo.yaml"]),
     (concept_without_description, CONCEPTS_ARGS, ["'dax'", "has no description"]),
     (unknown_params_key, CONCEPTS_ARGS, ["unknown params key", "stepz", "section 'invert'"]),
     (unknown_top_level_key, CONCEPTS_ARGS, ["unknown params key", "sede"]),
@@ -118,17 +118,17 @@ def unknown_top_level_key(project):
 def test_concepts_stage_rejects(tiny_project, setup, args, needles):
     if setup:
         setup(tiny_project)
-    assert_user_error(run_stage_here(tiny_project, "concepts", *args), *needles)
+    assert_user_error(run_stage_here(tiny_project, "captions", *args), *needles)
     assert_absent(tiny_project, "data/concepts")
 
 
 def test_failed_concepts_run_leaves_the_previous_output_intact(tiny_project):
-    assert run_stage_here(tiny_project, "concepts", *CONCEPTS_ARGS).returncode == 0
+    assert run_stage_here(tiny_project, "captions", *CONCEPTS_ARGS).returncode == 0
     before = snapshot(tiny_project / "data")
     assert len(before) == len(DEMO_CONCEPTS) + 2  # one file per concept, world.json and known.json
-    text = (tiny_project / "concepts/demo.yaml").read_text()
-    (tiny_project / "concepts/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
-    assert_user_error(run_stage_here(tiny_project, "concepts", *CONCEPTS_ARGS), "'dax'", "has no description")
+    text = (tiny_project / "captions/demo.yaml").read_text()
+    (tiny_project / "captions/demo.yaml").write_text(text.replace("description: an outlined pink triangle, ", ""))
+    assert_user_error(run_stage_here(tiny_project, "captions", *CONCEPTS_ARGS), "'dax'", "has no description")
     assert snapshot(tiny_project / "data") == before  # untouched, and no temporary folder beside it
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from fakes import FakeCaptioner
 from ktpipe import eval as evaluation
 from ktpipe import models
-from ktpipe.cli import main as cli
+from stages.cli import main as cli
 from ktpipe.concepts import ConceptText, read_concepts, write_concept_files
 from ktpipe.datasets import CaptionedImage, Manifest, load_dataset, write_manifest
 from ktpipe.errors import KtpipeError

@@ -15,15 +15,15 @@ from open_clip import CoCa, coca_model
 from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.errors import KtpipeError
-from ktpipe.finetune import finetune
-from ktpipe.losses import caption_targets, coca_objective
+from ktpipe.transfer.finetune import finetune
+from ktpipe.transfer.losses import caption_targets, coca_objective
 from ktpipe.models import GeneratesCaptions, LearnsCaptions, build_demo_model, load_model
 from ktpipe.models.coca import group_beam_search
-from ktpipe.models.demo import CompactTokenizer, build_demo_coca, demo_vocabulary
+from ktpipe.demo.models import CompactTokenizer, build_demo_coca, demo_vocabulary
 from ktpipe.params import FinetuneParams, GenerationParams, ParamsError, PretrainParams, build_section, validate, Params
-from ktpipe.pretrain_caption import pretrain_captioner, world_texts
+from ktpipe.demo.pretrain_caption import pretrain_captioner, world_texts
 from ktpipe.templates import load_templates
-from ktpipe.world import load_world
+from ktpipe.demo.world import load_world
 
 CAPTIONS = ["A blicket is a striped orange ring.", "A dax is an outlined pink triangle."]
 NAMES = ["blicket", "dax"]

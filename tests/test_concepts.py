@@ -22,9 +22,9 @@ from ktpipe.concepts import (
 )
 from ktpipe.describe import run_concepts
 from ktpipe.params import ConceptsParams
-from ktpipe.world import Attributes, describe, load_world
+from ktpipe.demo.world import Attributes, describe, load_world
 
-CONCEPTS_DIR = Path(__file__).resolve().parents[1] / "concepts"
+CONCEPTS_DIR = Path(__file__).resolve().parents[1] / "captions"
 DEMO_CONCEPTS_FILE = CONCEPTS_DIR / "demo.yaml"
 COCO_CLASSES = [  # MSCOCO's 80 object categories, in category-id order
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -277,20 +277,20 @@ def test_cli_concepts_writes_the_generated_file_and_the_world_where_told(tmp_pat
     from click.testing import CliRunner
 
     from conftest import make_project
-    from ktpipe.cli import main as cli
+    from stages.cli import main as cli
 
     project = make_project(tmp_path / "project", tiny_checkpoint, concepts={"names": ["blicket", "dax"]})
     paths = [str(DEMO_CONCEPTS_FILE), str(tmp_path / "gen.yaml"), str(tmp_path / "out"), str(tmp_path / "world.json"),
              str(tmp_path / "known.json")]
-    result = CliRunner().invoke(cli, ["concepts", "--params", str(project / "params.yaml"), *paths])
+    result = CliRunner().invoke(cli, ["captions", "--params", str(project / "params.yaml"), *paths])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "gen.yaml").read_text() == GENERATED_HEADER
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["blicket.json", "dax.json"]
     assert set(json.loads((tmp_path / "world.json").read_text())) == set(load_concepts_file(DEMO_CONCEPTS_FILE))
-    assert not (project / "concepts/generated.yaml").exists()  # no default beside the params file
+    assert not (project / "captions/generated.yaml").exists()  # no default beside the params file
     known = json.loads((tmp_path / "known.json").read_text())  # what pretraining reads: the known concepts alone
     assert set(known) == {n for n, c in load_concepts_file(DEMO_CONCEPTS_FILE).items() if c.role == "known"}
-    result = CliRunner().invoke(cli, ["concepts", "--params", str(project / "params.yaml"), *paths[:4]])
+    result = CliRunner().invoke(cli, ["captions", "--params", str(project / "params.yaml"), *paths[:4]])
     assert result.exit_code == 2 and "KNOWN_PATH" in result.output  # every path comes from dvc.yaml
 
 

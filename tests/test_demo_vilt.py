@@ -12,11 +12,11 @@ from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.models import load_model
 from ktpipe.models.base import ModelLoadError
-from ktpipe.models.demo_vilt import build_demo_vilt, build_tokenizer, copy_clip_vision_tower
+from ktpipe.demo.vilt import build_demo_vilt, build_tokenizer, copy_clip_vision_tower
 from ktpipe.params import ParamsError, PretrainParams
-from ktpipe.pretrain_cross import candidate_captions, cross_pretrain_step, define_known, pretrain_cross, world_words
+from ktpipe.demo.pretrain_cross import candidate_captions, cross_pretrain_step, define_known, pretrain_cross, world_words
 from ktpipe.templates import load_templates
-from ktpipe.world import load_world
+from ktpipe.demo.world import load_world
 
 CFG = PretrainParams(steps=40, batch_size=16, lr=1e-3, warmup=5, weight_decay=0.01, candidates=4, mlm_weight=0.5,
                      name_objective=False)

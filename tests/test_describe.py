@@ -190,7 +190,7 @@ def test_device_and_dtype():
 
 # --- concepts stage with a generator ---------------------------------------------------------
 
-STAGE_ARGS = ("concepts/exp.yaml", "concepts/generated.yaml", "data/concepts", "data/world.json", "data/known.json")
+STAGE_ARGS = ("captions/exp.yaml", "captions/generated.yaml", "data/concepts", "data/world.json", "data/known.json")
 # The demo backend's text budget needs no checkpoint; a random tiny LLM's text may run past its
 # 24-token context, which `truncate` turns into a warning.
 DEMO_MODEL = {"backend": "demo", "name": "ktpipe-demo", "pretrained": "models/baseline"}
@@ -200,10 +200,10 @@ DEMO_MODEL = {"backend": "demo", "name": "ktpipe-demo", "pretrained": "models/ba
 def project(tmp_path, tiny_lm) -> Path:
     """A project whose concepts file describes blicket only; moongate and gyroscope are generated."""
     folder = make_project(tmp_path / "project", tmp_path / "no-checkpoint", model=DEMO_MODEL,
-                          concepts={"names": CONCEPTS, "file": "concepts/exp.yaml",
-                                    "generated": "concepts/generated.yaml", "truncate": True,
+                          concepts={"names": CONCEPTS, "file": "captions/exp.yaml",
+                                    "generated": "captions/generated.yaml", "truncate": True,
                                     "generator": {"model": str(tiny_lm), "max_new_tokens": 8, "device": "cpu"}})
-    (folder / "concepts/exp.yaml").write_text(CONCEPTS_FILE)
+    (folder / "captions/exp.yaml").write_text(CONCEPTS_FILE)
     return folder
 
 
@@ -212,9 +212,9 @@ def concept_json(project: Path, name: str) -> dict:
 
 
 def test_stage_generates_caches_and_keeps_edits(project, tmp_path):
-    result = run_stage_here(project, "concepts", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 0, result.stderr
-    generated_file = project / "concepts/generated.yaml"
+    generated_file = project / "captions/generated.yaml"
     generated = load_generated(generated_file)
     assert sorted(generated) == ["gyroscope", "moongate"]  # blicket is hand-written
     assert generated_file.read_text().startswith(GENERATED_HEADER.split("concepts:")[0])
@@ -228,31 +228,31 @@ def test_stage_generates_caches_and_keeps_edits(project, tmp_path):
     edited = generated_file.read_text().replace(generated["moongate"].description, "a hand-edited stone circle", 1)
     generated_file.write_text(edited)
     write_params(project, concepts={"generator": {"model": str(tmp_path / "deleted-model")}})
-    result = run_stage_here(project, "concepts", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 0, result.stderr
     assert concept_json(project, "moongate")["description"] == "a hand-edited stone circle"
     assert generated_file.read_text() == edited  # nothing new to add: the file is left as the user wrote it
 
     # Deleting an entry asks for a new one: here the model is gone, so that is a named error.
     generated_file.write_text(edited.split("  gyroscope:")[0])
-    result = run_stage_here(project, "concepts", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 2 and "deleted-model" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_stage_without_generator_names_the_undescribed_concepts(project):
     write_params(project, concepts={"generator": None})
-    result = run_stage_here(project, "concepts", *STAGE_ARGS)
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "concepts 'moongate', 'gyroscope' have no description" in result.stderr
     assert "concepts.generator" in result.stderr
-    assert not (project / "data").exists() and not (project / "concepts/generated.yaml").exists()
+    assert not (project / "data").exists() and not (project / "captions/generated.yaml").exists()
 
 
 def test_stage_rejects_a_malformed_generated_file(project):
-    (project / "concepts/generated.yaml").write_text("concepts:\n  moongate: {description: a ring, role: known}\n")
-    result = run_stage_here(project, "concepts", *STAGE_ARGS)
+    (project / "captions/generated.yaml").write_text("concepts:\n  moongate: {description: a ring, role: known}\n")
+    result = run_stage_here(project, "captions", *STAGE_ARGS)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "concepts/generated.yaml: concept 'moongate' has unknown key(s) ['role']" in result.stderr
+    assert "captions/generated.yaml: concept 'moongate' has unknown key(s) ['role']" in result.stderr
     assert not (project / "data/concepts").exists()
 
 

@@ -1,10 +1,7 @@
 """Every `dvc.yaml` stage lists, in its `deps`, the code its command runs.
 
-A stage's `cmd` runs a command of the `ktpipe` CLI (`python -m ktpipe X ...`). That runs
-`ktpipe/__main__.py`, the click group in `ktpipe/cli.py` with `ktpipe/commands/__init__.py`, and
-the command's own module `ktpipe/commands/X.py`: the group imports it by name at run time
-(`importlib.import_module(f"ktpipe.commands.{name}")`), which no static reading can follow, so
-the command is mapped to its module here (`command_module`). From those entry files the `ktpipe`
+A stage's `cmd` runs one module of the `stages/` folder (`python -m stages.X ...`): that runs
+`stages/__init__.py` and `stages/X.py`. From those entry files the `ktpipe` (and `stages`)
 modules they import are followed transitively, read with `ast` (nothing is imported, so this is
 fast and needs no torch): `import a.b`, `from a.b import c` (where `c` may be a submodule),
 relative imports, `importlib.import_module("ktpipe...")` and `resources.files("ktpipe...")` with
@@ -16,7 +13,7 @@ A module file is covered when the file itself or a folder above it (`ktpipe/mode
 `ktpipe/eval`) is in the stage's deps; the entry files must be listed as well. Data files a
 module reads (templates, the demo world, ...) are out of scope here.
 
-`ktpipe/__init__.py` is exempt while it is trivial (a docstring and constant assignments such
+`ktpipe/__init__.py` and `stages/__init__.py` are exempt while they are trivial (a docstring and constant assignments such
 as `__version__`, no imports and no code): listing it would make every stage rerun on a version
 bump and buys nothing. The exemption is checked, not assumed: once the file gains an import or
 any other statement it counts like any other module and every stage must list it (or `ktpipe`).
@@ -35,9 +32,10 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "ktpipe"
 TOP_INIT = f"{PACKAGE}/__init__.py"
-COMMAND = re.compile(rf"\bpython3?\s+-m\s+{PACKAGE}\s+([A-Za-z_]\w*)")
-# What `python -m ktpipe X` runs before the command's own module: the entry point and the group.
-GROUP_FILES = (f"{PACKAGE}/__main__.py", f"{PACKAGE}/cli.py", f"{PACKAGE}/commands/__init__.py")
+STAGES_PACKAGE = "stages"
+STAGES_INIT = f"{STAGES_PACKAGE}/__init__.py"
+COMMAND = re.compile(rf"\bpython3?\s+-m\s+{STAGES_PACKAGE}\.([A-Za-z_]\w*)")
+TRIVIAL_INITS = (TOP_INIT, STAGES_INIT)  # exempt while they hold no code
 
 
 def load_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, dict]:
@@ -55,25 +53,25 @@ def load_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, dict]:
 
 
 def stage_command(cmd: str) -> str:
-    """The `ktpipe` command a stage's cmd runs (`python -m ktpipe finetune ...` -> finetune)."""
+    """The stage module a stage's cmd runs (`python -m stages.finetune ...` -> finetune)."""
     match = COMMAND.search(cmd)
-    assert match, f"no `python -m {PACKAGE} <command>` in cmd {cmd!r}"
+    assert match, f"no `python -m {STAGES_PACKAGE}.<stage>` in cmd {cmd!r}"
     return match.group(1)
 
 
 def command_module(command: str) -> str:
-    """The module `ktpipe.cli.StageGroup.get_command` imports for `command`."""
-    return f"{PACKAGE}/commands/{command}.py"
+    """The file `python -m stages.<command>` runs."""
+    return f"{STAGES_PACKAGE}/{command}.py"
 
 
 def entry_files(cmd: str) -> list[str]:
     """Files a stage's cmd runs before any import is followed."""
-    return [*GROUP_FILES, command_module(stage_command(cmd))]
+    return [STAGES_INIT, command_module(stage_command(cmd))]
 
 
 def module_file(name: str, root: Path = REPO) -> str | None:
     """Repo-relative file of module `name`, if it is part of the package."""
-    if name != PACKAGE and not name.startswith(PACKAGE + "."):
+    if name.split(".")[0] not in (PACKAGE, STAGES_PACKAGE):
         return None
     base = root.joinpath(*name.split("."))
     for candidate in (base / "__init__.py", base.with_suffix(".py")):
@@ -176,10 +174,11 @@ def covered(file: str, deps: list[str]) -> bool:
 
 
 def stage_files(cmd: str, root: Path = REPO) -> set[str]:
-    """Package files a stage's cmd runs (`ktpipe/__init__.py` left out while it is trivial)."""
+    """Package files a stage's cmd runs (the package `__init__.py` files left out while trivial)."""
     needed = imported_files(entry_files(cmd), root)
-    if TOP_INIT in needed and is_trivial_init(root / TOP_INIT):
-        needed.discard(TOP_INIT)
+    for init in TRIVIAL_INITS:
+        if init in needed and is_trivial_init(root / init):
+            needed.discard(init)
     return needed
 
 
@@ -203,13 +202,15 @@ STAGES = load_stages()
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_stage_runs_a_ktpipe_command_module(name):
-    """The group finds the command by its module's file name; the module's click command carries
-    the same name, so `command_module` names the file that really runs."""
+def test_stage_runs_a_stage_module(name):
+    """The stage's module exists and its click command carries the module's name (the `ktpipe`
+    script finds it by that name), and the stage is named after it (`evaluate_baseline` and
+    `base_model_family@` run the module of their prefix)."""
     command = stage_command(STAGES[name]["cmd"])
     path = REPO / command_module(command)
-    assert path.is_file(), f"dvc.yaml stage {name!r} runs `ktpipe {command}`, but {command_module(command)} is missing"
+    assert path.is_file(), f"dvc.yaml stage {name!r} runs `python -m stages.{command}`, but {command_module(command)} is missing"
     assert click_command_name(path) == command
+    assert name.startswith(command) or command.startswith(name)
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -217,12 +218,12 @@ def test_stage_deps_cover_imported_modules(name):
     stage = STAGES[name]
     missing = missing_deps(stage["cmd"], stage["deps"])
     assert not missing, (
-        f"dvc.yaml stage {name!r} runs `ktpipe {stage_command(stage['cmd'])}`, which imports these files "
+        f"dvc.yaml stage {name!r} runs `python -m stages.{stage_command(stage['cmd'])}`, which imports these files "
         f"its deps do not list (add them, or their package folder): {missing}")
 
 
 def test_checker_catches_a_dropped_dep():
-    """Dropping any module file the stage imports (e.g. `ktpipe/finetune.py` from the finetune
+    """Dropping any module file the stage imports (e.g. `ktpipe/transfer/finetune.py` from the finetune
     stage), its package folder or an entry file from an in-memory copy of its deps is caught."""
     stage = copy.deepcopy(STAGES["finetune"])
 
@@ -232,14 +233,14 @@ def test_checker_catches_a_dropped_dep():
     assert check(stage["deps"]) == []
     runs = stage_files(stage["cmd"])
     modules = [d for d in stage["deps"] if d in runs]
-    assert {"ktpipe/finetune.py", "ktpipe/params.py", *GROUP_FILES, "ktpipe/commands/finetune.py"} <= set(modules)
+    assert {"ktpipe/transfer/finetune.py", "ktpipe/params.py", "ktpipe/cli.py", "stages/finetune.py"} <= set(modules)
     for dep in modules:
         assert check([d for d in stage["deps"] if d != dep]) == [dep]
     assert set(check([d for d in stage["deps"] if d != "ktpipe/models"])) >= {
         "ktpipe/models/__init__.py", "ktpipe/models/openclip.py"}
-    # the LLM describer (transformers) counts for the concepts stage, whose command imports it,
+    # the LLM describer (transformers) counts for the captions stage, whose command imports it,
     # and for no training stage: only that command imports it, not ktpipe/concepts.py
-    concepts = STAGES["concepts"]
+    concepts = STAGES["captions"]
     assert missing_deps(concepts["cmd"], [d for d in concepts["deps"] if d != "ktpipe/describe.py"]) == [
         "ktpipe/describe.py"]
     assert "ktpipe/concepts.py" in runs and "ktpipe/describe.py" not in runs
@@ -253,11 +254,11 @@ def test_checker_follows_lazy_relative_and_submodule_imports(tmp_path):
     (pkg / "sub").mkdir(parents=True)
     (pkg / "commands").mkdir()
     (pkg / "__init__.py").write_text('"""doc"""\n__version__ = "1"\n')
-    (pkg / "__main__.py").write_text("from ktpipe.cli import main\nmain()\n")
-    (pkg / "cli.py").write_text("import importlib\nfrom ktpipe import commands\n")
-    (pkg / "commands" / "__init__.py").write_text("")
-    (pkg / "commands" / "s.py").write_text("def command():\n    from ktpipe.a import f\n")
-    (pkg / "commands" / "other.py").write_text("from ktpipe import unused\n")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "__init__.py").write_text('"""doc"""\n')
+    (tmp_path / "stages" / "s.py").write_text("from ktpipe.cli import run\ndef command():\n    from ktpipe.a import f\n")
+    (tmp_path / "stages" / "other.py").write_text("from ktpipe import unused\n")
+    (pkg / "cli.py").write_text("import click\n")
     (pkg / "unused.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "leaf.py").write_text("from .. import rel\n")
@@ -268,16 +269,15 @@ def test_checker_follows_lazy_relative_and_submodule_imports(tmp_path):
         "from typing import TYPE_CHECKING\nfrom ktpipe.sub import leaf\n"
         "if TYPE_CHECKING:\n    from ktpipe import typing_only\n"
         "def f():\n    import ktpipe.lazy\n")
-    cmd = "python -m ktpipe s ${item} out"
-    entries = [*GROUP_FILES, "ktpipe/commands/s.py"]
+    cmd = "python -m stages.s ${item} out"
+    entries = ["stages/__init__.py", "stages/s.py"]
     assert entry_files(cmd) == entries
     assert imported_files(entries, tmp_path) == {
-        *entries, "ktpipe/__init__.py", "ktpipe/a.py", "ktpipe/sub/__init__.py", "ktpipe/sub/leaf.py",
+        *entries, "ktpipe/__init__.py", "ktpipe/cli.py", "ktpipe/a.py", "ktpipe/sub/__init__.py", "ktpipe/sub/leaf.py",
         "ktpipe/rel.py", "ktpipe/lazy.py"}
-    assert missing_deps(cmd, [*entries, "ktpipe/sub", "ktpipe/a.py", "ktpipe/rel.py"], tmp_path) == [
-        "ktpipe/lazy.py"]
-    assert missing_deps(cmd, [*entries[:-1], "ktpipe/sub", "ktpipe/a.py", "ktpipe/rel.py", "ktpipe/lazy.py"],
-                        tmp_path) == ["ktpipe/commands/s.py"]
-    assert missing_deps(cmd, ["ktpipe"], tmp_path) == []
+    deps = ["stages/s.py", "ktpipe/cli.py", "ktpipe/sub", "ktpipe/a.py", "ktpipe/rel.py"]
+    assert missing_deps(cmd, deps, tmp_path) == ["ktpipe/lazy.py"]
+    assert missing_deps(cmd, [*deps[1:], "ktpipe/lazy.py"], tmp_path) == ["stages/s.py"]
+    assert missing_deps(cmd, ["ktpipe", "stages/s.py"], tmp_path) == []
     (pkg / "__init__.py").write_text("from ktpipe import rel\n")
     assert "ktpipe/__init__.py" in missing_deps(cmd, [*entries, "ktpipe/a.py"], tmp_path)

@@ -47,7 +47,7 @@ REDUCED = {
 RECIPES = {"paper": {"rehearsal": False}}  # one recipe: every stage kind runs, each run costs a start-up
 VILT_STAGES = {"base_model_family@vilt", "finetune_family@vilt", "evaluate_family@vilt"}  # the demo ViLT family
 COCA_STAGES = {"base_model_family@coca", "finetune_family@coca", "evaluate_family@coca"}  # the demo captioner
-ALL_STAGES = {"data", "base_model", "concepts", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
+ALL_STAGES = {"data", "base_model", "captions", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
               "evaluate_baseline", "evaluate@paper", "report", *VILT_STAGES, *COCA_STAGES}
 LR_STAGES = {"finetune@paper", "evaluate@paper", "report"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
@@ -110,7 +110,7 @@ def repo(tmp_path_factory) -> Repo:
     root.mkdir()
     no_cache = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    for folder in ("concepts", "ktpipe"):
+    for folder in ("captions", "ktpipe", "stages"):
         shutil.copytree(REPO / folder, root / folder, ignore=no_cache)
     yaml = YAML(typ="safe", pure=True)
     params = {**deep_merge(yaml.load((REPO / "params.yaml").read_text()), REDUCED), "recipes": RECIPES}
@@ -166,7 +166,7 @@ def test_dvc_pipeline_end_to_end(repo):
     assert ran == LR_STAGES, output
     assert skipped == ALL_STAGES - LR_STAGES, output
     assert json.loads((reports / "metrics.json").read_text())["lr"] == pytest.approx(2e-5)
-    assert json.loads((reports / "lr_curve.json").read_text())[0]["lr"] == pytest.approx(2e-5)
+    assert json.loads((reports / "lr_curve/paper.json").read_text())[0]["lr"] == pytest.approx(2e-5)
     assert json.loads((repo.root / "metrics/finetune/paper.json").read_text())["lr"] == pytest.approx(2e-5)
 
     # 3b. the README's sweep: a queued point runs in DVC's queue, `dvc exp show` lists the metrics,
@@ -182,28 +182,28 @@ def test_dvc_pipeline_end_to_end(repo):
     assert found, shown
     plots = repo.dvc("plots", "diff", *[e["name"] for e in found if e.get("name")], "-o", "plots_out")
     assert (repo.root / "plots_out/index.html").is_file(), plots
-    table = repo.run(sys.executable, "-m", "ktpipe", "experiments", "--lr", "5e-5", "--out", "reports/experiments.md")
+    table = repo.run(sys.executable, "-m", "stages", "experiments", "--lr", "5e-5", "--out", "reports/experiments.md")
     assert "over seeds at lr 5e-05" in table and "test.classification.paper.target" in table
 
     # 4. one changed description: the concepts stage reruns; then, of the inversions, only that
     # concept's is stale (each invert stage depends on its own data/concepts/<concept>.json); the
     # base models, which read the known concepts alone, are not
-    concepts_file = repo.root / "concepts/demo.yaml"
+    concepts_file = repo.root / "captions/demo.yaml"
     concepts_file.write_text(concepts_file.read_text().replace("an outlined pink triangle", "a solid pink triangle"))
-    assert set(repo.status()) == {"concepts"}
+    assert set(repo.status()) == {"captions"}
     mark = time.monotonic()
-    ran, _ = ran_and_skipped(repo.dvc("repro", "concepts"))
+    ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))
     timings["repro concepts"] = time.monotonic() - mark
-    assert ran == {"concepts"}
+    assert ran == {"captions"}
     stale = {"invert@dax", "finetune@paper", "evaluate_baseline", "evaluate@paper", "report",  # these read
              "finetune_family@vilt", "evaluate_family@vilt", "finetune_family@coca", "evaluate_family@coca"}  # all
     assert set(repo.status()) == stale  # of data/concepts
     ran, skipped = ran_and_skipped(repo.dvc("repro", "--dry"))
     assert {s for s in ran if s.startswith("invert@")} == {"invert@dax"}
     assert {f"invert@{c}" for c in CONCEPTS if c != "dax"} <= skipped
-    assert {"data", "base_model", "concepts", "base_model_family@vilt", "base_model_family@coca"} <= skipped
-    repo.git("checkout", "concepts/demo.yaml")
-    ran, _ = ran_and_skipped(repo.dvc("repro", "concepts"))  # back as committed: nothing else is stale
+    assert {"data", "base_model", "captions", "base_model_family@vilt", "base_model_family@coca"} <= skipped
+    repo.git("checkout", "captions/demo.yaml")
+    ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))  # back as committed: nothing else is stale
     assert "Data and pipelines are up to date." in repo.dvc("status")
 
     # 5. typical params edits make exactly the stages that read them stale
@@ -214,7 +214,7 @@ def test_dvc_pipeline_end_to_end(repo):
     # 6. a novel concept added the README's way: the concepts and data stages rerun and a new
     # inversion appears; no base model is stale (pretraining never reads a novel concept)
     with edited_params(repo.root, add_novel_concept):
-        ran, _ = ran_and_skipped(repo.dvc("repro", "concepts"))
+        ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))
         status = repo.status()
         assert {"data", "invert@zork"} <= set(status) and not {s for s in status if s.startswith("base_model")}, status
 
@@ -223,6 +223,16 @@ def test_dvc_pipeline_end_to_end(repo):
     repo.dvc("remote", "add", "-d", "shared", str(remote))
     repo.dvc("push", "--run-cache")
     assert (remote / "runs").is_dir() and any((remote / "files").rglob("*"))
+
+    # 8. a teammate's clone reuses them: `dvc repro --pull` fetches every output and runs nothing
+    repo.commit("results and the shared remote")
+    teammate = Repo(repo.root.parent / "teammate")
+    subprocess.run(["git", "clone", "-q", str(repo.root), str(teammate.root)], check=True, env=repo.env)
+    teammate.env["PYTHONPATH"] = str(teammate.root)
+    ran, skipped = ran_and_skipped(teammate.dvc("repro", "--pull"))
+    assert not ran and skipped == ALL_STAGES
+    assert (teammate.root / "models/paper").is_dir() and (teammate.root / "data/inverted/blicket").is_dir()
+    assert "Data and pipelines are up to date." in teammate.dvc("status")
 
     timings["total"] = time.monotonic() - start
     print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})
@@ -273,7 +283,7 @@ PARAMS_EDITS = [
 @contextlib.contextmanager
 def edited_params(root: Path, edit):
     """params.yaml (and the concepts file) edited in place, restored afterwards."""
-    saved = {name: (root / name).read_text() for name in ("params.yaml", "concepts/demo.yaml")}
+    saved = {name: (root / name).read_text() for name in ("params.yaml", "captions/demo.yaml")}
     yaml = YAML(typ="safe", pure=True)
     params = yaml.load(saved["params.yaml"])
     cwd = os.getcwd()

@@ -87,7 +87,7 @@ def test_experiments_command_renders_the_records_numbers(monkeypatch, tmp_path):
     import dvc.api
     from click.testing import CliRunner
 
-    from ktpipe.cli import main
+    from stages.cli import main
 
     monkeypatch.setattr(dvc.api, "exp_show", lambda repo: exp_show_rows())
     out = tmp_path / "reports" / "experiments.md"
@@ -104,13 +104,40 @@ def test_experiments_command_renders_the_records_numbers(monkeypatch, tmp_path):
     # seed 0 against lr on val: 0.75 at 1e-3, 0.85 at 2e-3; retention 0.99 both
     assert rows["0.001"] == ["75.0%", "99.0%"] and rows["0.002"] == ["85.0%", "99.0%"]
     assert [key for key in rows if key.startswith("0.00")] == ["0.001", "0.002"]  # rising lr
+    # the lr curve as a PNG beside the Markdown, shown in it
+    assert "![Target and retention against learning rate](lr_sweep.png)" in text
+    assert (out.parent / "lr_sweep.png").stat().st_size > 10_000
+
+
+def test_lr_curves_are_each_recipes_target_and_retention_by_lr():
+    from ktpipe.experiments import lr_curves
+
+    curves = lr_curves(lr_table(frame(), seed=0))
+    assert curves == {"full": [(0.001, 0.75, 0.99), (0.002, 0.85, 0.99)]}
+
+
+def test_experiments_command_takes_lr_and_seed_from_params(monkeypatch, tmp_path):
+    import dvc.api
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    monkeypatch.setattr(dvc.api, "exp_show", lambda repo: exp_show_rows())
+    (tmp_path / "params.yaml").write_text("lr: 2.0e-3\nseed: 0\n")
+    out = tmp_path / "experiments.md"
+    result = CliRunner().invoke(main, ["experiments", "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "over seeds at lr 0.002 (3 seeds)" in out.read_text()
+    (tmp_path / "params.yaml").write_text("lr: 0.5\nseed: 0\n")
+    result = CliRunner().invoke(main, ["experiments", "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    assert result.exit_code == 2 and "lr = 0.5" in result.output
 
 
 def test_experiments_command_names_an_lr_without_runs(monkeypatch, tmp_path):
     import dvc.api
     from click.testing import CliRunner
 
-    from ktpipe.cli import main
+    from stages.cli import main
 
     monkeypatch.setattr(dvc.api, "exp_show", lambda repo: exp_show_rows())
     out = tmp_path / "experiments.md"

@@ -15,9 +15,9 @@ from ktpipe import eval as evaluation
 from ktpipe import models
 from ktpipe.concepts import ConceptText, write_concept_files
 from ktpipe.datasets import CaptionedImage, Manifest, build_manifest, write_manifest
-from ktpipe.finetune import TrainingSet, run_finetune, training_set
+from ktpipe.transfer.finetune import TrainingSet, run_finetune, training_set
 from ktpipe.images import load_inversion
-from ktpipe.invert import invert_text, run_invert
+from ktpipe.transfer.invert import invert_text, run_invert
 from ktpipe.models import (EmbedsImages, EmbedsTexts, GeneratesCaptions, Invertible, ScoresPairs, Trainable,
                            load_checkpoint)
 from ktpipe.params import InvertParams, build_section, Params, validate

@@ -106,12 +106,12 @@ def families_project(tmp_path_factory, tiny_checkpoint) -> Path:
     }
     project = make_project(
         tmp_path_factory.mktemp("families") / "project", tiny_checkpoint,
-        concepts={"names": CONCEPTS, "file": "concepts/demo.yaml"}, world={"image_size": 32},
+        concepts={"names": CONCEPTS, "file": "captions/demo.yaml"}, world={"image_size": 32},
         inverted=["blicket", "dax"], families={"vilt": family})
     params = read_params(project)
     params["recipes"] = {"paper": {"rehearsal": False}}  # one recipe (tiny_params has two)
     YAML(typ="safe", pure=True).dump(params, project / "params.yaml")
-    check(run_stage_here(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
+    check(run_stage_here(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/concepts",
                          "data/world.json", "data/known.json"))
     check(run_stage_here(project, "data", "data/world.json", "data/eval"))
     for name in ("blicket", "dax"):
@@ -123,9 +123,9 @@ def families_project(tmp_path_factory, tiny_checkpoint) -> Path:
                              f"metrics/eval/{model}.json"))
     check(run_stage_here(project, "base_model", "--family", "vilt", "data/known.json", "models/vilt/baseline",
                          "metrics/vilt/base_model.json"))
-    check(run_stage_here(project, "finetune_family", "vilt", "data/concepts", "data/inverted", "models/vilt/finetuned",
+    check(run_stage_here(project, "finetune_family", "--family", "vilt", "data/concepts", "data/inverted", "models/vilt/finetuned",
                          "metrics/vilt/finetune"))
-    check(run_stage_here(project, "evaluate_family", "vilt", "models/vilt/finetuned", "data/eval", "data/concepts",
+    check(run_stage_here(project, "evaluate_family", "--family", "vilt", "models/vilt/finetuned", "data/eval", "data/concepts",
                          "metrics/eval/families/vilt"))
     check(run_stage_here(project, "report", "metrics/eval", "data/concepts", "data/inverted", "reports",
                          "--families-dir", "metrics/eval/families"))
@@ -162,6 +162,6 @@ def test_report_puts_the_families_side_by_side(families_project):
 
 def test_report_refuses_a_malformed_family_option(families_project):
     result = run_stage_here(families_project, "report", "metrics/eval", "data/concepts", "data/inverted", "reports2",
-                            "--family", "vilt")
-    assert result.returncode == 2 and "--family takes NAME=EVAL_DIR, got 'vilt'" in result.stderr
+                            "--family-results", "vilt")
+    assert result.returncode == 2 and "--family-results takes NAME=EVAL_DIR, got 'vilt'" in result.stderr
     assert not (families_project / "reports2").exists()

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import ktpipe.finetune as finetune_module
+import ktpipe.transfer.finetune as finetune_module
 from conftest import DEMO_CONCEPTS_FILE, DEMO_CONCEPTS, NOVEL, deep_merge, tiny_params
 from ktpipe.concepts import ConceptsError, load_concepts_file, write_concept_files
-from ktpipe.finetune import choose_concepts, noise_images, run_finetune, training_set
-from ktpipe.invert import concept_seed, save_inversion
+from ktpipe.transfer.finetune import choose_concepts, noise_images, run_finetune, training_set
+from ktpipe.transfer.invert import concept_seed, save_inversion
 from ktpipe.params import FinetuneParams, Params, build_section, validate
 
 SAMPLES, SIZE = 2, 16

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import ktpipe.invert as invert_module
+import ktpipe.transfer.invert as invert_module
 from conftest import tiny_params
 from ktpipe.concepts import ConceptText, write_concept_files
 from ktpipe.images import load_inversion, save_inversion
-from ktpipe.invert import (
+from ktpipe.transfer.invert import (
     AffineDraw,
     affine_theta,
     check_progressive,

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ktpipe.losses import eq2_loss
-from ktpipe.pretrain import group_ids, multi_positive_clip_loss
+from ktpipe.transfer.losses import eq2_loss
+from ktpipe.demo.pretrain import group_ids, multi_positive_clip_loss
 
 SCALE = 10.0  # logit scale, i.e. 1 / temperature
 
@@ -110,7 +110,7 @@ def itm(scores: list[list[float]], targets: list[int]) -> float:
 
 
 def test_itm_loss_matches_brute_force():
-    from ktpipe.losses import itm_loss
+    from ktpipe.transfer.losses import itm_loss
 
     scores = torch.tensor([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [-0.7, 0.2, 3.0], [1.0, 0.0, -1.0]])
     targets = [0, 1, 2, 2]  # 4 positives, 8 negatives: the halves weigh equally, not per pair
@@ -122,6 +122,6 @@ def test_itm_loss_matches_brute_force():
 
 
 def test_coca_loss_is_the_sum_of_its_weighted_terms():
-    from ktpipe.losses import coca_loss
+    from ktpipe.transfer.losses import coca_loss
 
     assert coca_loss(torch.tensor(0.75), torch.tensor(0.5)).item() == 1.25

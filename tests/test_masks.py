@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import v2 as T
 
 from ktpipe.errors import KtpipeError
-from ktpipe.masks import (
+from ktpipe.eval.masks import (
     METHODS,
     crop_placement,
     image_scores,

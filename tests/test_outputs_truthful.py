@@ -13,8 +13,8 @@ from ktpipe.concepts import load_concepts_file
 from ktpipe.datasets import run_data
 from ktpipe.describe import run_concepts
 from ktpipe.eval import run_evaluate
-from ktpipe.finetune import run_finetune
-from ktpipe.invert import run_invert
+from ktpipe.transfer.finetune import run_finetune
+from ktpipe.transfer.invert import run_invert
 from ktpipe.models import load_base_text_budget
 from ktpipe.params import ConceptsParams, load_params
 from ktpipe.report import run_report
@@ -24,7 +24,7 @@ LONG = ("a striped orange ring with a thin golden rim and seven small dents alon
 
 
 def concepts_file(folder: Path, extra: str) -> Path:
-    path = folder / "concepts" / "demo.yaml"
+    path = folder / "captions" / "demo.yaml"
     path.write_text(path.read_text() + extra)
     return path
 
@@ -42,7 +42,7 @@ def test_concepts_stage_rejects_a_description_over_the_context(tiny_project):
     concepts_file(tiny_project, f"  zorp: {{description: {LONG}, role: novel}}\n")
     write_params(tiny_project, concepts={"names": ["blicket", "zorp"]})
     params = load_params(tiny_project / "params.yaml")
-    result = run_stage_here(tiny_project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
+    result = run_stage_here(tiny_project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/concepts",
                             "data/world.json", "data/known.json")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     count = load_base_text_budget(params.model).count(LONG)
@@ -54,7 +54,7 @@ def test_concepts_stage_rejects_a_description_over_the_context(tiny_project):
 def test_truncate_warns_and_records_the_text_used(tiny_project, capsys):
     path = concepts_file(tiny_project, f"  zorp: {{description: {LONG}, role: novel}}\n")
     budget = load_base_text_budget(load_params(tiny_project / "params.yaml").model)
-    concepts = run_concepts(path, tiny_project / "concepts/generated.yaml",
+    concepts = run_concepts(path, tiny_project / "captions/generated.yaml",
                             ConceptsParams(names=("blicket", "zorp"), truncate=True), tiny_project / "data/concepts",
                             budget=budget)
     assert "ktpipe: warning: concept 'zorp'" in capsys.readouterr().err
@@ -68,7 +68,7 @@ def test_truncate_warns_and_records_the_text_used(tiny_project, capsys):
 def test_world_concepts_come_from_the_concepts_file(tiny_project):
     extra = "  zorp: {description: a striped red crescent, role: novel, render: {shape: crescent, color: red, fill: striped}}\n"
     path = concepts_file(tiny_project, extra)
-    run_concepts(path, tiny_project / "concepts/generated.yaml", ConceptsParams(names=("blicket", "zorp")),
+    run_concepts(path, tiny_project / "captions/generated.yaml", ConceptsParams(names=("blicket", "zorp")),
                  tiny_project / "data/concepts", world_path=tiny_project / "data/world.json")
     params = load_params(tiny_project / "params.yaml")
     summary = run_data(params, tiny_project / "data/eval", tiny_project / "data/world.json")
@@ -91,7 +91,7 @@ def unevaluated_project(tmp_path, tiny_checkpoint):
 def test_a_concept_no_set_holds_is_warned_about_and_reported(unevaluated_project, capsys):
     project = unevaluated_project
     params = load_params(project / "params.yaml")
-    run_concepts(project / "concepts/demo.yaml", project / "concepts/generated.yaml", params.concepts,
+    run_concepts(project / "captions/demo.yaml", project / "captions/generated.yaml", params.concepts,
                  project / "data/concepts", world_path=project / "data/world.json")
     run_data(params, project / "data/eval", project / "data/world.json")
     for name in params.concepts.names:

@@ -155,7 +155,7 @@ def test_concepts_section_loads():
     concepts = load_params(REPO_PARAMS).concepts
     assert concepts.names[:3] == ("blicket", "dax", "wug")
     assert (concepts.file, concepts.generated, concepts.generator, concepts.truncate) == (
-        "concepts/demo.yaml", "concepts/generated.yaml", None, False)
+        "captions/demo.yaml", "captions/generated.yaml", None, False)
 
 
 def test_old_captions_section_says_it_was_renamed(tmp_path):

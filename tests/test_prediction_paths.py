@@ -26,7 +26,7 @@ from ktpipe.eval import captioning as cap
 from ktpipe.eval.base import TaskInput
 from ktpipe.eval.classification import ZeroShotClassification, class_embeddings, pair_class_scores
 from ktpipe.eval.retrieval import Retrieval, caption_index, recall_at_k, retrieval_metrics
-from ktpipe.masks import image_scores, mean_scores, saliency_to_mask, segmentation_scores
+from ktpipe.eval.masks import image_scores, mean_scores, saliency_to_mask, segmentation_scores
 from ktpipe.models.base import CROSS_ENCODER, is_dual_encoder
 from ktpipe.params import DatasetParams, EvaluateParams
 

@@ -55,11 +55,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ktpipe.finetune
-import ktpipe.losses
+import ktpipe.transfer.finetune
+import ktpipe.transfer.losses
 from conftest import REPO
 from ktpipe.concepts import ConceptText, finetune_caption, load_concepts_file
-from ktpipe.finetune import choose_concepts, finetune, minmax_png, noise_images
+from ktpipe.transfer.finetune import choose_concepts, finetune, minmax_png, noise_images
 from ktpipe.models import OpenClipModel
 from ktpipe.params import FinetuneParams, Params, load_params
 
@@ -202,12 +202,12 @@ def control_run(net: Net, key: tuple, pixels, labels, captions, cfg, lr, seed, r
     if net.control is not None and net.control[0] == key:
         return net.control[1], net.control[2]
     net.control = None
-    assert ktpipe.finetune.FINETUNE_LOSSES is ktpipe.losses.FINETUNE_LOSSES  # finetune sees the patch
-    original = ktpipe.losses.FINETUNE_LOSSES[cfg.loss]
+    assert ktpipe.transfer.finetune.FINETUNE_LOSSES is ktpipe.transfer.losses.FINETUNE_LOSSES  # finetune sees the patch
+    original = ktpipe.transfer.losses.FINETUNE_LOSSES[cfg.loss]
     zeroed = dataclasses.replace(original, loss=lambda *args: 0 * original.loss(*args))  # same needs
     net.restore()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(ktpipe.losses.FINETUNE_LOSSES, cfg.loss, zeroed)
+        patch.setitem(ktpipe.transfer.losses.FINETUNE_LOSSES, cfg.loss, zeroed)
         log = finetune(net.model, pixels, labels, captions, cfg, lr, seed=seed, progress=False, recipe=recipe,
                        names=names)
     assert log[0]["loss"] == 0  # the patched objective ran

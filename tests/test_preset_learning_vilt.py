@@ -31,14 +31,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ktpipe.finetune
-import ktpipe.losses
+import ktpipe.transfer.finetune
+import ktpipe.transfer.losses
 from archs import VILT_B32
 from conftest import REPO
 from test_preset_learning import synthetic_images, trainable_named  # the CLIP presets' stand-ins
 from ktpipe.concepts import finetune_caption, load_concepts_file
-from ktpipe.finetune import choose_concepts, finetune
-from ktpipe.losses import itm_loss
+from ktpipe.transfer.finetune import choose_concepts, finetune
+from ktpipe.transfer.losses import itm_loss
 from ktpipe.models import load_model
 from ktpipe.params import load_params
 
@@ -103,10 +103,10 @@ def test_one_step_of_vilt_preset_recipe_learns(preset, recipe, vilt):
                recipe=recipe, negatives=negatives, progress=False)
     texts_scored = [*captions, *negatives] if cfg.loss == "itm" else captions
     try:
-        original = ktpipe.losses.FINETUNE_LOSSES[cfg.loss]
+        original = ktpipe.transfer.losses.FINETUNE_LOSSES[cfg.loss]
         zeroed = dataclasses.replace(original, loss=lambda *args: 0 * original.loss(*args))
         with pytest.MonkeyPatch.context() as patch:
-            patch.setitem(ktpipe.finetune.FINETUNE_LOSSES, cfg.loss, zeroed)
+            patch.setitem(ktpipe.transfer.finetune.FINETUNE_LOSSES, cfg.loss, zeroed)
             assert finetune(model, **run)[0]["loss"] == 0
         control = {n: p.detach().clone() for n, p in trainable_named(model, cfg).items()}
         model.module.load_state_dict(initial)

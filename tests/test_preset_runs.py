@@ -8,7 +8,7 @@ weights and the sizes (`PresetRun.overrides`), on tests/datasets_fixture.py's ti
 presets' real layouts (`$KTPIPE_DATASETS`). Each run must:
 
 1. run every stage that `dvc stage list` names for the experiment's params, each once;
-2. record the metrics README "Reproducing the paper" points at, as `dvc exp show --json` lists
+2. record the metrics docs/presets.md points at, as `dvc exp show --json` lists
    them (per model `metrics/eval/<model>.json`: `metrics.<set>.<task>.<metric>`; the report's
    `reports/metrics.json`: `headline.<recipe>.target` / `retention`, `<set>.<task>.<model>.<metric>`);
 3. print the paper's numbers beside ours in reports/results.md (`report.paper` selects rows of
@@ -308,7 +308,7 @@ def test_preset_runs_every_stage_under_dvc(run, preset_datasets, stand_in, tmp_p
     # 1. every stage of the experiment's pipeline ran, once (the workspace holds the experiment's params)
     expected = clone.dvc("stage", "list", "--name-only").split()
     assert sorted(ran) == sorted(expected), output
-    assert {"concepts", "data", "base_model", "evaluate_baseline", "report"} <= set(ran)
+    assert {"captions", "data", "base_model", "evaluate_baseline", "report"} <= set(ran)
 
     # 2. the documented metrics, as `dvc exp show` lists them
     name = RAN.search(output).group(1)

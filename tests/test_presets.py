@@ -1,6 +1,6 @@
 """The paper presets: each validates against the typed params, and each runs its stages on a
 random-init model of its real architecture at its real input size, on generated datasets in
-the layouts the presets expect (README "Datasets").
+the layouts the presets expect (docs/datasets.md).
 
 The short runs shrink what only repeats work (one concept, one recipe, 2 inverted images (ViLT:
 1), 2 inversion steps, 3 ImageNet classes (ImageNet-100: 2), the first prompt template of each
@@ -47,8 +47,8 @@ from ktpipe.concepts import load_concepts_file
 from ktpipe.datasets import run_data
 from ktpipe.describe import run_concepts
 from ktpipe.eval import run_evaluate
-from ktpipe.finetune import run_finetune
-from ktpipe.invert import run_invert
+from ktpipe.transfer.finetune import run_finetune
+from ktpipe.transfer.invert import run_invert
 from ktpipe.params import load_params
 from ktpipe.report import load_paper_results, run_report
 from ktpipe.templates import load_templates
@@ -295,7 +295,7 @@ def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint,
     if name in STAND_IN:  # a stand-in only replaces ViT-L-14 (CoCa or not) by its smaller ViT-B-32 sibling
         assert SMALLER_SIBLING[ARCH[preset["model"]["name"]]] == arch
     project = tmp_path / "project"
-    shutil.copytree(REPO / "concepts", project / "concepts")
+    shutil.copytree(REPO / "captions", project / "captions")
     sam = sam_folder() if preset["evaluate"].get("segmentation", {}).get("sam") else None
     with (project / "params.yaml").open("w") as fh:
         YAML(typ="safe", pure=True).dump(shrink(preset, random_checkpoint(arch), project, sam), fh)

@@ -11,9 +11,9 @@ from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.models import OpenClipModel
 from ktpipe.params import PretrainParams
-from ktpipe.pretrain import image_batch, pretrain
+from ktpipe.demo.pretrain import image_batch, pretrain
 from ktpipe.templates import load_templates
-from ktpipe.world import load_world
+from ktpipe.demo.world import load_world
 
 CFG = PretrainParams(steps=80, batch_size=32, name_batch=8, warmup=10, lr=1e-3)
 

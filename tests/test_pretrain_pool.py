@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import ktpipe.pretrain as pretrain_module
+import ktpipe.demo.pretrain as pretrain_module
 from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.params import PretrainParams
-from ktpipe.pretrain import build_pool, image_batch, pretrain
+from ktpipe.demo.pretrain import build_pool, image_batch, pretrain
 from ktpipe.templates import load_templates
-from ktpipe.world import load_world
+from ktpipe.demo.world import load_world
 
 CFG = PretrainParams(batch_size=20, pool_size=40, concept_fraction=0.3, definition_fraction=0.5)
 

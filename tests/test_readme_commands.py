@@ -23,12 +23,12 @@ import pytest
 from ruamel.yaml import YAML
 
 from conftest import REPO
-from ktpipe.cli import main as cli
+from stages.cli import main as cli
 
 MARKER = re.compile(r"<!-- checked: (run by ((?:tests/\S+\.py|\.ci/run)(?:, (?:tests/\S+\.py|\.ci/run))*)|needs [^>]+) -->")
 FENCE = re.compile(r"^(\s*)```bash\s*$")
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md"))]
-PROJECT_DIRS = ("reports/", "metrics/", "data/", "models/", "presets/", "concepts/", "ktpipe/", "benchmarks/", "tests/")
+PROJECT_DIRS = ("reports/", "metrics/", "data/", "models/", "presets/", "captions/", "stages/", "docs/", "ktpipe/", "benchmarks/", "tests/")
 
 
 def bash_blocks(path: Path) -> list[tuple[int, str | None, list[str]]]:
@@ -177,7 +177,7 @@ def test_commands_name_what_exists(path, line, marker, cmds):
                 preset = None
         if words[0] == "cp" and words[1].startswith("presets/"):
             preset = Path(words[1]).stem
-        if words[0] == "ktpipe" or words[:3] == ["python", "-m", "ktpipe"]:
+        if words[0] == "ktpipe" or words[:3] == ["python", "-m", "stages"]:
             problems += check_ktpipe(words if words[0] == "ktpipe" else ["ktpipe", *words[3:]])
         if words[0] == "dvc":
             problems += check_dvc(words, preset)

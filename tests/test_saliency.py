@@ -1,4 +1,4 @@
-"""Saliency maps for zero-shot segmentation (ktpipe/saliency.py): M2IB's bottleneck KL against
+"""Saliency maps for zero-shot segmentation (ktpipe/eval/saliency.py): M2IB's bottleneck KL against
 the normal-distribution formula, map shapes and ranges on the demo CLIP and a BiomedCLIP-shaped
 timm ViT-B/16, batched M2IB equal to one image at a time, the model left untouched, and both
 methods finding the one token a toy tower's embedding reads."""
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from archs import biomedclip_config, write_tiny_bert
-from ktpipe.models.demo import build_demo_model
+from ktpipe.demo.models import build_demo_model
 from ktpipe.models.openclip import OpenClipModel
 from ktpipe.params import ParamsError, SegmentationParams
-from ktpipe.saliency import (bottleneck, bottleneck_kl, compute_saliency, gradient_token_maps, m2ib_token_maps,
+from ktpipe.eval.saliency import (bottleneck, bottleneck_kl, compute_saliency, gradient_token_maps, m2ib_token_maps,
                              to_pixel_maps)
 
 FAST = SegmentationParams(layer=1, steps=3, batch_size=2)  # the demo CLIP has 3 vision blocks

@@ -26,7 +26,7 @@ from ktpipe.errors import KtpipeError
 from ktpipe.eval import run_evaluate
 from ktpipe.eval import segmentation as seg
 from ktpipe.eval.base import TaskInput
-from ktpipe.masks import EMPTY_TRUTH, keep_sam_components, mask_boxes
+from ktpipe.eval.masks import EMPTY_TRUTH, keep_sam_components, mask_boxes
 from ktpipe.models.base import SQUARE_RESIZE, EmbedsTexts, TakesImages, VisionFeatures, square_pixels
 from ktpipe.params import (
     DatasetParams,
@@ -74,7 +74,7 @@ def segmentation_project(project: Path, sets: dict, **segmentation) -> tuple:
     with (project / "params.yaml").open("w") as fh:
         YAML(typ="safe", pure=True).dump(raw, fh)
     params = load_params(project / "params.yaml")
-    run_concepts(project / "concepts/demo.yaml", project / "concepts/generated.yaml", params.concepts,
+    run_concepts(project / "captions/demo.yaml", project / "captions/generated.yaml", params.concepts,
                  project / "data/concepts", world_path=project / "data/world.json")
     run_data(params, project / "data/eval", project / "data/world.json")
     return params, project / "data/eval", project / "data/concepts"
@@ -175,7 +175,7 @@ def test_sam_refines_the_saliency_masks_boxes(tiny_project, shapes, sam_folder):
         np.testing.assert_array_equal(got, want)
     assert any(not np.array_equal(got, rough) for got, rough in zip(sam_masks, coarse_masks))
     text = "\n".join(seg.Segmentation().report_table({"baseline": metrics}, []))
-    assert "| Saliency-mask DSC |" in text and f"{100 * metrics['saliency_dsc']:.2f}%" in text
+    assert "| Saliency-mask DSC |" in text and f"{100 * metrics['saliency_dsc']:.1f}%" in text
 
 
 def test_a_demo_segmentation_set_is_rendered_with_masks_and_scored(tiny_project):
@@ -325,7 +325,7 @@ BEST = (1.0, 2.0, 2)  # (beta, variance, layer): the one setting whose fake M2IB
 def fake_m2ib(monkeypatch) -> list[tuple[float, float, int]]:
     """M2IB replaced by each pixel's brightness for the setting BEST and its darkness for any other
     (DSC 1 and 0 on bright objects); returns the (beta, variance, layer) of every call, in order."""
-    from ktpipe import saliency
+    from ktpipe.eval import saliency
 
     calls = []
 
@@ -443,8 +443,8 @@ def test_without_a_prompt_the_templates_go_over_each_classs_name():
 # --- the report --------------------------------------------------------------------------------
 
 
-def scores(paths: list[str], dsc: list[float]) -> pd.DataFrame:
-    return pd.DataFrame({"path": paths, "dsc": dsc})
+def scores(paths: list[str], dsc: list[float], classes: list[str] | None = None) -> pd.DataFrame:
+    return pd.DataFrame({"path": paths, "dsc": dsc, "class": classes or ["lantern"] * len(paths)})
 
 
 def test_improved_images_are_the_largest_rises_first_rises_only():
@@ -456,6 +456,16 @@ def test_improved_images_are_the_largest_rises_first_rises_only():
     assert seg.improved_images(after, before, 5) == [5]
     with pytest.raises(KtpipeError, match="list different images"):
         seg.improved_images(before, scores(paths[::-1], [0.0] * 6), 3)
+
+
+def test_improved_images_show_novel_concepts_first():
+    """A novel concept's image comes before a known one's, whatever the rises; rises only still."""
+    paths = [f"{i}.png" for i in range(5)]
+    classes = ["lantern", "Blicket", "lantern", "dax", "blicket"]
+    before = scores(paths, [0.0, 0.5, 0.0, 0.5, 0.5], classes)
+    after = scores(paths, [0.9, 0.6, 0.8, 0.4, 0.75], classes)  # rises .9, .1, .8, -.1, .25
+    assert seg.improved_images(before, after, 3, frozenset({"blicket", "dax"})) == [4, 1, 0]
+    assert seg.improved_images(before, after, 3) == [0, 2, 4]
 
 
 def test_report_table_rows_per_group_and_model():

@@ -1,4 +1,4 @@
-"""The demo's base models ship pretrained (ktpipe/data/base_models): the records match today's
+"""The demo's base models ship pretrained (ktpipe/demo/base_models): the records match today's
 pretraining code and the default params, the base_model stage copies a shipped model when they
 match and pretrains, saying why, when they do not."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ktpipe import base_model, shipped
+from ktpipe import base_model
+from ktpipe.demo import shipped
 from ktpipe.concepts import load_concepts_file, world_concepts
 from ktpipe.params import load_params
 
@@ -38,7 +39,7 @@ def test_shipped_models_match_the_pretraining_code_and_default_params(tmp_path):
         record = shipped.read_shipped(run.model.backend)
         reason = shipped.mismatch(record, shipped.pretraining_record(run, known))
         assert reason is None, (f"the shipped {run.model.backend} model is stale ({reason}): regenerate it with "
-                                "`ktpipe ship_base_models` and commit ktpipe/data/base_models")
+                                "`ktpipe ship_base_models` and commit ktpipe/demo/base_models")
         files = {p.name for p in Path(record["folder"]).iterdir()}
         assert shipped.RECORD_FILE in files and len(files) >= 3  # checkpoint files beside the record
         assert record["torch"] and record["seconds"] > 0 and record["log"][-1]["loss"] > 0
@@ -46,8 +47,8 @@ def test_shipped_models_match_the_pretraining_code_and_default_params(tmp_path):
 
 def test_the_code_hash_follows_the_pretraining_modules_and_data():
     files = {str(p.relative_to(shipped.PACKAGE)) for p in shipped.code_files("demo_vilt")}
-    assert {"pretrain_cross.py", "pretrain.py", "world.py", "models/demo_vilt.py", "losses.py",
-            "data/demo_world.yaml", "data/templates/demo.txt"} <= files
+    assert {"demo/pretrain_cross.py", "demo/pretrain.py", "demo/world.py", "demo/vilt.py", "transfer/losses.py",
+            "demo/world.yaml", "data/templates/demo.txt"} <= files
     assert "params.py" not in files and "eval/classification.py" not in files
 
 

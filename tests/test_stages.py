@@ -22,9 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import DEMO_CONCEPTS, NOVEL, make_project, run_stage, run_stage_here, write_params
-from ktpipe.cli import main as cli
-from ktpipe.finetune import run_finetune
-from ktpipe.invert import run_invert
+from stages.cli import main as cli
+from ktpipe.transfer.finetune import run_finetune
+from ktpipe.transfer.invert import run_invert
 from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
 from ktpipe.params import load_params
 
@@ -41,9 +41,9 @@ def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
     """Run concepts -> data -> invert -> finetune -> evaluate -> report in one tiny project."""
     project = make_project(tmp_path_factory.mktemp("pipeline") / "project", tiny_checkpoint)
     runs = {}
-    runs["concepts"] = run_stage(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
+    runs["captions"] = run_stage(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/concepts",
                                  "data/world.json", "data/known.json")
-    check(runs["concepts"])
+    check(runs["captions"])
     runs["data"] = run_stage_here(project, "data", "data/world.json", "data/eval")
     check(runs["data"])
     for name in STAGE_INVERTED:
@@ -234,7 +234,7 @@ def test_cli_evaluate_matches_the_stage_schema(pipeline):
 
 def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
     reports = pipeline["project"] / "reports"
-    assert sorted(p.name for p in reports.iterdir()) == ["figures", "inverted.png", "lr_curve.json", "metrics.json", "results.md"]
+    assert sorted(p.name for p in reports.iterdir()) == ["figures", "inverted.png", "lr_curve", "metrics.json", "results.md"]
     markdown = (reports / "results.md").read_text()
     for name in NOVEL:
         # one row per set (test and val) for each novel concept
@@ -252,9 +252,17 @@ def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
     assert metrics["test"]["classification"]["full"]["target"] == evaluated["name_target_acc"]
     assert metrics["headline"]["full"]["target"] == evaluated["name_target_acc"]
     assert metrics["headline"]["full"]["retention"] == evaluated["name_retention_acc"]
-    curve = json.loads((reports / "lr_curve.json").read_text())
-    assert isinstance(curve, list) and len(curve) == 1 and curve[0]["lr"] == pytest.approx(1e-4)
-    assert set(curve[0]) >= {"paper_val_target", "full_val_retention"}
+    assert sorted(p.name for p in (reports / "lr_curve").iterdir()) == ["full.json", "paper.json"]
+    for recipe in ("paper", "full"):
+        curve = json.loads((reports / "lr_curve" / f"{recipe}.json").read_text())
+        val = metrics["val"]["classification"][recipe]
+        assert curve == [{"lr": pytest.approx(1e-4), "set": "val", "target": val["target"], "retention": val["retention"]}]
+    # the report opens with the transfer figure, then the per-concept bars, then the tables
+    assert markdown.startswith("# Knowledge Transfer results\n\n![Target against retention")
+    assert markdown.index("figures/target_retention.png") < markdown.index("figures/concepts.png") < markdown.index("| Class |")
+    for name in ("target_retention.png", "concepts.png"):
+        with Image.open(reports / "figures" / name) as figure:
+            assert figure.width > 300 and figure.height > 200
     with Image.open(reports / "inverted.png") as figure:
         figure.load()
         assert figure.width > 100 and figure.height > 100
@@ -282,7 +290,7 @@ def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
         pretrain={"steps": 2, "batch_size": 16, "name_batch": 8},
         world={"image_size": 32},
     )
-    check(run_stage_here(project, "concepts", "concepts/demo.yaml", "concepts/generated.yaml", "data/concepts",
+    check(run_stage_here(project, "captions", "captions/demo.yaml", "captions/generated.yaml", "data/concepts",
                          "data/world.json", "data/known.json"))
     check(run_stage_here(project, "base_model", "data/known.json", out, "metrics/pretrain.json"))
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
@@ -300,7 +308,7 @@ def test_base_model_stage_pretrains_the_demo_model(tmp_path, tiny_checkpoint):
 
 # --- command line ---------------------------------------------------------------------------
 
-COMMANDS = ["data", "base_model", "concepts", "invert", "finetune", "evaluate", "report"]
+COMMANDS = ["data", "base_model", "captions", "invert", "finetune", "evaluate", "report"]
 
 
 def test_cli_lists_every_command():
@@ -319,8 +327,8 @@ def test_cli_command_help(command):
 
 def concepts_command(project: Path, out: Path) -> list[str]:
     """`ktpipe concepts` on the project's files with absolute paths (CliRunner keeps the cwd)."""
-    return ["concepts", "--params", str(project / "params.yaml"), str(project / "concepts/demo.yaml"),
-            str(project / "concepts/generated.yaml"), str(out), str(project / "world.json"), str(project / "known.json")]
+    return ["captions", "--params", str(project / "params.yaml"), str(project / "captions/demo.yaml"),
+            str(project / "captions/generated.yaml"), str(out), str(project / "world.json"), str(project / "known.json")]
 
 
 def test_cli_concepts_writes_concept_files(tiny_project):

@@ -16,16 +16,16 @@ from ruamel.yaml import YAML
 from conftest import DEMO_CONCEPTS, NOVEL, deep_merge, make_project, run_stage_here, tiny_params
 from ktpipe.describe import run_concepts
 from ktpipe.errors import KtpipeError, NonFiniteError
-from ktpipe.finetune import check_capabilities, finetune, minmax_png, run_finetune
+from ktpipe.transfer.finetune import check_capabilities, finetune, minmax_png, run_finetune
 from ktpipe.images import save_inversion
-from ktpipe.invert import (
+from ktpipe.transfer.invert import (
     inversion_choices,
     inversion_loss,
     invert_text,
     random_affine,
     to_model_size,
 )
-from ktpipe.losses import authors_infonce, distillation_loss, eq2_loss
+from ktpipe.transfer.losses import authors_infonce, distillation_loss, eq2_loss
 from ktpipe.models import OpenClipModel
 from ktpipe.params import ConceptsParams, FinetuneParams, InvertParams, ParamsError, load_params
 
@@ -236,7 +236,7 @@ def test_finetune_names_the_capability_a_recipe_needs(cfg, needed):
 
 @pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)])
 def test_build_optimizer_is_the_recipes_optimizer_with_its_settings(name, kind):
-    from ktpipe.finetune import build_optimizer
+    from ktpipe.transfer.finetune import build_optimizer
 
     weight = torch.nn.Parameter(torch.zeros(2))
     cfg = FinetuneParams(optimizer=name, weight_decay=0.3, betas=(0.8, 0.9), eps=1e-7)
@@ -247,7 +247,7 @@ def test_build_optimizer_is_the_recipes_optimizer_with_its_settings(name, kind):
 
 
 def test_temperature_is_the_recipes_or_the_models_own(tiny_checkpoint):
-    from ktpipe.finetune import temperature_of
+    from ktpipe.transfer.finetune import temperature_of
 
     model = load_tiny(tiny_checkpoint)
     own = temperature_of(model, FinetuneParams(loss="authors"))
@@ -257,7 +257,7 @@ def test_temperature_is_the_recipes_or_the_models_own(tiny_checkpoint):
 
 
 def test_itm_needs_two_distinct_captions_counting_negatives():
-    from ktpipe.finetune import check_objective
+    from ktpipe.transfer.finetune import check_objective
 
     check_objective(FinetuneParams(loss="itm"), CAPTIONS[:1], CAPTIONS[1:], "r")  # one caption, one negative: fine
     with pytest.raises(ParamsError, match="'itm'"):
@@ -302,7 +302,7 @@ def test_a_small_distillation_weight_still_distills(tiny_checkpoint):
 
 
 def test_a_non_finite_gradient_of_a_finite_loss_stops_before_the_step():
-    from ktpipe.finetune import backward_step
+    from ktpipe.transfer.finetune import backward_step
 
     weight = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
@@ -407,7 +407,7 @@ def test_old_logit_scale_key_says_it_was_renamed(tmp_path, tiny_checkpoint):
 def finetune_project(folder: Path, checkpoint: Path, nan_in: str | None = None, **overrides) -> Path:
     """A project with its concept files and fake inversions written (NaN in one pixel of `nan_in`)."""
     project = make_project(folder, checkpoint, **overrides)
-    run_concepts(project / "concepts/demo.yaml", project / "concepts/generated.yaml",
+    run_concepts(project / "captions/demo.yaml", project / "captions/generated.yaml",
                  ConceptsParams(names=tuple(DEMO_CONCEPTS)), project / "data/concepts")
     for k, name in enumerate(NOVEL):
         pixels = images(SAMPLES, seed=k)
@@ -436,7 +436,7 @@ def test_finetune_stage_rejects_non_finite_lr(tmp_path, tiny_checkpoint, lr, ok)
 def test_finetune_stage_lr_option_reaches_the_optimizer_and_the_log(tmp_path, tiny_checkpoint, monkeypatch):
     """`ktpipe finetune --lr 3e-3` overrides params `lr` (1e-4): the optimizer steps at 3e-3 and the
     training log records it."""
-    import ktpipe.finetune as finetune_module
+    import ktpipe.transfer.finetune as finetune_module
 
     seen = []
     build = finetune_module.build_optimizer
@@ -539,7 +539,7 @@ def test_an_unaugmented_view_is_the_image_itself():
 
 
 def test_set_trainable_freezes_everything_but_the_chosen_tower(tiny_checkpoint):
-    from ktpipe.finetune import set_trainable
+    from ktpipe.transfer.finetune import set_trainable
 
     model = load_tiny(tiny_checkpoint)
     trainable = set_trainable(model, "visual")

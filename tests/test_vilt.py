@@ -137,7 +137,7 @@ def test_retrieval_scores_every_pair_through_vilt(vilt_folder, tmp_path):
 
 
 def test_inversion_raises_the_match_probability(vilt_folder):
-    from ktpipe.invert import invert_text
+    from ktpipe.transfer.invert import invert_text
     from ktpipe.params import InvertParams
 
     model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
@@ -232,7 +232,7 @@ def test_images_keep_their_aspect_through_vilts_processor_with_a_pixel_mask(vilt
 
 
 def test_masked_tokens_are_80_percent_mask_10_random_10_kept_and_the_demo_keeps_all_mask(vilt_folder):
-    from ktpipe.models.demo_vilt import build_demo_vilt
+    from ktpipe.demo.vilt import build_demo_vilt
 
     model = load_model("vilt", f"local-dir:{vilt_folder}", device="cpu")
     words = "a heart with a lung scan of the chest x ray and a tumor with pneumonia normal"

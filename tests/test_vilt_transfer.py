@@ -18,9 +18,9 @@ from ktpipe.errors import KtpipeError
 from ktpipe.eval import TASKS
 from ktpipe.eval.base import TaskInput
 from ktpipe.eval.retrieval import caption_index
-from ktpipe.finetune import finetune
+from ktpipe.transfer.finetune import finetune
 from ktpipe.images import initial_pixels
-from ktpipe.losses import itm_loss
+from ktpipe.transfer.losses import itm_loss
 from ktpipe.models import ModelLoadError, PredictsMaskedWords, load_model
 from ktpipe.params import DatasetParams, EvaluateParams, FinetuneParams, ModelParams, ParamsError, RerankParams
 
@@ -173,7 +173,7 @@ def test_normal_init_is_vilts_unit_gaussian_after_normalization():
 
 
 def test_inversion_records_vilts_settings(folder):
-    from ktpipe.invert import inversion_choices
+    from ktpipe.transfer.invert import inversion_choices
     from ktpipe.params import InvertParams
 
     choices = inversion_choices(InvertParams(init="normal", affine_p=0.0), vilt(folder))

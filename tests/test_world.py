@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import ktpipe.world as world_module
+import ktpipe.demo.world as world_module
 from conftest import DEMO_CONCEPTS_FILE
 from ktpipe.concepts import load_concepts_file, world_concepts
-from ktpipe.world import (
+from ktpipe.demo.world import (
     Attributes,
     World,
     concept_attributes,

@@ -1,21 +1,35 @@
 """`ktpipe experiments`: summarize finished DVC experiments (not a stage)."""
 import click
 
-from ktpipe.cli import run_step
+from ktpipe.cli import PARAMS_OPTION, load_params, run_step
 
 
 @click.command("experiments")
-@click.option("--lr", type=float, required=True, help="Learning rate whose seeds are summarized.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the learning-rate table.")
+@PARAMS_OPTION
+@click.option("--lr", type=float, default=None, help="Learning rate whose seeds are summarized (default: params `lr`).")
+@click.option("--seed", type=int, default=None, help="Seed of the learning-rate table (default: params `seed`).")
 @click.option("--test-set", default="test", show_default=True, help="Evaluation set of the seed table.")
 @click.option("--val-set", default="val", show_default=True, help="Evaluation set of the learning-rate table.")
 @click.option("--out", "out_path", default="reports/experiments.md", show_default=True,
               help="Markdown file to write.")
-def command(lr: float, seed: int, test_set: str, val_set: str, out_path: str) -> None:
-    """Summarize finished DVC experiments: mean over seeds, and accuracy against lr."""
-    from ktpipe.experiments import load_experiments, render
-    from ktpipe.io import write_text
+def command(params_path: str, lr: float | None, seed: int | None, test_set: str, val_set: str, out_path: str) -> None:
+    """Summarize finished DVC experiments: mean over seeds, and accuracy against lr (a table and a
+    PNG beside the Markdown, lr_sweep.png)."""
+    from pathlib import Path
 
-    text = run_step(lambda: render(load_experiments("."), lr, seed, test_set, val_set))
+    from ktpipe.experiments import load_experiments, lr_curves, lr_table, render
+    from ktpipe.io import write_text
+    from ktpipe.report.figures import save_lr_figure
+
+    if lr is None or seed is None:
+        params = load_params(params_path)
+        lr = params.lr if lr is None else lr
+        seed = params.seed if seed is None else seed
+    frame = run_step(load_experiments, ".")
+    figure = Path(out_path).with_name("lr_sweep.png")
+    curves = lr_curves(run_step(lr_table, frame, seed, val_set))
+    text = run_step(render, frame, lr, seed, test_set, val_set, figure.name if curves else None)
+    if curves:
+        save_lr_figure(curves, figure, f"`{val_set}` against learning rate (seed {seed})")
     write_text(out_path, text)
     click.echo(text)

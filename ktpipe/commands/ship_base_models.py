@@ -11,12 +11,12 @@ from ktpipe.cli import PARAMS_OPTION, load_params, run_step
 @click.command("ship_base_models")
 @PARAMS_OPTION
 @click.option("--out", "out_root", default=None, type=click.Path(file_okay=False),
-              help="Folder of the shipped models (default: ktpipe/data/base_models in the package).")
+              help="Folder of the shipped models (default: ktpipe/demo/base_models in the package).")
 def command(params_path: str, out_root: str | None) -> None:
     """Pretrain the demo CLIP, ViLT and CoCa of the params file from scratch (about 6 minutes on 2
     CPU cores) and write each with its provenance record where the base_model stage finds them."""
     from ktpipe.concepts import load_concepts_file, world_concepts
-    from ktpipe.shipped import SHIPPED, ship_base_models
+    from ktpipe.demo.shipped import SHIPPED, ship_base_models
 
     params = load_params(params_path)
     entries = run_step(load_concepts_file, Path(params.concepts.file))

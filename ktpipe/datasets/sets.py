@@ -27,8 +27,8 @@ from ktpipe.images import DatasetError
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.params import DatasetParams, Params
 
-if TYPE_CHECKING:  # ktpipe.world imports torch; it is imported only where demo sets are rendered
-    from ktpipe.world import World
+if TYPE_CHECKING:  # ktpipe.demo.world imports torch; it is imported only where demo sets are rendered
+    from ktpipe.demo.world import World
 
 SETS_FILE = "sets.json"
 DEMO_SEED_OFFSET = {"val": 10_000, "test": 20_000}  # disjoint render streams per split
@@ -99,7 +99,7 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
     concept, or (for a task that reads captions) captioned with the concept's name and the
     background ('a blicket on a gray background.'; captioning sets also without the background),
     or (segmentation) with each object's ground-truth mask."""
-    from ktpipe.world import caption_references, caption_render, write_split
+    from ktpipe.demo.world import caption_references, caption_render, write_split
 
     if not world.concepts:
         raise DatasetError(f"evaluation set {name!r} renders the demo world, but no concept of the concepts file "
@@ -126,7 +126,7 @@ def render_demo_set(name: str, spec: DatasetParams, params: Params, out_dir: Pat
 def build_set(name: str, spec: DatasetParams, params: Params, out_dir: Path, world: World | None = None) -> Manifest:
     """One evaluation set's manifest (rendering `world` first for the demo format)."""
     if spec.format == "demo":
-        from ktpipe.world import load_world
+        from ktpipe.demo.world import load_world
 
         return render_demo_set(name, spec, params, out_dir, world or load_world())
     return load_dataset(name, resolve_spec(name, spec), params.seed)
@@ -152,7 +152,7 @@ def run_data(params: Params, out_dir: Path, world_path: Path | None = None) -> d
     renders = any(spec.format == "demo" for spec in sets.values())
     world = None
     if renders and world_path is not None:
-        from ktpipe.world import load_demo_world
+        from ktpipe.demo.world import load_demo_world
 
         world = load_demo_world(world_path)
     summary = {}

@@ -308,6 +308,9 @@ def read_rows(path: Path) -> list[dict]:
 # --- the report -------------------------------------------------------------------------------
 
 
+REPORT_IMAGES = "figures/captioning"  # in the report folder: the images the examples show
+
+
 def x100(value: float | None) -> str:
     """A score as the paper prints it (x100, one decimal); '-' when missing or NaN."""
     return "-" if value is None or value != value else f"{100 * value:.1f}"
@@ -319,9 +322,13 @@ def cell(text: str) -> str:
 
 
 def image_link(path: str, report_dir: Path) -> str:
-    """A Markdown image of `path`, relative to the report's folder."""
-    relative = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(report_dir))).as_posix()
-    return f"![{Path(path).stem}]({quote(relative)})"
+    """A Markdown image of `path`, copied into the report's figures/ folder (the evaluation images
+    under data/ are DVC outputs that git ignores, so a link there would break in a clone)."""
+    source = Path(path)
+    copy = Path(report_dir) / REPORT_IMAGES / f"{source.parent.name}_{source.name}"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, copy)
+    return f"![{source.stem}]({quote(copy.relative_to(report_dir).as_posix())})"
 
 
 def improved_examples(before: list[dict], after: list[dict], k: int) -> list[tuple[dict, dict]]:

@@ -1,7 +1,7 @@
 """Zero-shot segmentation as MedCLIP-SAMv2 does it (paper Sec. 4.4.1 and 8.6, Tables 4 and 7): a
 saliency map of the vision tower for the set's prompt (M2IB, or the gradient baseline;
-ktpipe.saliency), post-processed to a coarse mask (threshold, Otsu or k-means, then the largest
-connected components; ktpipe.masks), optionally refined by SAM prompted with the components'
+ktpipe.eval.saliency), post-processed to a coarse mask (threshold, Otsu or k-means, then the largest
+connected components; ktpipe.eval.masks), optionally refined by SAM prompted with the components'
 boxes (ktpipe.models.sam) and cut to as many components as the coarse mask has, scored against
 the ground truth with MONAI's DSC, NSD and IoU. With `hyper_opt`, a set's M2IB beta, variance and
 layer are first picked by MedCLIP-SAMv2's grid search on its validation set (`search_saliency`);
@@ -10,7 +10,7 @@ every setting's validation DSC (`hyper_opt_dsc_beta<b>_variance<v>_layer<l>`, '.
 
 Masks are scored at each image's own size and geometry: the saliency map covers the model's
 center crop of the image and is zero outside it. An image's scores are MONAI's for that image;
-a set's are their means over the images MONAI scores (`ktpipe.masks.EMPTY_TRUTH` says which).
+a set's are their means over the images MONAI scores (`ktpipe.eval.masks.EMPTY_TRUTH` says which).
 Metrics pool every image, the images of novel concepts (`target_*`), of known ones or other
 classes (`retention_*`) and each novel concept's (`concept_<name>_*`). With SAM, the coarse
 saliency mask is scored too (`saliency_dsc`, `target_saliency_dsc`, ...). Per image: `<outputs>/<set>.segmentation.parquet`
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest, normalize_class
 from ktpipe.errors import InputMissingError, KtpipeError
-from ktpipe.eval.base import TaskInput, TaskResult
+from ktpipe.eval.base import TaskInput, TaskResult, pct
 from ktpipe.eval.classification import class_embeddings, name_prompts
 from ktpipe.images import open_image
 from ktpipe.models.base import EmbedsTexts, TakesImages, VisionFeatures, require
@@ -93,8 +93,8 @@ def segment_images(model, images: list[Image.Image], targets: torch.Tensor, cfg:
                    sam) -> list[dict[str, np.ndarray]]:
     """Per image: its saliency map, coarse mask and predicted mask (SAM's cut to as many components
     as the coarse mask has, or the coarse one), at the image's size."""
-    from ktpipe.masks import keep_sam_components, mask_boxes, resize_saliency_to_image, saliency_to_mask
-    from ktpipe.saliency import compute_saliency  # the saliency and mask code (MONAI, scipy, scikit-image: about
+    from ktpipe.eval.masks import keep_sam_components, mask_boxes, resize_saliency_to_image, saliency_to_mask
+    from ktpipe.eval.saliency import compute_saliency  # the saliency and mask code (MONAI, scipy, scikit-image: about
     # 2.5 s of imports) load only where a set segments
 
     pixels = torch.stack([model.preprocess(image) for image in images]).to(targets.device)
@@ -121,11 +121,11 @@ def score_set(model, data: TaskInput, sam, groups: list[str], progress: bool = T
     """One row per image: path, mask, class, group (`groups`, one per record), its scores, and where
     its saliency map and predicted mask were written (in `data.outputs`, when given)."""
     from ktpipe.datasets.masks import read_mask
-    from ktpipe.masks import image_scores
+    from ktpipe.eval.masks import image_scores
 
     cfg, manifest = data.params.segmentation, data.manifest
     targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates))  # (K, D)
-    spacing = data.spec.spacing  # (rows, columns), one value for both, or empty: pixels (ktpipe.masks.pixel_spacing)
+    spacing = data.spec.spacing  # (rows, columns), one value for both, or empty: pixels (ktpipe.eval.masks.pixel_spacing)
     folders = None
     if data.outputs is not None:
         folders = {kind: Path(data.outputs) / name.format(data.set_name) for kind, name in
@@ -157,7 +157,7 @@ def score_set(model, data: TaskInput, sam, groups: list[str], progress: bool = T
 
 def set_metrics(rows: pd.DataFrame, groups: dict[str, list[int]]) -> dict[str, float]:
     """Means over all images and per group (`<prefix>_dsc`, ...), with image counts."""
-    from ktpipe.masks import mean_scores
+    from ktpipe.eval.masks import mean_scores
 
     keys = [c for c in rows.columns if c.removeprefix("saliency_") in COLUMNS]
     metrics = {**mean_scores({k: rows[k].to_numpy() for k in keys}), "n_images": float(len(rows))}
@@ -170,7 +170,7 @@ def set_metrics(rows: pd.DataFrame, groups: dict[str, list[int]]) -> dict[str, f
 
 def empty_note(rows: pd.DataFrame) -> str | None:
     """A note when MONAI left images unscored (empty ground truth), else None."""
-    from ktpipe.masks import EMPTY_TRUTH
+    from ktpipe.eval.masks import EMPTY_TRUTH
 
     unscored = int(rows["dsc"].isna().sum())
     if not unscored:
@@ -218,8 +218,8 @@ def search_saliency(model, data: TaskInput, progress: bool = True) -> tuple[Segm
     validation images, prompted as this set prompts. Returns the set's params with the best
     setting (the first on ties) and the metrics: the setting, its DSC, and each setting's DSC."""
     from ktpipe.datasets.masks import read_mask
-    from ktpipe.masks import image_scores, resize_saliency_to_image
-    from ktpipe.saliency import compute_saliency
+    from ktpipe.eval.masks import image_scores, resize_saliency_to_image
+    from ktpipe.eval.saliency import compute_saliency
 
     cfg = data.params.segmentation
     manifest = data.sets[cfg.hyper_opt.sets[data.set_name]]
@@ -247,11 +247,6 @@ def search_saliency(model, data: TaskInput, progress: bool = True) -> tuple[Segm
 # --- the report -------------------------------------------------------------------------------
 
 
-def pct(value: float | None) -> str:
-    """A score as Tables 4 and 7 print it (a percentage, two decimals); '-' when missing or NaN."""
-    return "-" if value is None or value != value else f"{100 * value:.2f}%"
-
-
 def read_scores(folder: Path, set_name: str) -> pd.DataFrame:
     """The per-image scores an evaluation wrote; a missing file names the evaluation that writes it."""
     path = Path(folder) / SCORES_FILE.format(set_name)
@@ -260,13 +255,16 @@ def read_scores(folder: Path, set_name: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def improved_images(before: pd.DataFrame, after: pd.DataFrame, k: int) -> list[int]:
-    """Row indices of the `k` images whose DSC rose most from `before` to `after`, rises only."""
+def improved_images(before: pd.DataFrame, after: pd.DataFrame, k: int, first: frozenset[str] = frozenset()) -> list[int]:
+    """Row indices of the `k` images whose DSC rose most from `before` to `after`, rises only; images
+    of the classes in `first` (the novel concepts) come before every other."""
     if list(before["path"]) != list(after["path"]):
         raise KtpipeError("per-image segmentation files list different images; rerun every evaluate stage")
     gain = (after["dsc"] - before["dsc"]).to_numpy()
     order = [int(i) for i in np.argsort(-np.nan_to_num(gain, nan=-np.inf), kind="stable") if gain[i] > 0]
-    return order[:k]
+    classes = after["class"].map(normalize_class).to_numpy()
+    novel = {normalize_class(name) for name in first}
+    return sorted(order, key=lambda i: classes[i] not in novel)[:k]
 
 
 def save_figure(rows: list[tuple[dict, dict]], folders: tuple[Path, Path], names: tuple[str, str], path: Path) -> None:
@@ -305,7 +303,7 @@ class Segmentation:
         """Segment every image (with M2IB's setting searched on the validation set first when
         `hyper_opt.sets` names this set), score overall, per group and per novel concept, and
         write the per-image scores, saliency maps and masks to `data.outputs`."""
-        from ktpipe.saliency import check_layer
+        from ktpipe.eval.saliency import check_layer
 
         for capability in (TakesImages, VisionFeatures, EmbedsTexts):
             require(model, capability, "segmentation (saliency maps)")
@@ -341,7 +339,7 @@ class Segmentation:
     def report_table(self, results: dict[str, dict[str, float]], concepts: list[ConceptText]) -> list[str]:
         """Tables 4 and 7's shape: DSC, NSD and IoU per model, over all images, the target images,
         each novel concept's and the retention images (with SAM, the saliency mask's DSC too)."""
-        from ktpipe.masks import EMPTY_TRUTH
+        from ktpipe.eval.masks import EMPTY_TRUTH
 
         sam = any("saliency_dsc" in metrics for metrics in results.values())
         columns = [*COLUMNS.values(), *(["Saliency-mask DSC"] if sam else [])]
@@ -366,7 +364,8 @@ class Segmentation:
         baseline, *recipes = scores
         lines = []
         for recipe in recipes:
-            ids = improved_images(scores[baseline], scores[recipe], EXAMPLES)
+            novel = frozenset(c.name for c in concepts if c.role == "novel")
+            ids = improved_images(scores[baseline], scores[recipe], EXAMPLES, novel)
             if not ids:
                 lines += [f"No image's DSC rose from `{baseline}` to `{recipe}`.", ""]
                 continue
@@ -374,6 +373,6 @@ class Segmentation:
             pairs = [(scores[baseline].iloc[i].to_dict(), scores[recipe].iloc[i].to_dict()) for i in ids]
             save_figure(pairs, (Path(folders[baseline]), Path(folders[recipe])), (baseline, recipe), path)
             link = Path(os.path.relpath(path, report_dir)).as_posix()
-            lines += [f"Masks whose DSC rose most from `{baseline}` to `{recipe}` (image, ground truth, before, "
-                      f"after; of {len(scores[recipe])} images):", "", f"![{set_name} {recipe}]({link})", ""]
+            lines += [f"Masks whose DSC rose most from `{baseline}` to `{recipe}` (novel concepts first; image, "
+                      f"ground truth, before, after; of {len(scores[recipe])} images):", "", f"![{set_name} {recipe}]({link})", ""]
         return lines

@@ -28,13 +28,13 @@ def load_open_clip(name: str, pretrained: str | None, device: str):
 
 
 def load_demo(name: str, pretrained: str | None, device: str):
-    from ktpipe.models.demo import load_demo_model
+    from ktpipe.demo.models import load_demo_model
 
     return load_demo_model(name, pretrained, device)
 
 
 def load_demo_coca(name: str, pretrained: str | None, device: str):
-    from ktpipe.models.demo import load_demo_coca as load
+    from ktpipe.demo.models import load_demo_coca as load
 
     return load(name, pretrained, device)
 
@@ -46,7 +46,7 @@ def load_vilt(name: str, pretrained: str | None, device: str):
 
 
 def load_demo_vilt(name: str, pretrained: str | None, device: str):
-    from ktpipe.models.demo_vilt import load_demo_vilt as load
+    from ktpipe.demo.vilt import load_demo_vilt as load
 
     return load(name, pretrained, device)
 
@@ -58,13 +58,13 @@ def open_clip_text_budget(name: str, pretrained: str | None) -> TextBudget:
 
 
 def demo_text_budget(name: str, pretrained: str | None) -> TextBudget:
-    from ktpipe.models.demo import load_demo_text_budget
+    from ktpipe.demo.models import load_demo_text_budget
 
     return load_demo_text_budget(name, pretrained)
 
 
 def demo_coca_text_budget(name: str, pretrained: str | None) -> TextBudget:
-    from ktpipe.models.demo import load_demo_coca_text_budget
+    from ktpipe.demo.models import load_demo_coca_text_budget
 
     return load_demo_coca_text_budget(name, pretrained)
 
@@ -76,7 +76,7 @@ def vilt_text_budget(name: str, pretrained: str | None) -> Any:
 
 
 def demo_vilt_text_budget(name: str, pretrained: str | None) -> Any:
-    from ktpipe.models.demo_vilt import load_demo_vilt_text_budget
+    from ktpipe.demo.vilt import load_demo_vilt_text_budget
 
     return load_demo_vilt_text_budget(name, pretrained)
 
@@ -91,7 +91,7 @@ TEXT_BUDGETS: dict[str, Callable[[str, str | None], TextBudget]] = {
     "demo_vilt": demo_vilt_text_budget, "demo_coca": demo_coca_text_budget,
 }
 LAZY = {"OpenClipModel": "ktpipe.models.openclip", "TextBudget": "ktpipe.models.openclip",
-        "build_demo_model": "ktpipe.models.demo"}
+        "build_demo_model": "ktpipe.demo.models"}
 
 
 def __getattr__(name: str) -> Any:

@@ -386,4 +386,4 @@ class OpenClipModel:
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=list) + "\n")
         save_file(state_for_saving(self.module), str(out_dir / WEIGHTS_FILE))
         if hasattr(self.tokenizer, "save_pretrained"):  # an hf tokenizer (get_tokenizer("local-dir:") reads it), a
-            self.tokenizer.save_pretrained(out_dir)  # demo CoCa's vocabulary (ktpipe.models.demo.CompactTokenizer)
+            self.tokenizer.save_pretrained(out_dir)  # demo CoCa's vocabulary (ktpipe.demo.models.CompactTokenizer)

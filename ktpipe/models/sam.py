@@ -1,7 +1,7 @@
 """SAM prompted with boxes, through transformers' `SamModel` and `SamProcessor`: the last step of
 MedCLIP-SAMv2's zero-shot segmentation (saliency map -> coarse mask -> one box per connected
 component -> SAM -> the union of SAM's masks over the boxes, which the evaluation then cuts to its
-K largest components, K the coarse mask's count: `ktpipe.masks.keep_sam_components`).
+K largest components, K the coarse mask's count: `ktpipe.eval.masks.keep_sam_components`).
 
 As MedCLIP-SAMv2's `segment-anything/prompt_sam.py` runs it (`zeroshot.sh`): box prompts only, one
 mask per box (`multimask_output=False`, its default), the masks binarized at logit 0 at the image's

@@ -16,7 +16,7 @@ pixel mask (PaddedPixels). Square (B, 3, S, S) tensors (inverted images, fine-tu
 do not go through the processor: they enter as they are with an all-ones mask, which is what
 the processor gives an S x S image when S is its shortest edge and a multiple of 32 (ViLT's
 checkpoints: `image_size` 384). The backend normalizes (ViLT's mean and std, 0.5; padding stays
-0, as the processor pads after normalizing). The demo ViLT (ktpipe.models.demo_vilt) keeps the
+0, as the processor pads after normalizing). The demo ViLT (ktpipe.demo.vilt) keeps the
 square crop at its 32 px (`keeps_aspect` False).
 
 Texts take at most `max_position_embeddings` tokens (40), start and end included. Evaluation cuts
