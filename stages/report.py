@@ -18,7 +18,7 @@ from ktpipe.cli import PARAMS_OPTION, UserError, load_params, run_command, run_s
               help="Every model family of params `families`: NAME's evaluation results in DIR/NAME.")
 def command(params_path: str, eval_dir: str, concepts_dir: str, inverted_dir: str, out_dir: str,
             families: tuple[str, ...], families_dir: str) -> None:
-    """Write results.md, metrics.json, lr_curve.json, inverted.png and figures/ into OUT_DIR."""
+    """Write results.md, metrics.json, lr_curve/<recipe>.json, inverted.png and figures/ into OUT_DIR."""
     from ktpipe.report import run_report
 
     params = load_params(params_path)

@@ -232,3 +232,44 @@ def preset_datasets(tmp_path_factory) -> Path:
     from datasets_fixture import build_datasets
 
     return build_datasets(tmp_path_factory.mktemp("datasets"))
+
+
+# --- test order ------------------------------------------------------------------------------------
+
+# Seconds a slow test (marker `slow`) of each module takes on one busy core, roughly: the order the
+# scheduler should start them in, and how to share them out. The modules in SHARED_STATE keep
+# models and figures in per-process caches, so their tests stay together on one worker.
+SLOW_SECONDS = {"test_dvc_e2e.py": 250, "test_preset_runs.py": 90, "test_presets.py": 20,
+                "test_preset_learning.py": 8, "test_preset_learning_vilt.py": 10}
+SHARED_STATE = {"test_presets.py", "test_preset_learning.py", "test_preset_learning_vilt.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deal the slow tests, longest first, to the front of each pytest-xdist worker's share.
+
+    `--dist worksteal` hands each worker a contiguous share of the collection and lets an idle worker
+    steal from the end of a busy one's queue: with the long tests at the front of every share (each
+    group to the share with the least so far), the short ones fill the gaps and no worker starts a
+    several-minute test when the others are done."""
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    groups: dict[str, list] = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            key = item.path.name if item.path.name in SHARED_STATE else item.nodeid
+            groups.setdefault(key, []).append(item)
+    cost = {key: sum(SLOW_SECONDS.get(i.path.name, 10) for i in group) for key, group in groups.items()}
+    shares, loads = [[] for _ in range(workers)], [0] * workers
+    for key in sorted(groups, key=cost.get, reverse=True):  # stable: file order among equals
+        k = loads.index(min(loads))
+        shares[k] += groups[key]
+        loads[k] += cost[key]
+    slow = {item for group in groups.values() for item in group}
+    rest = [item for item in items if item not in slow]
+    per_share = -(-len(items) // workers)  # the scheduler's contiguous share (ceil)
+    ordered = []
+    for share in shares:
+        share.sort(key=lambda item: -SLOW_SECONDS.get(item.path.name, 10))  # the longest single tests first
+        take = max(0, per_share - len(share))
+        ordered += share + rest[:take]
+        rest = rest[take:]
+    items[:] = ordered + rest

@@ -74,11 +74,17 @@ def write_image_root(root: Path, per_class: int = 1, size: int = 16) -> None:
                 Image.fromarray(pixels).save(root / split / name / f"{i:04d}.png")
 
 
-def test_wrong_argument_count_prints_usage(tiny_project):
-    result = run_stage_here(tiny_project, "captions", "captions/demo.yaml")
-    assert result.returncode == 2 and result.stderr.startswith("Usage: ktpipe concepts ")
-    assert "CONCEPTS_FILE GENERATED_FILE OUT_DIR WORLD_PATH" in " ".join(result.stderr.split())  # click wraps it
-    assert "Missing argument 'GENERATED_FILE'" in result.stderr and "Traceback" not in result.stderr
+def test_missing_argument_prints_usage(tiny_project):
+    result = run_stage_here(tiny_project, "finetune")  # paths default to dvc.yaml's; the recipe does not
+    assert result.returncode == 2 and result.stderr.startswith("Usage: ktpipe finetune ")
+    assert "RECIPE [CONCEPTS_DIR] [INVERTED_DIR] [OUT_DIR] [LOG_PATH]" in " ".join(result.stderr.split())
+    assert "Missing argument 'RECIPE'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_extra_argument_prints_usage(tiny_project):
+    result = run_stage_here(tiny_project, "captions", *["x.yaml"] * 6)
+    assert result.returncode == 2 and result.stderr.startswith("Usage: ktpipe captions ")
+    assert "unexpected extra argument" in result.stderr and "Traceback" not in result.stderr
 
 
 # --- concepts stage -------------------------------------------------------------------------

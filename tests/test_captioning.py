@@ -347,7 +347,8 @@ def test_report_shows_the_table_the_note_and_the_most_improved_captions(tmp_path
     top = -rises[-1][1]  # the image that rose most (the first of equals)
     before, after = rows["baseline"][top]["meteor"], rows["paper"][top]["meteor"]
     name = Path(rows["paper"][top]["path"]).stem
-    assert examples[0] == (f"| ![{name}](../eval/caps/{name}.png) | {name.split('_')[0]} | "
+    assert (tmp_path / "reports/figures/captioning" / f"caps_{name}.png").is_file()  # copied beside the report
+    assert examples[0] == (f"| ![{name}](figures/captioning/caps_{name}.png) | {name.split('_')[0]} | "
                            f"{rows['paper'][top]['references'][0]} | a square | {rows['paper'][top]['caption']} | "
                            f"{100 * before:.1f} -> {100 * after:.1f} |")
 

@@ -290,8 +290,8 @@ def test_cli_concepts_writes_the_generated_file_and_the_world_where_told(tmp_pat
     assert not (project / "captions/generated.yaml").exists()  # no default beside the params file
     known = json.loads((tmp_path / "known.json").read_text())  # what pretraining reads: the known concepts alone
     assert set(known) == {n for n, c in load_concepts_file(DEMO_CONCEPTS_FILE).items() if c.role == "known"}
-    result = CliRunner().invoke(cli, ["captions", "--params", str(project / "params.yaml"), *paths[:4]])
-    assert result.exit_code == 2 and "KNOWN_PATH" in result.output  # every path comes from dvc.yaml
+    result = CliRunner().invoke(cli, ["captions", "--params", str(project / "params.yaml"), *paths, "extra"])
+    assert result.exit_code == 2 and "unexpected extra argument" in result.output
 
 
 def test_render_entries_must_name_shape_color_and_fill(tmp_path):

@@ -481,8 +481,8 @@ def test_report_table_rows_per_group_and_model():
     rows = [line for line in lines[2:] if line.startswith("| ")]
     groups = ("all (5)", "target (3)", "blicket (3)", "retention (2)")  # dax and lantern: no images
     assert [r.split(" | ")[:2] for r in rows] == [[f"| {g}", m] for g in groups for m in ("baseline", "paper")]
-    assert rows[1] == "| all (5) | paper | 45.67% | 20.00% | 5.00% |"
-    assert rows[6] == "| retention (2) | baseline | - | 40.00% | 30.00% |"  # NaN: no image scored
+    assert rows[1] == "| all (5) | paper | 45.7% | 20.0% | 5.0% |"
+    assert rows[6] == "| retention (2) | baseline | - | 40.0% | 30.0% |"  # NaN: no image scored
     assert EMPTY_TRUTH in lines[-1] and lines[-2] == ""
 
 
@@ -499,8 +499,8 @@ def test_report_items_draw_the_figure_only_when_some_dsc_rose(tmp_path):
     figure = report / "figures/toy_paper_segmentation.png"
     assert figure.is_file() and png(figure).ndim == 3
     assert "![toy paper](figures/toy_paper_segmentation.png)" in lines
-    assert ("Masks whose DSC rose most from `baseline` to `paper` (image, ground truth, before, after; "
-            "of 3 images):") in lines
+    assert ("Masks whose DSC rose most from `baseline` to `paper` (novel concepts first; image, ground truth, "
+            "before, after; of 3 images):") in lines
     assert "No image's DSC rose from `baseline` to `worse`." in lines
     assert not (report / "figures/toy_worse_segmentation.png").exists()
     assert len(list((report / "figures").iterdir())) == 1

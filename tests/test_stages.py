@@ -335,7 +335,7 @@ def test_cli_concepts_writes_concept_files(tiny_project):
     out = tiny_project / "out"
     result = CliRunner().invoke(cli, concepts_command(tiny_project, out))
     assert result.exit_code == 0, result.output
-    assert f"wrote {len(DEMO_CONCEPTS)} concept descriptions to {out}" in result.output
+    assert f"wrote {len(DEMO_CONCEPTS)} concept captions to {out}" in result.output
     assert sorted(p.stem for p in out.iterdir()) == sorted(DEMO_CONCEPTS)
     assert json.loads((out / "dax.json").read_text())["description"] == "an outlined pink triangle"
 

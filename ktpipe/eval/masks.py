@@ -41,15 +41,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+# monai, scipy and skimage are imported where used: the report, which reads this module's
+# constants, starts without them (5 s of imports in its stage process).
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, MeanIoU, SurfaceDiceMetric
-from monai.metrics.utils import do_metric_reduction
-from monai.transforms.utils import get_largest_connected_component_mask
-from scipy.cluster.vq import kmeans2
-from skimage.filters import threshold_otsu
-from skimage.measure import label, regionprops
 
 from ktpipe.errors import KtpipeError
 
@@ -81,6 +77,8 @@ def scale_saliency(saliency: np.ndarray) -> np.ndarray | None:
 
 def kmeans_foreground(scaled: np.ndarray) -> np.ndarray:
     """Pixels of the 2-means cluster with the higher centre, started at the map's extremes."""
+    from scipy.cluster.vq import kmeans2
+
     values = scaled.reshape(-1, 1)  # (H*W, 1)
     start = np.array([[0.0], [1.0]])  # the scaled map's minimum and maximum: deterministic, never empty
     centres, labels = kmeans2(values, start, iter=KMEANS_ITERATIONS, minit="matrix", missing="raise")
@@ -89,6 +87,8 @@ def kmeans_foreground(scaled: np.ndarray) -> np.ndarray:
 
 def threshold_saliency(scaled: np.ndarray, method: str, threshold: float) -> np.ndarray:
     """Foreground of a [0, 1] map by one of METHODS, before the component filter."""
+    from skimage.filters import threshold_otsu
+
     if method == "threshold":
         return scaled > threshold
     if method == "otsu":
@@ -106,6 +106,8 @@ def saliency_to_mask(saliency: np.ndarray, method: str = "kmeans", threshold: fl
     The map is min-max scaled first; then 'threshold' keeps values above `threshold`, 'otsu'
     those above Otsu's threshold, 'kmeans' the higher of two k-means clusters. A constant map
     gives an empty mask. See the module docstring for how this differs from MedCLIP-SAMv2."""
+    from monai.transforms.utils import get_largest_connected_component_mask
+
     if components < 1:
         raise KtpipeError(f"segmentation keeps at least one connected component, got components={components}")
     scaled = scale_saliency(saliency)
@@ -121,6 +123,9 @@ def keep_sam_components(sam_mask: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     of the coarse mask (H, W) whose boxes prompted it: MedCLIP-SAMv2's filter after SAM
     (prompt_sam.py, write_mask_to_folder), so SAM cannot add blobs the saliency did not find.
     An empty coarse mask keeps nothing."""
+    from monai.transforms.utils import get_largest_connected_component_mask
+    from skimage.measure import label
+
     count = int(label(np.asarray(coarse, dtype=bool), connectivity=CONNECTIVITY).max())
     if count == 0:
         return np.zeros(np.shape(sam_mask), dtype=bool)
@@ -137,6 +142,8 @@ def mask_boxes(mask: np.ndarray) -> list[Box]:
     cv2.boundingRect: a one-pixel component at (row 3, column 5) gives (5, 3, 6, 4), the box
     that covers the pixel's square. SAM takes XYXY boxes in the input image's pixel
     coordinates. An empty mask has no box."""
+    from skimage.measure import label, regionprops
+
     regions = regionprops(label(np.asarray(mask, dtype=bool), connectivity=CONNECTIVITY))
     regions = sorted(regions, key=lambda r: -r.area)  # stable: equal areas keep label order
     return [(int(r.bbox[1]), int(r.bbox[0]), int(r.bbox[3]), int(r.bbox[2])) for r in regions]
@@ -170,6 +177,8 @@ def surface_dice(y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[float]
     """MONAI's NSD (N, 1) of single-channel batches (N, 1, H, W): the share of both masks' boundary
     pixels within `tolerance` of the other's boundary; 0 where only the truth or only the
     prediction is empty, NaN where both are."""
+    from monai.metrics import SurfaceDiceMetric
+
     with warnings.catch_warnings():  # empty masks are expected and scored as EMPTY_TRUTH says
         warnings.filterwarnings("ignore", message=EMPTY_MASK_WARNING)
         warnings.filterwarnings("ignore", message=MONAI_INTERNAL_WARNING, category=FutureWarning)
@@ -194,6 +203,8 @@ def segmentation_scores(predicted: np.ndarray | torch.Tensor, truth: np.ndarray 
     value for both; None or empty: pixels). An empty truth scores 0 against a non-empty prediction
     and NaN against an empty one, as `EMPTY_TRUTH` says. Masks of different sizes: call once per
     image (`image_scores`)."""
+    from monai.metrics import DiceMetric, MeanIoU
+
     y_pred, y = as_channel_batch(predicted), as_channel_batch(truth)  # (N, 1, H, W)
     if y_pred.shape != y.shape:
         raise KtpipeError(f"predicted masks {tuple(y_pred[:, 0].shape)} and truth {tuple(y[:, 0].shape)} "
@@ -216,6 +227,8 @@ def image_scores(predicted: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
 def mean_scores(per_image: dict[str, np.ndarray | Sequence[float]]) -> dict[str, float]:
     """Each metric's mean over the images that have a score (MONAI's mean reduction, which skips
     NaN), and n_<metric>: how many images that is. A metric no image has a score for is NaN."""
+    from monai.metrics.utils import do_metric_reduction
+
     means: dict[str, float] = {}
     for name, values in per_image.items():
         scores = torch.as_tensor(np.asarray(values, dtype=np.float32)).reshape(-1, 1)  # (N, 1)

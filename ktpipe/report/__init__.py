@@ -108,7 +108,8 @@ def lr_set(params: Params) -> str:
 
 def lr_points(summary: dict, params: Params) -> dict[str, list[dict]]:
     """recipe -> its point of this experiment for the DVC plot of target and retention against lr
-    (`dvc plots diff` across experiments draws the curve)."""
+    (`dvc plots diff` across experiments draws the curve): on `lr_set` where that set scores both
+    groups, else the headline's (target and retention sets of params `report`)."""
     set_name = lr_set(params)
     out = {}
     for task, models in summary.get(set_name, {}).items():
@@ -117,6 +118,9 @@ def lr_points(summary: dict, params: Params) -> dict[str, list[dict]]:
             if all(g in found for g in GROUPS):
                 out[recipe] = [{"lr": params.recipe_lr(recipe), "set": set_name,
                                 **{g: found[g] for g in GROUPS}}]
+    for recipe, head in summary.get("headline", {}).items():
+        if recipe not in out and all(isinstance(head.get(g), (int, float)) for g in GROUPS):
+            out[recipe] = [{"lr": head["lr"], "set": "headline", **{g: head[g] for g in GROUPS}}]
     return out
 
 
@@ -399,6 +403,7 @@ def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir:
     inverted = set(params.inverted_names())
     save_inversion_figure(inverted_dir, [c for c in concepts if c.name in inverted], out_dir / "inverted.png")
     shutil.rmtree(out_dir / LR_CURVE_DIR, ignore_errors=True)
+    (out_dir / LR_CURVE_DIR).mkdir(parents=True)  # a DVC output even where no recipe has a point
     for recipe, points in lr_points(summary, params).items():
         write_json(out_dir / LR_CURVE_DIR / f"{recipe}.json", points)
     eval_dirs = {"model": Path(eval_dir), **{name: Path(folder) for name, folder in (family_dirs or {}).items()}}
