@@ -281,3 +281,10 @@ def test_checker_follows_lazy_relative_and_submodule_imports(tmp_path):
     assert missing_deps(cmd, ["ktpipe", "stages/s.py"], tmp_path) == []
     (pkg / "__init__.py").write_text("from ktpipe import rel\n")
     assert "ktpipe/__init__.py" in missing_deps(cmd, [*entries, "ktpipe/a.py"], tmp_path)
+
+
+def test_dvc_lock_holds_only_the_stages_of_dvc_yaml():
+    """dvc.lock keeps the entry of a stage that dvc.yaml no longer has (renamed or removed); every
+    stage run parses and rewrites the whole lock, so stale entries cost each stage time."""
+    stages = {name.split("@")[0] for name in YAML(typ="safe").load((REPO / "dvc.lock").read_text())["stages"]}
+    assert stages <= set(STAGES), f"dvc.lock has stages dvc.yaml lacks: {sorted(stages - set(STAGES))}"
