@@ -82,7 +82,7 @@ def test_family_means_one_thing_everywhere():
 LIBRARY_CALLS = {  # command -> (module, function) the command calls with its paths
     "data": ("ktpipe.datasets", "run_data"),
     "base_model": ("ktpipe.base_model", "run_base_model"),
-    "invert": ("ktpipe.transfer.invert", "run_invert"),
+    "invert": ("ktpipe.transfer.invert", "run_invert_all"),
     "finetune": ("ktpipe.transfer.finetune", "run_finetune"),
     "evaluate": ("ktpipe.eval", "run_evaluate"),
     "finetune_family": ("ktpipe.transfer.finetune", "run_finetune"),
@@ -99,7 +99,8 @@ def called_paths(monkeypatch, project, argv: list[str]) -> list[str]:
 
     def record(*args, **kwargs):
         calls.extend(str(a) for a in (*args, *kwargs.values()) if a.__class__.__name__.endswith("Path"))
-        return {} if command == "data" else {"seconds": 0, "n_images": 0, "concept": "x", "metrics": {}, "summary": {}}
+        return {} if command == "data" else {"seconds": 0, "n_images": 0, "concept": "x", "metrics": {}, "summary": {},
+                                                    "concepts": {}}
 
     monkeypatch.setattr(importlib.import_module(module), function, record)
     monkeypatch.chdir(project)
@@ -132,14 +133,14 @@ def project(tmp_path):
     ("data", ["data"]),
     ("base_model", ["base_model"]),
     ("base_model_family", ["base_model", "--family", "vilt"]),
-    ("invert", ["invert", "blicket"]),
+    ("invert", ["invert"]),
     ("finetune", ["finetune", "paper"]),
     ("evaluate_baseline", ["evaluate", "baseline"]),
     ("evaluate", ["evaluate", "full"]),
     ("report", ["report"]),
 ])
 def test_a_stage_run_by_hand_takes_the_paths_dvc_yaml_passes(monkeypatch, project, stage, argv):
-    key = {"base_model_family": "vilt", "invert": "blicket", "finetune": "paper", "evaluate": "full"}.get(stage)
+    key = {"base_model_family": "vilt", "finetune": "paper", "evaluate": "full"}.get(stage)
     expected = dvc_paths(stage, key, flags=("--timing",))
     got = called_paths(monkeypatch, project, argv)
     assert sorted(got) == sorted(expected)

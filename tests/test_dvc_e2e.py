@@ -10,7 +10,7 @@ loss accepts; the known lantern, which the retention metrics
 score), 2 images per concept and split, 3 inversion steps, one recipe (`paper`); the demo ViLT
 family pretrained for 3 steps (it fine-tunes on the demo CLIP's inversions); the demo CoCa family
 pretrained for 3 steps, fine-tuned for one epoch and captioning with 2 beams; the demo CLIP segments
-6 renders. Each of the 16 stage runs pays the interpreter's 5-8 s start-up (torch, open_clip,
+6 renders. Each of the 14 stage runs pays the interpreter's 5-8 s start-up (torch, open_clip,
 transformers): about 2 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ REDUCED = {
 RECIPES = {"paper": {"rehearsal": False}}  # one recipe: every stage kind runs, each run costs a start-up
 VILT_STAGES = {"base_model_family@vilt", "finetune_family@vilt", "evaluate_family@vilt"}  # the demo ViLT family
 COCA_STAGES = {"base_model_family@coca", "finetune_family@coca", "evaluate_family@coca"}  # the demo captioner
-ALL_STAGES = {"data", "base_model", "captions", *(f"invert@{c}" for c in CONCEPTS), "finetune@paper",
+ALL_STAGES = {"data", "base_model", "captions", "invert", "finetune@paper",
               "evaluate_baseline", "evaluate@paper", "report", *VILT_STAGES, *COCA_STAGES}
 LR_STAGES = {"finetune@paper", "evaluate@paper", "report"}
 RUNNING = re.compile(r"Running stage '([^']+)'")
@@ -110,7 +110,8 @@ def repo(tmp_path_factory) -> Repo:
     root = tmp_path_factory.mktemp("e2e") / "repo"
     root.mkdir()
     no_cache = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
     for folder in ("captions", "ktpipe", "stages"):
         shutil.copytree(REPO / folder, root / folder, ignore=no_cache)
     yaml = YAML(typ="safe", pure=True)
@@ -152,12 +153,16 @@ def test_dvc_pipeline_end_to_end(repo):
     assert not ran and skipped == ALL_STAGES
     assert "Data and pipelines are up to date." in repo.dvc("status")
 
-    # 2b. an inversion rerun on its own writes the same bytes (its wall time goes to an uncached
-    # metrics file no stage reads), so nothing downstream goes stale
-    ran, _ = ran_and_skipped(repo.dvc("repro", "-s", "-f", "invert@blicket"))
-    assert ran == {"invert@blicket"}
+    # 2b. the inversions recomputed on their own (the inversion store deleted, so none is copied)
+    # write the same bytes (the wall times go to an uncached metrics file no stage reads), so
+    # nothing downstream goes stale
+    shutil.rmtree(repo.root / ".ktpipe/store/invert")
+    ran, _ = ran_and_skipped(repo.dvc("repro", "-s", "-f", "invert"))
+    assert ran == {"invert"}
     assert "Data and pipelines are up to date." in repo.dvc("status")
-    assert json.loads((repo.root / "metrics/invert/blicket.json").read_text())["seconds"] > 0
+    timing = json.loads((repo.root / "metrics/invert.json").read_text())
+    assert {c: t["how"] for c, t in timing["concepts"].items()} == {c: "computed" for c in CONCEPTS}
+    assert all(t["seconds"] > 0 for t in timing["concepts"].values())
 
     # 3. an lr sweep point reruns exactly the stages that read lr or a fine-tuned model
     mark = time.monotonic()
@@ -186,9 +191,10 @@ def test_dvc_pipeline_end_to_end(repo):
     table = repo.run(sys.executable, "-m", "stages", "experiments", "--lr", "5e-5", "--out", "reports/experiments.md")
     assert "over seeds at lr 5e-05" in table and "test.classification.paper.target" in table
 
-    # 4. one changed description: the concepts stage reruns; then, of the inversions, only that
-    # concept's is stale (each invert stage depends on its own data/concepts/<concept>.json); the
-    # base models, which read the known concepts alone, are not
+    # 4. one changed description: the concepts stage reruns; then the invert stage recomputes that
+    # concept's images only and copies the others', bit for bit, from the inversion store; the base
+    # models, which read the known concepts alone, are not stale
+    before = {c: (repo.root / f"data/inverted/{c}/images.safetensors").read_bytes() for c in CONCEPTS}
     concepts_file = repo.root / "captions/demo.yaml"
     concepts_file.write_text(concepts_file.read_text().replace("an outlined pink triangle", "a solid pink triangle"))
     assert set(repo.status()) == {"captions"}
@@ -196,15 +202,20 @@ def test_dvc_pipeline_end_to_end(repo):
     ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))
     timings["repro concepts"] = time.monotonic() - mark
     assert ran == {"captions"}
-    stale = {"invert@dax", "finetune@paper", "evaluate_baseline", "evaluate@paper", "report",  # these read
+    stale = {"invert", "finetune@paper", "evaluate_baseline", "evaluate@paper", "report",  # these read
              "finetune_family@vilt", "evaluate_family@vilt", "finetune_family@coca", "evaluate_family@coca"}  # all
     assert set(repo.status()) == stale  # of data/concepts
     ran, skipped = ran_and_skipped(repo.dvc("repro", "--dry"))
-    assert {s for s in ran if s.startswith("invert@")} == {"invert@dax"}
-    assert {f"invert@{c}" for c in CONCEPTS if c != "dax"} <= skipped
     assert {"data", "base_model", "captions", "base_model_family@vilt", "base_model_family@coca"} <= skipped
+    ran, _ = ran_and_skipped(repo.dvc("repro", "-s", "invert"))
+    assert ran == {"invert"}
+    timing = json.loads((repo.root / "metrics/invert.json").read_text())
+    assert {c: t["how"] for c, t in timing["concepts"].items()} == {"blicket": "reused", "dax": "computed",
+                                                                      "lantern": "reused"}
+    after = {c: (repo.root / f"data/inverted/{c}/images.safetensors").read_bytes() for c in CONCEPTS}
+    assert after["dax"] != before["dax"] and all(after[c] == before[c] for c in ("blicket", "lantern"))
     repo.git("checkout", "captions/demo.yaml")
-    ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))  # back as committed: nothing else is stale
+    ran, _ = ran_and_skipped(repo.dvc("repro", "captions", "invert"))  # back as committed: from the run-cache
     assert "Data and pipelines are up to date." in repo.dvc("status")
 
     # 5. typical params edits make exactly the stages that read them stale
@@ -217,7 +228,7 @@ def test_dvc_pipeline_end_to_end(repo):
     with edited_params(repo.root, add_novel_concept):
         ran, _ = ran_and_skipped(repo.dvc("repro", "captions"))
         status = repo.status()
-        assert {"data", "invert@zork"} <= set(status) and not {s for s in status if s.startswith("base_model")}, status
+        assert {"data", "invert"} <= set(status) and not {s for s in status if s.startswith("base_model")}, status
     repo.git("checkout", "dvc.lock")  # back as committed: the captions of the three concepts, from the cache
     repo.dvc("checkout", "captions")
 
@@ -236,7 +247,7 @@ def test_dvc_pipeline_end_to_end(repo):
     ran, skipped = ran_and_skipped(output)
     pulled = set(PULLED.findall(output))
     assert not ran and pulled | skipped == ALL_STAGES, output
-    assert {"base_model", "invert@blicket", "finetune@paper", "evaluate@paper"} <= pulled, output
+    assert {"base_model", "invert", "finetune@paper", "evaluate@paper"} <= pulled, output
     assert (teammate.root / "models/paper").is_dir() and (teammate.root / "data/inverted/blicket").is_dir()
     assert "Data and pipelines are up to date." in teammate.dvc("status")
 

@@ -1,6 +1,6 @@
 """Every paper preset, applied as the README says, parses under the real `dvc.yaml`: `dvc stage list`
 names exactly the stages docs/presets.md says a preset runs (concepts, data,
-base_model, invert@<concept> per concept, finetune@ and evaluate@ per recipe, evaluate_baseline,
+base_model, invert (every concept in one stage), finetune@ and evaluate@ per recipe, evaluate_baseline,
 report, and the three *_family stages per model family it declares), and `dvc status` answers.
 No stage runs. `ktpipe preset NAME` applies one and refuses to overwrite uncommitted edits."""
 from __future__ import annotations
@@ -24,8 +24,7 @@ FAMILY_STAGES = ("base_model_family", "finetune_family", "evaluate_family")
 def expected_stages(params: dict) -> set[str]:
     """The stages README says a params file runs."""
     recipes, families = params["recipes"], params.get("families") or {}
-    return {"captions", "data", "base_model", "evaluate_baseline", "report",
-            *(f"invert@{c}" for c in params["concepts"]["names"]),
+    return {"captions", "data", "base_model", "invert", "evaluate_baseline", "report",
             *(f"{stage}@{r}" for r in recipes for stage in ("finetune", "evaluate")),
             *(f"{stage}@{f}" for f in families for stage in FAMILY_STAGES)}
 

@@ -24,11 +24,10 @@ from safetensors.torch import load_file
 from conftest import DEMO_CONCEPTS, NOVEL, make_project, run_stage, run_stage_here, write_params
 from stages.cli import main as cli
 from ktpipe.transfer.finetune import run_finetune
-from ktpipe.transfer.invert import run_invert
 from ktpipe.models.openclip import CONFIG_FILE, WEIGHTS_FILE
 from ktpipe.params import load_params
 
-STAGE_INVERTED = ["blicket", "lantern"]  # one novel, one known concept through the stage command
+STAGE_INVERTED = ["blicket", "lantern"]  # one novel, one known concept checked
 SAMPLES, SIZE = 2, 16
 
 
@@ -46,14 +45,8 @@ def pipeline(tmp_path_factory, tiny_checkpoint) -> dict:
     check(runs["captions"])
     runs["data"] = run_stage_here(project, "data", "data/world.json", "data/eval")
     check(runs["data"])
-    for name in STAGE_INVERTED:
-        runs[f"invert@{name}"] = run_stage_here(project, "invert", f"data/concepts/{name}.json",
-                                                f"data/inverted/{name}", "--timing", f"metrics/invert/{name}.json")
-        check(runs[f"invert@{name}"])
-    params = load_params(project / "params.yaml")
-    for name in DEMO_CONCEPTS:
-        if name not in STAGE_INVERTED:
-            run_invert(params, project / "data/concepts" / f"{name}.json", project / "data/inverted" / name)
+    runs["invert"] = run_stage_here(project, "invert", "data/concepts", "data/inverted", "--timing", "metrics/invert.json")
+    check(runs["invert"])
     for recipe in ("paper", "full"):
         runs[f"finetune@{recipe}"] = run_stage_here(
             project, "finetune", recipe, "data/concepts", "data/inverted",
@@ -120,10 +113,11 @@ def test_invert_writes_images_grid_and_summary(pipeline, name):
     assert summary["concept"] == name and len(summary["similarity"]) == SAMPLES
     assert "seconds" not in summary  # a cached output holds only what its inputs determine
     assert {"similarity", "reduction", "padding", "interpolation"} <= set(summary)
-    timing = json.loads((pipeline["project"] / "metrics/invert" / f"{name}.json").read_text())
-    assert timing["concept"] == name and timing["seconds"] > 0
+    timing = json.loads((pipeline["project"] / "metrics/invert.json").read_text())
+    assert timing["concepts"][name]["how"] == "computed" and timing["concepts"][name]["seconds"] > 0
+    assert sorted(timing["concepts"]) == sorted(DEMO_CONCEPTS)
     assert -1.0 <= summary["mean_similarity"] <= 1.0
-    assert f"inverted {name!r}" in pipeline["runs"][f"invert@{name}"].stdout
+    assert f"inverted {len(DEMO_CONCEPTS)} concepts, reused 0" in pipeline["runs"]["invert"].stdout
     assert not list(folder.parent.glob(".*tmp*")), "temporary folders left behind"
 
 

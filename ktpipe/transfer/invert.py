@@ -9,7 +9,12 @@ paper's N(0, 1) clamped to ViLT's [-1, 1] input range, and `invert.affine_p: 0`)
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
+import hashlib
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktpipe.concepts import concept_seed, read_concept_file
+from ktpipe.concepts import ConceptText, concept_seed, read_concept_file
 from ktpipe.errors import check_finite
 from ktpipe.images import initial_pixels, save_inversion
 from ktpipe.io import atomic_dir, write_json
-from ktpipe.models import Invertible, load_base_model
+from ktpipe.models import Invertible, load_base_model, pick_device
 from ktpipe.params import InvertParams, Params, ParamsError
 
 
@@ -229,13 +234,120 @@ def run_invert(params: Params, concept_file: Path, out_dir: Path, timing_path: P
     concept = read_concept_file(concept_file)
     model = load_base_model(params.model)
     start = time.time()
+    meta = _invert_into(model, params, concept, out_dir)
+    timing = {"concept": concept.name, "seconds": round(time.time() - start, 2), "steps": params.invert.steps}
+    if timing_path is not None:
+        write_json(timing_path, timing)
+    return {**meta, **timing}
+
+
+def _invert_into(model: Invertible, params: Params, concept: ConceptText, out_dir: Path) -> dict:
+    """Invert `concept` and write its folder (images, grid, summary) atomically; returns the summary's meta."""
     seed = concept_seed(params.seed, concept.name)
     pixels, sims = invert_text(model, concept.description, params.invert, seed, name=concept.name)
     meta = {"concept": concept.name, "text": concept.description, "seed": seed,
             **inversion_choices(params.invert, model)}
     with atomic_dir(out_dir) as tmp:
         save_inversion(tmp, pixels, sims, meta)
-    timing = {"concept": concept.name, "seconds": round(time.time() - start, 2), "steps": params.invert.steps}
+    return meta
+
+
+# The inversion store: each concept's folder as last computed, under the digest of everything that
+# determines its bytes (the concept's name and description, its seed, the invert and model params,
+# the base model's files, ktpipe's code and the versions of torch and the model libraries). When
+# the stage reruns because one caption changed or a concept was added, the other concepts' folders
+# are copied from here, bit for bit, instead of recomputed. It is a plain memo: deleting it (or
+# `--store ''`) only costs time; it lives outside DVC's outputs so that the stage stays in DVC's
+# run-cache (DVC leaves a stage with a persistent output out of it).
+DEFAULT_STORE = Path(".ktpipe/store/invert")
+
+
+def _digest_files(paths: list[Path], digest: "hashlib._Hash", root: Path | None = None) -> None:
+    for path in sorted(paths):
+        digest.update(str(path.relative_to(root) if root else path).encode())
+        digest.update(path.read_bytes())
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """sha256 of ktpipe's Python sources and package data and of the model libraries' versions."""
+    import importlib.metadata
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    files = [p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".json", ".txt")
+             and "__pycache__" not in p.parts]
+    _digest_files(files, digest, package)
+    for dist in ("torch", "open_clip_torch", "transformers", "timm"):
+        try:
+            digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{dist}=-".encode())
+    return digest.hexdigest()
+
+
+def model_digest(model_params: Any) -> str:
+    """sha256 of the base model's identity: its params and, for a local checkpoint, its files' bytes."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model_params), sort_keys=True).encode())
+    for ref in (model_params.pretrained, str(model_params.name).removeprefix("local-dir:")):
+        path = Path(ref) if ref else None
+        if path is not None and path.is_file():
+            _digest_files([path], digest)
+        elif path is not None and path.is_dir():
+            _digest_files([p for p in path.rglob("*") if p.is_file()], digest, path)
+    return digest.hexdigest()
+
+
+def inversion_key(params: Params, concept: ConceptText, model_key: str, device: str) -> str:
+    """The store key of one concept's inversion: a digest of every input that determines its folder."""
+    record = {"concept": dataclasses.asdict(concept), "seed": concept_seed(params.seed, concept.name),
+              "invert": dataclasses.asdict(params.invert), "model": model_key, "code": code_digest(),
+              "device": device}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_invert_all(params: Params, concepts_dir: Path, out_root: Path, timing_path: Path | None = None,
+                   store: str | Path | None = DEFAULT_STORE, progress: bool = True) -> dict:
+    """Invert every concept of `concepts.names` (their files in `concepts_dir`, from the captions
+    stage) in one process into `out_root`/<name>/, written atomically as one folder.
+
+    A concept whose folder the store holds under its key (`inversion_key`) is copied from there,
+    so a rerun after one changed caption or one added concept computes only that concept, and the
+    others' tensors stay bit-identical; each computed folder enters the store. Returns, per
+    concept, its seconds and whether it was computed or reused (also written to `timing_path`).
+    """
+    names = list(params.concepts.names)
+    if not names:
+        raise ParamsError("params 'concepts.names' is empty: there is no concept to invert")
+    concepts = [read_concept_file(Path(concepts_dir) / f"{name}.json") for name in names]
+    model = None  # loaded at the first concept the store lacks
+    model_key, device = model_digest(params.model), pick_device(params.model.device).split(":")[0]
+    timings: dict[str, dict] = {}
+    start = time.time()
+    with atomic_dir(out_root) as tmp:
+        for concept in tqdm(concepts, desc="invert", disable=not progress or len(concepts) == 1):
+            mark = time.time()
+            key = inversion_key(params, concept, model_key, device)
+            stored = Path(store) / key if store else None
+            if stored is not None and (stored / "summary.json").is_file():
+                shutil.copytree(stored, tmp / concept.name)
+                how = "reused"
+            else:
+                model = model or load_base_model(params.model)
+                _invert_into(model, params, concept, tmp / concept.name)
+                if stored is not None:
+                    _store(tmp / concept.name, stored)
+                how = "computed"
+            timings[concept.name] = {"seconds": round(time.time() - mark, 2), "how": how}
+    timing = {"seconds": round(time.time() - start, 2), "steps": params.invert.steps, "concepts": timings}
     if timing_path is not None:
         write_json(timing_path, timing)
-    return {**meta, **timing}
+    return timing
+
+
+def _store(folder: Path, stored: Path) -> None:
+    """Copy a computed concept folder into the store (atomically: a crash leaves no half entry)."""
+    if stored.exists():
+        return
+    with atomic_dir(stored) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
