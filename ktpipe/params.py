@@ -112,6 +112,9 @@ class InvertParams:
     interpolation: str = "bilinear"  # resizing to the model and between progressive sizes: bilinear or bicubic (authors')
     init: str = "uniform"  # starting pixels: uniform noise, or normal: N(0.5, 0.5^2) clamped to [0, 1], i.e. after
     # ViLT's normalization the paper's N(0, 1) (Sec. 4.3) clamped to [-1, 1] (std 0.72)
+    concepts_per_batch: int = 1  # concepts optimized in one batch (concepts x samples images per forward pass): 1 runs each
+    # on its own (bit-identical to a run of that concept alone); more fill a GPU, each concept keeping its own seed,
+    # augmentations, gradient clip and loss, equal to its own run within float rounding (docs/cli.md)
 
 
 @dataclass(frozen=True)
@@ -325,8 +328,9 @@ class Params:
 
 # What a model family may override: everything that depends on the model, nothing that defines the
 # concepts, the inverted images or the evaluation data (their stages run once for every family: a
-# family fine-tunes on the file's model's inverted images and picks its sets with evaluate.use).
-FAMILY_KEYS = ("lr", "model", "pretrain", "finetune", "recipes", "evaluate")
+# family fine-tunes on the file's model's inverted images and picks its sets with evaluate.use, and the
+# report's target and retention sets among them with `report`).
+FAMILY_KEYS = ("lr", "model", "pretrain", "finetune", "recipes", "evaluate", "report")
 FAMILY_OWN_KEYS = ("lr", "model", "pretrain", "recipes")  # never inherited (pretrain: null for a real model): the
 # file's own belong to the file's model, and dvc.yaml names families.<name>.model and .pretrain
 
@@ -450,6 +454,7 @@ def validate(params: Params) -> Params:
         "invert.steps": params.invert.steps,
         "invert.lr": params.invert.lr,
         "invert.samples": params.invert.samples,
+        "invert.concepts_per_batch": params.invert.concepts_per_batch,
         "finetune.epochs": params.finetune.epochs,
         "finetune.batch_size": params.finetune.batch_size,
         "pretrain.steps": params.pretrain.steps,

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -125,7 +126,28 @@ def repo(tmp_path_factory) -> Repo:
     return repo
 
 
-def test_dvc_pipeline_end_to_end(repo):
+@pytest.fixture(scope="module")
+def s3_server(repo) -> str:
+    """A local S3-compatible server (moto's, in this process) with an empty bucket `ktpipe-team`;
+    the repo's commands get its test credentials. Returns its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    repo.env.update(credentials)
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="ktpipe-team")
+    yield endpoint
+    server.stop()
+
+
+def test_dvc_pipeline_end_to_end(repo, s3_server):
     start = time.monotonic()
     timings = {}
 
@@ -250,6 +272,38 @@ def test_dvc_pipeline_end_to_end(repo):
     assert {"base_model", "invert", "finetune@paper", "evaluate@paper"} <= pulled, output
     assert (teammate.root / "models/paper").is_dir() and (teammate.root / "data/inverted/blicket").is_dir()
     assert "Data and pipelines are up to date." in teammate.dvc("status")
+
+    # 9. the same through an S3 bucket (a local S3-compatible server), with git on a shared server:
+    # A pushes the cache and the run-cache to the bucket; C clones, computes nothing for the
+    # committed pipeline, runs a new lr, where only the stages that read lr run, and pushes the
+    # experiment; A pulls it and sees its metrics
+    mark = time.monotonic()
+    repo.dvc("remote", "add", "bucket", "s3://ktpipe-team/cache")
+    repo.dvc("remote", "modify", "bucket", "endpointurl", s3_server)
+    repo.dvc("push", "-r", "bucket", "--run-cache")
+    repo.commit("the team's bucket")
+    server = repo.root.parent / "team.git"
+    repo.git("init", "-q", "--bare", str(server))
+    repo.git("remote", "add", "origin", str(server))
+    repo.git("push", "-q", "origin", "HEAD")
+    second = Repo(repo.root.parent / "second")
+    subprocess.run(["git", "clone", "-q", str(server), str(second.root)], check=True, env=repo.env)
+    second.env = {**repo.env, "PYTHONPATH": str(second.root)}  # with the bucket's credentials
+    second.dvc("remote", "default", "--local", "bucket")
+    ran, skipped = ran_and_skipped(second.dvc("repro", "--pull"))
+    assert not ran and "Data and pipelines are up to date." in second.dvc("status")
+    output = second.dvc("exp", "run", "--pull", "-S", "lr=3e-5")
+    ran, skipped = ran_and_skipped(output)
+    assert ran == LR_STAGES and skipped == ALL_STAGES - LR_STAGES, output
+    name = re.search(r"Ran experiment\(s\): (\S+)", output).group(1)
+    second.dvc("exp", "push", "origin", name)
+    repo.dvc("exp", "pull", "-r", "bucket", "origin", name)
+    shown = json.loads(repo.dvc("exp", "show", "--json", stdout_only=True))
+    pulled = {exp["name"]: exp for row in shown for exp in (row.get("experiments") or [])}
+    assert name in pulled, shown
+    params = pulled[name]["revs"][0]["data"]["params"]["params.yaml"]["data"]
+    assert params["lr"] == pytest.approx(3e-5)
+    timings["team (S3)"] = time.monotonic() - mark
 
     timings["total"] = time.monotonic() - start
     print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})

@@ -30,7 +30,8 @@ def test_the_demo_vilt_family_overrides_only_what_it_names_and_shares_the_clip_i
     assert vilt.finetune.loss == "itm" and vilt.finetune.epochs == params.finetune.epochs
     assert vilt.finetune.temperature is None  # null restores the default: the model's own
     assert list(vilt.recipes) == ["paper"] and vilt.models() == ("baseline", "paper")
-    assert list(vilt.used_sets()) == ["test", "test_pairs"] and vilt.used_sets()["test"] == params.evaluate.sets["test"]
+    assert list(vilt.used_sets()) == ["test_small", "test_pairs"]
+    assert vilt.used_sets()["test_small"] == params.evaluate.sets["test_small"] and vilt.report.target_set == "test_small"
     assert vilt.families == {} and set(params.families) == {"vilt", "coca"}
     assert params.model.backend == "demo" and params.recipe("full").rehearsal  # the file's own model is untouched
 

@@ -94,7 +94,7 @@ def test_non_mapping_recipe_is_a_params_error(tmp_path):
 def test_demo_evaluation_sets_and_report_keys_load():
     params = load_params(REPO_PARAMS)
     assert list(params.evaluate.sets) == ["val", "test", "test_captions", "test_pairs", "test_segmentation",
-                                        "test_captioning"]
+                                        "test_captioning", "test_small"]
     assert params.evaluate.sets["val"].format == "demo" and params.evaluate.sets["test"].split == "test"
     assert params.evaluate.sets["test_captions"].task == "retrieval"
     assert params.report.target_set == params.report.retention_set == "test"
@@ -202,7 +202,7 @@ def test_old_evaluate_models_key_names_the_move(tmp_path):
 
 def test_evaluate_use_picks_sets_and_names_unknown_ones(tmp_path):
     params = load_params(edited(tmp_path, USE_LINE, "  use: [test, val]"))
-    assert list(params.used_sets()) == ["test", "val"] and len(params.evaluated_sets()) == 6
+    assert list(params.used_sets()) == ["test", "val"] and len(params.evaluated_sets()) == 7
     with pytest.raises(ParamsError, match=r"'evaluate.use' names \['nowhere'\]"):
         load_params(edited(tmp_path, USE_LINE, "  use: [test, nowhere]"))
 
@@ -220,7 +220,8 @@ def test_evaluation_sets_default_to_classification(tmp_path):
     assert {name: s.task for name, s in sets.items()} == {"val": "classification", "test": "classification",
                                                           "test_captions": "retrieval", "test_pairs": "retrieval",
                                                           "test_segmentation": "segmentation",
-                                                          "test_captioning": "captioning"}
+                                                          "test_captioning": "captioning",
+                                                          "test_small": "classification"}
     params = load_params(edited(tmp_path, SETS_LINE, "    test: {format: demo, split: test, task: classification}"))
     assert params.evaluate.sets["test"].task == "classification"
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ktpipe.concepts import ConceptText, concept_seed, read_concept_file
 from ktpipe.errors import check_finite
-from ktpipe.images import initial_pixels, save_inversion
+from ktpipe.images import SUMMARY_FILE, initial_pixels, save_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import Invertible, load_base_model, pick_device
 from ktpipe.params import InvertParams, Params, ParamsError
@@ -217,6 +217,89 @@ def invert_text(
     return final.detach().cpu(), sims.detach().cpu()
 
 
+def stack_targets(targets: list[Any], repeats: int) -> Any:
+    """Per-concept targets -> one per image, concept by concept, `repeats` images each: embeddings
+    (D,) stacked to (C * repeats, D), token batches (1, L) concatenated key by key."""
+    first = targets[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack([t.reshape(-1) for t in targets]).repeat_interleave(repeats, dim=0)
+    if isinstance(first, dict) and all(isinstance(v, torch.Tensor) for v in first.values()):
+        return {key: torch.cat([t[key] for t in targets]).repeat_interleave(repeats, dim=0) for key in first}
+    raise TypeError(f"batched inversion cannot stack targets of type {type(first).__name__}; "
+                    "set invert.concepts_per_batch: 1")
+
+
+def batched_similarity(model: Invertible, views: torch.Tensor, target: Any, similarity: str) -> torch.Tensor:
+    """(C * N,) each view against its own concept's target (`stack_targets`): a dual encoder's
+    embeddings row by row (cosine, or minus the L2 distance of raw embeddings, as its `similarity`),
+    a cross-encoder's token rows through its own `similarity`, which pairs image i with text row i."""
+    if isinstance(target, torch.Tensor):
+        if similarity == "l2":
+            return -(model.encode_images(views, normalize=False) - target).norm(dim=-1)
+        return (model.encode_images(views) * target).sum(dim=-1)
+    return model.similarity(views, target, similarity)
+
+
+def clip_per_concept(grad: torch.Tensor, concepts: int, max_norm: float) -> None:
+    """Scale each concept's share of a (C * N, ...) gradient in place so its L2 norm is at most
+    `max_norm`, as `clip_pixel_grad` does for a concept optimized alone (torch's clip_grad_norm_ rule)."""
+    per_concept = grad.view(concepts, -1)
+    norms = per_concept.norm(dim=1)
+    per_concept.mul_((max_norm / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1))
+
+
+def invert_texts(model: Invertible, texts: list[str], cfg: InvertParams, seeds: list[int], progress: bool = True,
+                 names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`invert_text` for C concepts at once: one batch of C x `cfg.samples` images per forward pass.
+
+    Each concept keeps what a run of it alone has: its seed (starting pixels and every step's
+    random affines from its own generator), its text target, its share of the loss (summed, or
+    averaged over its own samples), its gradient clip and its Adam state (elementwise), so its
+    images equal its own `invert_text` run up to floating-point rounding (the batched matrix
+    products round differently). Returns pixels (C, N, 3, S, S) and similarities (C, N).
+    """
+    names = names or [f"{text[:30]!r}" for text in texts]
+    concepts, n = len(texts), cfg.samples
+    check_progressive(cfg, model.image_size)
+    size = resolution_at(0, cfg, model.image_size)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    start = torch.cat([initial_pixels(n, size, g, cfg.init) for g in generators])
+    pixels, optimizer = fresh_pixels(start.to(next(model.module.parameters())), size, cfg.lr, cfg.interpolation)
+    _freeze(model)
+    target = stack_targets([model.text_target(text, cfg.similarity) for text in texts], n)
+    where = f"batched inversion of concepts {names}"
+    bar = tqdm(range(cfg.steps), desc=f"invert {len(texts)} concepts", disable=not progress, leave=False)
+    for step in bar:
+        size = resolution_at(step, cfg, model.image_size)
+        if size != pixels.shape[-1]:
+            pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
+        draws = [sample_affine(n, cfg, g) for g in generators]
+        theta = torch.cat([affine_theta(d) for d in draws]).to(pixels)
+        grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+        moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode=cfg.padding, align_corners=False)
+        sims = batched_similarity(model, to_model_size(moved, model.image_size, cfg.interpolation), target,
+                                  cfg.similarity)
+        per_sample = (-sims + cfg.tv_weight * total_variation(pixels)).view(concepts, n)
+        loss = per_sample.sum() if cfg.reduction == "sum" else per_sample.mean(dim=1).sum()
+        check_finite(loss, "inversion loss", where, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        check_finite(pixels.grad.norm(), "pixel gradient norm", where, step)
+        if cfg.grad_clip is not None:
+            clip_per_concept(pixels.grad, concepts, cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            pixels.clamp_(0.0, 1.0)
+        if step % 25 == 0:
+            bar.set_postfix(sim=f"{sims.detach().mean().item():.3f}", side=size)
+    with torch.no_grad():
+        final = to_model_size(pixels, model.image_size, cfg.interpolation)
+        sims = batched_similarity(model, final, target, cfg.similarity)
+    return final.detach().cpu().view(concepts, n, *final.shape[1:]), sims.detach().cpu().view(concepts, n)
+
+
 def inversion_choices(cfg: InvertParams, model: Invertible) -> dict:
     """The settings where the paper's text and the authors' code differ, as this run used them."""
     return {"image_size": model.image_size, "resize": model.resize_rule, "init": cfg.init, "affine_p": cfg.affine_p,
@@ -245,11 +328,25 @@ def _invert_into(model: Invertible, params: Params, concept: ConceptText, out_di
     """Invert `concept` and write its folder (images, grid, summary) atomically; returns the summary's meta."""
     seed = concept_seed(params.seed, concept.name)
     pixels, sims = invert_text(model, concept.description, params.invert, seed, name=concept.name)
-    meta = {"concept": concept.name, "text": concept.description, "seed": seed,
-            **inversion_choices(params.invert, model)}
+    return _save_concept(model, params, concept, pixels, sims, out_dir)
+
+
+def _save_concept(model: Invertible, params: Params, concept: ConceptText, pixels: torch.Tensor, sims: torch.Tensor,
+                  out_dir: Path, batch: list[str] | None = None) -> dict:
+    meta = {"concept": concept.name, "text": concept.description, "seed": concept_seed(params.seed, concept.name),
+            **inversion_choices(params.invert, model), **({"batch": batch} if batch else {})}
     with atomic_dir(out_dir) as tmp:
         save_inversion(tmp, pixels, sims, meta)
     return meta
+
+
+def _invert_batch_into(model: Invertible, params: Params, batch: list[ConceptText], out_root: Path) -> None:
+    """Invert the concepts of `batch` together (`invert_texts`) and write each one's folder."""
+    seeds = [concept_seed(params.seed, c.name) for c in batch]
+    names = [c.name for c in batch]
+    pixels, sims = invert_texts(model, [c.description for c in batch], params.invert, seeds, names=names)
+    for i, concept in enumerate(batch):
+        _save_concept(model, params, concept, pixels[i], sims[i], out_root / concept.name, batch=names)
 
 
 # The inversion store: each concept's folder as last computed, under the digest of everything that
@@ -313,8 +410,11 @@ def run_invert_all(params: Params, concepts_dir: Path, out_root: Path, timing_pa
 
     A concept whose folder the store holds under its key (`inversion_key`) is copied from there,
     so a rerun after one changed caption or one added concept computes only that concept, and the
-    others' tensors stay bit-identical; each computed folder enters the store. Returns, per
-    concept, its seconds and whether it was computed or reused (also written to `timing_path`).
+    others' tensors stay bit-identical; each computed folder enters the store. With
+    `invert.concepts_per_batch` k > 1 the concepts go k at a time, in `concepts.names` order, through
+    `invert_texts`; a concept's bytes then depend on its batch, so its key covers the batch's keys and
+    one changed caption recomputes its batch. Returns, per concept, its seconds and whether it was
+    computed or reused (also written to `timing_path`).
     """
     names = list(params.concepts.names)
     if not names:
@@ -324,21 +424,30 @@ def run_invert_all(params: Params, concepts_dir: Path, out_root: Path, timing_pa
     model_key, device = model_digest(params.model), pick_device(params.model.device).split(":")[0]
     timings: dict[str, dict] = {}
     start = time.time()
+    per_batch = params.invert.concepts_per_batch
+    batches = [concepts[i:i + per_batch] for i in range(0, len(concepts), per_batch)]
     with atomic_dir(out_root) as tmp:
-        for concept in tqdm(concepts, desc="invert", disable=not progress or len(concepts) == 1):
+        for batch in tqdm(batches, desc="invert", disable=not progress or len(batches) == 1):
             mark = time.time()
-            key = inversion_key(params, concept, model_key, device)
-            stored = Path(store) / key if store else None
-            if stored is not None and (stored / "summary.json").is_file():
-                shutil.copytree(stored, tmp / concept.name)
+            keys = [inversion_key(params, concept, model_key, device) for concept in batch]
+            if per_batch > 1:  # a batched concept's bytes depend on its batch
+                keys = [hashlib.sha256(f"{key}|{','.join(keys)}".encode()).hexdigest() for key in keys]
+            stored = [Path(store) / key for key in keys] if store else None
+            if stored is not None and all((s / SUMMARY_FILE).is_file() for s in stored):
+                for concept, entry in zip(batch, stored):
+                    shutil.copytree(entry, tmp / concept.name)
                 how = "reused"
             else:
                 model = model or load_base_model(params.model)
-                _invert_into(model, params, concept, tmp / concept.name)
-                if stored is not None:
-                    _store(tmp / concept.name, stored)
+                if per_batch == 1:
+                    _invert_into(model, params, batch[0], tmp / batch[0].name)
+                else:
+                    _invert_batch_into(model, params, batch, tmp)
+                for concept, entry in zip(batch, stored or []):
+                    _store(tmp / concept.name, entry)
                 how = "computed"
-            timings[concept.name] = {"seconds": round(time.time() - mark, 2), "how": how}
+            for concept in batch:
+                timings[concept.name] = {"seconds": round((time.time() - mark) / len(batch), 2), "how": how}
     timing = {"seconds": round(time.time() - start, 2), "steps": params.invert.steps, "concepts": timings}
     if timing_path is not None:
         write_json(timing_path, timing)
