@@ -12,7 +12,9 @@ import torch
 from conftest import run_stage_here, write_params
 from ktpipe.models import OpenClipModel
 from ktpipe.params import InvertParams
-from ktpipe.transfer.invert import clip_per_concept, invert_text, invert_texts, stack_targets
+from ktpipe.images import initial_pixels
+from ktpipe.transfer.invert import (batched_similarity, clip_per_concept, invert_text, invert_texts,
+                                    stack_targets)
 from test_invert_objective import TINY_CLIP
 
 TEXTS = ["a striped orange ring", "an outlined pink triangle", "a solid green square"]
@@ -40,6 +42,13 @@ def test_a_batch_gives_each_concept_its_own_run(tiny_model, cfg):
         assert (sims[i] - alone_sims).abs().max() < TOLERANCE, text
     # the concepts really differ (seeds and texts), so the comparison above is not vacuous
     assert (pixels[0] - pixels[1]).abs().max() > 0.1
+    # and it learns: each concept's images moved toward its own text from the starting noise
+    start = torch.cat([initial_pixels(cfg.samples, tiny_model.image_size, torch.Generator().manual_seed(seed), cfg.init)
+                       for seed in SEEDS])
+    target = stack_targets([tiny_model.text_target(text, cfg.similarity) for text in TEXTS], cfg.samples)
+    with torch.no_grad():
+        before = batched_similarity(tiny_model, start, target, cfg.similarity).view(3, cfg.samples)
+    assert (sims.mean(dim=1) > before.mean(dim=1)).all(), (before, sims)
 
 
 def test_clipping_one_concept_leaves_the_others_alone():

@@ -71,9 +71,13 @@ def affine_theta(draw: AffineDraw) -> torch.Tensor:
 def random_affine(pixels: torch.Tensor, cfg: InvertParams, generator: torch.Generator) -> torch.Tensor:
     """Differentiable per-sample random affine of a (N, 3, S, S) batch; outside the moved image
     `cfg.padding` fills zeros (black) or repeats the border (the authors' kornia setting)."""
-    theta = affine_theta(sample_affine(pixels.shape[0], cfg, generator)).to(pixels)
-    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode=cfg.padding, align_corners=False)
+    return warp(pixels, affine_theta(sample_affine(pixels.shape[0], cfg, generator)), cfg.padding)
+
+
+def warp(pixels: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
+    """(N, 3, S, S) pixels resampled through (N, 2, 3) affine grids `theta`, bilinear."""
+    grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def total_variation(pixels: torch.Tensor) -> torch.Tensor:
@@ -163,6 +167,18 @@ def _freeze(model: Invertible) -> None:
         p.requires_grad_(False)
 
 
+def _scheduled(step: int, cfg: InvertParams, model_size: int, pixels: torch.Tensor,
+               optimizer: torch.optim.Adam) -> tuple[torch.Tensor, torch.optim.Adam, int]:
+    """Pixels and optimizer for `step`: resized with a fresh Adam where the progressive schedule
+    upsizes, the learning rate set on the cosine schedule; also the step's side."""
+    size = resolution_at(step, cfg, model_size)
+    if size != pixels.shape[-1]:
+        pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
+    return pixels, optimizer, size
+
+
 def _optimize_step(model: Invertible, pixels: torch.Tensor, optimizer: torch.optim.Optimizer,
                    cfg: InvertParams, generator: torch.Generator, target: Any, where: str, step: int):
     """One Adam step on pixels (N, 3, s, s): augment, resize views to the model, Eq. 3, clip, clamp.
@@ -203,11 +219,7 @@ def invert_text(
     where = f"inversion of concept {name!r}" if name else f"inversion of {text[:40]!r}"
     bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress, leave=False)
     for step in bar:
-        size = resolution_at(step, cfg, model.image_size)
-        if size != pixels.shape[-1]:
-            pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
+        pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
         sims = _optimize_step(model, pixels, optimizer, cfg, generator, target, where, step)
         if step % 25 == 0:
             bar.set_postfix(sim=f"{sims.mean().item():.3f}", side=size)
@@ -270,15 +282,8 @@ def invert_texts(model: Invertible, texts: list[str], cfg: InvertParams, seeds: 
     where = f"batched inversion of concepts {names}"
     bar = tqdm(range(cfg.steps), desc=f"invert {len(texts)} concepts", disable=not progress, leave=False)
     for step in bar:
-        size = resolution_at(step, cfg, model.image_size)
-        if size != pixels.shape[-1]:
-            pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
-        draws = [sample_affine(n, cfg, g) for g in generators]
-        theta = torch.cat([affine_theta(d) for d in draws]).to(pixels)
-        grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-        moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode=cfg.padding, align_corners=False)
+        pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
+        moved = warp(pixels, torch.cat([affine_theta(sample_affine(n, cfg, g)) for g in generators]), cfg.padding)
         sims = batched_similarity(model, to_model_size(moved, model.image_size, cfg.interpolation), target,
                                   cfg.similarity)
         per_sample = (-sims + cfg.tv_weight * total_variation(pixels)).view(concepts, n)
@@ -359,10 +364,13 @@ def _invert_batch_into(model: Invertible, params: Params, batch: list[ConceptTex
 DEFAULT_STORE = Path(".ktpipe/store/invert")
 
 
-def _digest_files(paths: list[Path], digest: "hashlib._Hash", root: Path | None = None) -> None:
-    for path in sorted(paths):
-        digest.update(str(path.relative_to(root) if root else path).encode())
-        digest.update(path.read_bytes())
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_digest(files: list[Path], root: Path) -> str:
+    """One sha256 of files' paths (relative to `root`) and contents, in sorted order."""
+    return sha256_bytes("".join(f"{p.relative_to(root)}:{sha256_bytes(p.read_bytes())}\n" for p in sorted(files)).encode())
 
 
 @functools.lru_cache(maxsize=None)
@@ -371,28 +379,27 @@ def code_digest() -> str:
     import importlib.metadata
 
     package = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
     files = [p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".json", ".txt")
              and "__pycache__" not in p.parts]
-    _digest_files(files, digest, package)
+    lines = [files_digest(files, package)]
     for dist in ("torch", "open_clip_torch", "transformers", "timm"):
         try:
-            digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+            lines.append(f"{dist}={importlib.metadata.version(dist)}\n")
         except importlib.metadata.PackageNotFoundError:
-            digest.update(f"{dist}=-".encode())
-    return digest.hexdigest()
+            lines.append(f"{dist}=-\n")
+    return sha256_bytes("".join(lines).encode())
 
 
 def model_digest(model_params: Any) -> str:
     """sha256 of the base model's identity: its params and, for a local checkpoint, its files' bytes."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model_params), sort_keys=True).encode())
+    parts = [json.dumps(dataclasses.asdict(model_params), sort_keys=True)]
     for ref in (model_params.pretrained, str(model_params.name).removeprefix("local-dir:")):
         path = Path(ref) if ref else None
         if path is not None and path.is_file():
-            _digest_files([path], digest)
+            parts.append(sha256_bytes(path.read_bytes()))
         elif path is not None and path.is_dir():
-            _digest_files([p for p in path.rglob("*") if p.is_file()], digest, path)
-    return digest.hexdigest()
+            parts.append(files_digest([p for p in path.rglob("*") if p.is_file()], path))
+    return sha256_bytes("\n".join(parts).encode())
 
 
 def inversion_key(params: Params, concept: ConceptText, model_key: str, device: str) -> str:
