@@ -9,6 +9,7 @@ script (`stages/cli.py`) reaches both, so every command has one definition.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import sys
 from typing import Any, Callable
@@ -42,13 +43,40 @@ class UserError(click.ClickException):
         click.echo(f"ktpipe: error: {self.message}", err=True)
 
 
+# Operating-system errors that come from where the outputs go, not from a bug: a full disk, a folder
+# that cannot be written, a file standing where a folder goes (or the reverse).
+FULL = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+IN_THE_WAY = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+
+
+def os_error_message(err: OSError) -> str | None:
+    """One line for an OSError of FULL, UNWRITABLE or IN_THE_WAY; None for any other."""
+    where = f"'{err.filename}'" if err.filename else "an output"
+    if err.errno in FULL:
+        return (f"cannot write {where}: {err.strerror}; free some space (DVC's cache: `dvc gc`, "
+                "or move it with `dvc cache dir`) and rerun")
+    if err.errno in UNWRITABLE:
+        return f"cannot write {where}: {err.strerror}; make the output folder writable, or work in a writable clone"
+    if err.errno in IN_THE_WAY:
+        return (f"cannot write {where}: {err.strerror}; a file stands where ktpipe writes a folder, or the "
+                "reverse: move it away and rerun")
+    return None
+
+
 def run_step(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a library step, turning a `KtpipeError` into a one-line message and exit status 2
-    (any other exception is a bug and keeps its traceback)."""
+    """Run a library step, turning a `KtpipeError`, and an OSError of a full disk or an unwritable
+    output (`os_error_message`), into a one-line message and exit status 2 (any other exception is
+    a bug and keeps its traceback)."""
     try:
         return fn(*args, **kwargs)
     except KtpipeError as err:
         raise UserError(str(err)) from err
+    except OSError as err:
+        message = os_error_message(err)
+        if message is None:
+            raise
+        raise UserError(message) from err
 
 
 def load_params(path: str, family: str | None = None):

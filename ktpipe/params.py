@@ -519,6 +519,7 @@ def validate(params: Params) -> Params:
         name = getattr(params.report, key)
         if name is not None and name not in params.evaluate.sets:
             raise ParamsError(f"params key 'report.{key}' names {name!r}, not one of evaluate.sets {sorted(params.evaluate.sets)}")
+    check_device(params.model.device, "model.device")
     if params.concepts.generator is not None and not params.concepts.generator.model:
         raise ParamsError("params key 'concepts.generator.model' must name a transformers model id or folder")
     unknown = sorted(set(params.inverted or ()) - set(names))
@@ -527,6 +528,25 @@ def validate(params: Params) -> Params:
     for family in params.families:
         params.family(family)
     return params
+
+
+def check_device(device: str, key: str) -> None:
+    """`auto`, `cpu`, `mps`, `cuda` or `cuda:<index>`; a CUDA device must exist on this machine (torch is
+    imported only to check one)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ParamsError(f"params key '{key}' is {device!r}; use auto, cpu, cuda, cuda:<index> or mps")
+    if kind != "cuda":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ParamsError(f"params key '{key}' is {device!r} but this machine has no CUDA device; "
+                          "use auto (cuda where there is one, else cpu) or cpu")
+    if index and int(index) >= count:
+        raise ParamsError(f"params key '{key}' is {device!r} but this machine has {count} CUDA device(s) "
+                          f"(cuda:0 to cuda:{count - 1})")
 
 
 def validate_invert(cfg: InvertParams) -> None:

@@ -273,3 +273,34 @@ def pytest_collection_modifyitems(config, items):
         ordered += share + rest[:take]
         rest = rest[take:]
     items[:] = ordered + rest
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+RSS_TRIM_MB = 1500  # after a test, a worker holding more than this gives its freed heap back to the system
+
+
+def resident_mb() -> int:
+    """This process's resident memory in MiB (0 where /proc is missing)."""
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Return freed memory to the system after a big test. glibc keeps the freed tensors of a real-size
+    model (ViT-L-14, CoCa ViT-L-14: 428M-638M parameters, tensors under its 32 MB mmap threshold) in
+    its heap: a worker then holds 6-15 GB it no longer uses, and two such workers beside a stage
+    subprocess exhausted 24 GB once (the OOM killer took a worker). `malloc_trim` hands it back."""
+    if resident_mb() < RSS_TRIM_MB:
+        return
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -69,7 +69,7 @@ ARCH = {"ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14", "coca_ViT-L-14": "coca_V
         "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "biomedclip"}
 STAND_IN = {"ViT-L-14": "ViT-B-32", "coca_ViT-L-14": "coca_ViT-B-32"}  # architecture -> the smaller one of its
 # family run instead (docstring)
-MAX_CONCEPTS = 5  # a recipe's first concepts in one step (the CoCa presets learn 80; the objective is the same)
+MAX_CONCEPTS = 2  # a recipe's first concepts in one step (the CoCa presets learn 80; the objective is the same)
 IMAGES_PER_CONCEPT = 2
 LOSS_SHARE_MIN = 0.5  # see the docstring, point 2
 # CoCa presets (Adam with L2 decay 0.2 through a random-init attentional pooler and, in the dagger recipes, a

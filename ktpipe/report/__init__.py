@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ktpipe.concepts import ConceptText, read_concepts
-from ktpipe.errors import InputMissingError
+from ktpipe.errors import InputMissingError, warn
 from ktpipe.eval import BASELINE, TASKS, outputs_dir
 from ktpipe.eval.base import ReportsItems, pct
 from ktpipe.io import write_json, write_text
@@ -38,6 +38,19 @@ def load_results(eval_dir: Path, models: list[str]) -> dict[str, dict]:
             raise InputMissingError(f"evaluation result missing: {path}; run the evaluate stage for {model!r}")
         out[model] = json.loads(path.read_text())
     return out
+
+
+def check_tasks(params: Params, results: dict[str, dict], eval_dir: Path) -> None:
+    """Each evaluation scored every set with the task params give it now; a set whose task was
+    changed after its evaluation ran (a stale result) is an error naming the file and both tasks."""
+    for model, result in results.items():
+        for set_name, spec in params.used_sets().items():
+            scored = result.get("tasks", {}).get(set_name)
+            if scored != spec.task:
+                was = f"as {scored}" if scored else "not at all"
+                raise InputMissingError(
+                    f"{Path(eval_dir) / f'{model}.json'} scored set {set_name!r} {was}, but params "
+                    f"'evaluate.sets.{set_name}.task' is {spec.task}; rerun its evaluation (dvc repro)")
 
 
 def set_results(results: dict[str, dict], set_name: str, task: str) -> dict[str, dict[str, float]]:
@@ -75,6 +88,11 @@ def headline(params: Params, results: dict) -> dict[str, dict]:
         task = results[model]["tasks"][set_name]
         return results[model]["summary"][set_name][task]
 
+    for group, set_name in (("target", target_set), ("retention", retention_set)):
+        if params.recipes and group not in summary(BASELINE, set_name):
+            task = results[BASELINE]["tasks"][set_name]
+            warn(f"the headline's {group} is blank: set {set_name!r} ({task}) has no {group} group; "
+                 f"params 'report.{group}_set' names a classification (or captioning) set for one")
     out = {}
     for recipe in params.recipes:
         cfg = params.recipe(recipe)
@@ -387,12 +405,14 @@ def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir:
     metrics.json, lr_curve/<recipe>.json, inverted.png and the tasks' figures (figures/) into out_dir; `family_dirs`
     (family name -> its evaluate stages' folder) adds each model family of params `families`."""
     results = load_results(eval_dir, list(params.models()))
+    check_tasks(params, results, eval_dir)
     concepts = read_concepts(concepts_dir, params.concepts.names)
     summary = summary_metrics(params, results)
     families = {}
     for name, folder in (family_dirs or {}).items():
         family = params.family(name)
         family_results = load_results(folder, list(family.models()))
+        check_tasks(family, family_results, folder)
         family_summary = summary_metrics(family, family_results)
         families[name] = (family, family_results, family_summary["headline"])
         summary.setdefault("families", {})[name] = family_summary
