@@ -77,6 +77,19 @@ def run_step(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if message is None:
             raise
         raise UserError(message) from err
+    except RuntimeError as err:  # torch's strict load of weights that another architecture saved
+        if not str(err).startswith("Error(s) in loading state_dict"):
+            raise
+        raise UserError(state_dict_message(str(err))) from err
+
+
+def state_dict_message(torch_message: str) -> str:
+    """One line for torch's `Error(s) in loading state_dict for <Model>: ...` (key lists of any length)."""
+    kinds = [kind for needle, kind in (("Missing key(s)", "missing keys"), ("Unexpected key(s)", "unexpected keys"),
+                                       ("size mismatch", "tensors of other shapes")) if needle in torch_message]
+    model = torch_message.split("\n", 1)[0].removeprefix("Error(s) in loading state_dict for ").rstrip(":")
+    return (f"cannot load the checkpoint into {model}: its weights do not fit the architecture ({', '.join(kinds)}); "
+            "the checkpoint's config and its weights file, or model.name and the weights, are of different models")
 
 
 def load_params(path: str, family: str | None = None):

@@ -239,9 +239,9 @@ def preset_datasets(tmp_path_factory) -> Path:
 # Seconds a slow test (marker `slow`) of each module takes on one busy core, roughly: the order the
 # scheduler should start them in, and how to share them out. The modules in SHARED_STATE keep
 # models and figures in per-process caches, so their tests stay together on one worker.
-SLOW_SECONDS = {"test_dvc_e2e.py": 480, "test_preset_runs.py": 90, "test_presets.py": 20,
+SLOW_SECONDS = {"test_dvc_e2e.py": 480, "test_preset_runs.py": 90, "test_crash_safety.py": 40, "test_presets.py": 20,
                 "test_preset_learning.py": 8, "test_preset_learning_vilt.py": 10}
-SHARED_STATE = {"test_presets.py", "test_preset_learning.py", "test_preset_learning_vilt.py"}
+SHARED_STATE = {"test_presets.py", "test_preset_learning.py", "test_preset_learning_vilt.py", "test_crash_safety.py"}
 
 
 def pytest_collection_modifyitems(config, items):

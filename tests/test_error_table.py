@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -110,6 +111,24 @@ def mask_of_another_size(project: Path) -> None:
     Image.fromarray(np.zeros((12, 16), dtype=np.uint8)).save(project / "seg/masks/b.png")
 
 
+def weights_of_another_architecture(project: Path) -> None:
+    """A local-dir checkpoint whose config is the tiny CLIP and whose weights file holds another model's
+    tensors (those of a CLIP one block deeper, with a wider embedding)."""
+    from safetensors.torch import save_file
+
+    from ktpipe.models import OpenClipModel
+
+    write_concepts(project)
+    source = Path(read_params(project)["model"]["name"].removeprefix("local-dir:"))
+    folder = project / "mixed"
+    shutil.copytree(source, folder)
+    config = json.loads((source / "open_clip_config.json").read_text())["model_cfg"]
+    other = {**config, "embed_dim": 24, "vision_cfg": {**config["vision_cfg"], "layers": 2}}
+    weights = next(folder.glob("*.safetensors"))
+    save_file(OpenClipModel.from_config(other).module.state_dict(), str(weights))
+    write_params(project, model={"name": f"local-dir:{folder}"})
+
+
 def stale_evaluations(project: Path) -> None:
     """The evaluations scored `test` as classification; params now make it a retrieval set."""
     for model in ("baseline", "paper", "full"):
@@ -178,6 +197,7 @@ CASES = {
     "demo-checkpoint-missing": (then(write_concepts, params(model={"backend": "demo", "name": "ktpipe-demo",
                                                                    "pretrained": "models/nowhere"})), INVERT,
                                 ["data/inverted/blicket"]),
+    "weights-of-another-model": (weights_of_another_architecture, INVERT, ["data/inverted/blicket"]),
     "checkpoint-missing": (relative_image_root, ("evaluate", "paper", "models/nope", *EVAL_ARGS[2:]),
                            ["metrics/eval/baseline.json"]),
     # data
@@ -234,3 +254,27 @@ def test_bad_input_prints_the_tables_error_line(case, tiny_checkpoint, tmp_path,
         assert not (project / out).exists(), f"{out} exists after the failed run"
     if case == "preset-over-edits":  # the edits survive
         assert read_params(project)["lr"] == 3e-5 and (project / "params.yaml").read_text() != text
+
+
+def test_an_unreachable_remote_fails_the_push_and_changes_nothing(tmp_path):
+    """docs/errors.md: an S3 remote whose endpoint refuses the connection (nothing listens on port 9)."""
+    import sys
+
+    from test_dvc_e2e import Repo
+
+    repo = Repo(tmp_path / "repo")
+    repo.root.mkdir()
+    repo.git("init", "-q")
+    repo.dvc("init", "-q")
+    (repo.root / "a.txt").write_text("an output\n")
+    repo.dvc("add", "-q", "a.txt")
+    repo.dvc("remote", "add", "-d", "bucket", "s3://ktpipe-team/cache")
+    repo.dvc("remote", "modify", "bucket", "endpointurl", "http://127.0.0.1:9")
+    before = sorted(str(p.relative_to(repo.root)) for p in repo.root.rglob("*") if ".dvc/tmp" not in str(p))
+    env = {**repo.env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_MAX_ATTEMPTS": "1"}
+    done = subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=repo.root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 255, done.stderr
+    assert 'ERROR: unexpected error - Could not connect to the endpoint URL: "http://127.0.0.1:9/' in done.stderr
+    after = sorted(str(p.relative_to(repo.root)) for p in repo.root.rglob("*") if ".dvc/tmp" not in str(p))
+    assert after == before
