@@ -73,3 +73,25 @@ def test_lr_points_one_file_per_recipe_at_its_own_lr(setup):
     points = lr_points(summary, params)
     assert set(points) == {"paper", "my recipe"}
     assert points["my recipe"] == [{"lr": pytest.approx(2e-3), "set": "test", "target": 0.75, "retention": 1.0}]
+
+
+def test_a_headline_from_a_set_without_target_or_retention_is_blank_with_a_warning(capsys):
+    """report.target_set names a retrieval set (its task changed after the params were written):
+    the headline's target and retention are None, and the report says why instead of printing blanks."""
+    from ktpipe.report import headline
+
+    params = build_section(Params, {"recipes": {"paper": {}}, "concepts": {"names": CLASSES},
+                                    "evaluate": {"sets": {"test": {"task": "retrieval", "format": "demo", "split": "test"}}},
+                                    "report": {"target_set": "test", "retention_set": "test"}})
+    scored = {"tasks": {"test": "retrieval"}, "summary": {"test": {"retrieval": {"t2i_r1": 0.5}}}}
+    heads = headline(params, {"baseline": scored, "paper": scored})
+    assert heads["paper"]["target"] is None and heads["paper"]["retention"] is None
+    err = capsys.readouterr().err
+    assert "ktpipe: warning: the headline's target is blank: set 'test' (retrieval) has no target group" in err
+    assert "the headline's retention is blank" in err
+
+    classified = evaluation({"blicket": 1.0, "dax": 0.5, "lantern": 1.0, "clover": 0.0})
+    params = dataclasses.replace(params, evaluate=build_section(Params, {
+        "evaluate": {"sets": {"test": {"format": "demo", "split": "test"}}}}).evaluate)
+    assert headline(params, {"baseline": classified, "paper": classified})["paper"]["target"] == 0.75
+    assert "warning" not in capsys.readouterr().err
