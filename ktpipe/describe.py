@@ -21,7 +21,7 @@ from ktpipe.concepts import (ConceptsError, ConceptText, check_text_lengths, loa
                              undescribed_error, wanted_concepts, world_concepts, write_concept_files, write_generated)
 from ktpipe.concepts import concept_seed as shared_concept_seed
 from ktpipe.io import atomic_dir, write_json
-from ktpipe.params import ConceptsParams, GeneratorParams
+from ktpipe.params import ConceptsParams, GeneratorParams, ParamsError, check_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,16 +45,15 @@ def build_messages(concept: ConceptText, prompt: str) -> list[dict[str, str]]:
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' is cuda when available, else cpu; any other name must be usable here."""
+    """'auto' is cuda when available, else cpu; any other name must be one this machine has
+    (`ktpipe.params.check_device`, as for `model.device`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConceptsError(f"params 'concepts.generator.device': unknown device {name!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConceptsError(f"params 'concepts.generator.device' is {name!r} but no CUDA device is available")
-    return device
+        check_device(name, "concepts.generator.device")
+    except ParamsError as err:
+        raise ConceptsError(str(err)) from err
+    return torch.device(name)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

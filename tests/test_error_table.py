@@ -152,13 +152,14 @@ def committed_params(project: Path) -> None:
     write_params(project, lr=3e-5)
 
 
-def failing_writer(code: int):
-    """Every text file written through pathlib fails with OSError `code`, naming the file."""
-    def edit(project: Path, patch: pytest.MonkeyPatch) -> None:
-        def write_text(self, *args, **kwargs):
-            raise OSError(code, os.strerror(code), str(self))
-        patch.setattr(pathlib.Path, "write_text", write_text)
-    return edit
+# case -> the OSError every text file written through pathlib fails with while its command runs
+FAILING_WRITES = {"disk-full": errno.ENOSPC, "folder-read-only": errno.EROFS}
+
+
+def fail_writes(code: int, patch: pytest.MonkeyPatch) -> None:
+    def write_text(self, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(self))
+    patch.setattr(pathlib.Path, "write_text", write_text)
 
 
 NO_CUDA = not torch.cuda.is_available()
@@ -217,8 +218,8 @@ CASES = {
     # outputs
     "evaluation-stale-task": (stale_evaluations, ("report",), ["reports/results.md"]),
     "output-is-a-file": (file_in_the_way, INVERT, []),
-    "disk-full": (failing_writer(errno.ENOSPC), CAPTIONS, ["data/concepts"]),
-    "folder-read-only": (failing_writer(errno.EROFS), CAPTIONS, ["data/concepts"]),
+    "disk-full": (None, CAPTIONS, ["data/concepts"]),  # FAILING_WRITES
+    "folder-read-only": (None, CAPTIONS, ["data/concepts"]),
     "preset-over-edits": (committed_params, ("preset", "table1_vit_b32", "--presets-dir", str(REPO / "presets")), []),
 }
 
@@ -235,10 +236,10 @@ def test_bad_input_prints_the_tables_error_line(case, tiny_checkpoint, tmp_path,
     setup, args, absent = CASES[case]
     project = make_project(tmp_path / "project", tiny_checkpoint)
     text = (project / "params.yaml").read_text()
-    if setup is not None and setup.__code__.co_argcount == 2:  # a patched writer, for the command only
-        setup(project, monkeypatch)
-    elif setup is not None:
+    if setup is not None:
         setup(project)
+    if case in FAILING_WRITES:  # for the command only
+        fail_writes(FAILING_WRITES[case], monkeypatch)
     result = run_stage_here(project, *args)
     monkeypatch.undo()
     detail = f"exit {result.returncode}\nstderr:\n{result.stderr}"

@@ -29,28 +29,23 @@ LR_CURVE_DIR = "lr_curve"  # in the report folder: <recipe>.json, one point per 
 CLASS_KEY = re.compile(r"^name_class_(.+)_acc$")  # a classification's per-class accuracy
 
 
-def load_results(eval_dir: Path, models: list[str]) -> dict[str, dict]:
-    """model -> its evaluation JSON (ktpipe.eval.run_evaluate), from the evaluate stages."""
+def load_results(params: Params, eval_dir: Path) -> dict[str, dict]:
+    """model -> its evaluation JSON (ktpipe.eval.run_evaluate), from the evaluate stages, for every
+    model of `params`. Each must have scored every set with the task params give it now: a set whose
+    task changed after its evaluation ran (a stale result) is an error naming the file and both tasks."""
     out = {}
-    for model in models:
+    for model in params.models():
         path = Path(eval_dir) / f"{model}.json"
         if not path.is_file():
             raise InputMissingError(f"evaluation result missing: {path}; run the evaluate stage for {model!r}")
         out[model] = json.loads(path.read_text())
-    return out
-
-
-def check_tasks(params: Params, results: dict[str, dict], eval_dir: Path) -> None:
-    """Each evaluation scored every set with the task params give it now; a set whose task was
-    changed after its evaluation ran (a stale result) is an error naming the file and both tasks."""
-    for model, result in results.items():
         for set_name, spec in params.used_sets().items():
-            scored = result.get("tasks", {}).get(set_name)
+            scored = out[model].get("tasks", {}).get(set_name)
             if scored != spec.task:
                 was = f"as {scored}" if scored else "not at all"
-                raise InputMissingError(
-                    f"{Path(eval_dir) / f'{model}.json'} scored set {set_name!r} {was}, but params "
-                    f"'evaluate.sets.{set_name}.task' is {spec.task}; rerun its evaluation (dvc repro)")
+                raise InputMissingError(f"{path} scored set {set_name!r} {was}, but params "
+                                        f"'evaluate.sets.{set_name}.task' is {spec.task}; rerun its evaluation (dvc repro)")
+    return out
 
 
 def set_results(results: dict[str, dict], set_name: str, task: str) -> dict[str, dict[str, float]]:
@@ -404,15 +399,13 @@ def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir:
     """Write results.md (opening with figures/target_retention.png and figures/concepts.png),
     metrics.json, lr_curve/<recipe>.json, inverted.png and the tasks' figures (figures/) into out_dir; `family_dirs`
     (family name -> its evaluate stages' folder) adds each model family of params `families`."""
-    results = load_results(eval_dir, list(params.models()))
-    check_tasks(params, results, eval_dir)
+    results = load_results(params, eval_dir)
     concepts = read_concepts(concepts_dir, params.concepts.names)
     summary = summary_metrics(params, results)
     families = {}
     for name, folder in (family_dirs or {}).items():
         family = params.family(name)
-        family_results = load_results(folder, list(family.models()))
-        check_tasks(family, family_results, folder)
+        family_results = load_results(family, folder)
         family_summary = summary_metrics(family, family_results)
         families[name] = (family, family_results, family_summary["headline"])
         summary.setdefault("families", {})[name] = family_summary
