@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import signal
 import sys
 from typing import Any, Callable
 
@@ -131,7 +132,21 @@ def run_command(command: click.Command) -> None:
     The process ends as soon as the command has returned, skipping the interpreter's teardown; a
     bug's traceback exits the usual way, and so does every run under a profiler or tracer
     (`python -m cProfile -m stages.invert ...`, coverage, a debugger), whose results are written at exit.
+
+    A stage runs in a fork of the warm-start server where one runs (`ktpipe/warm.py`: its imports are
+    done once per `dvc repro`, not once per stage); this process exits with the stage's status.
     """
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if (spec is not None and spec.name.startswith("stages.") and not os.environ.get("KTPIPE_WARM_FORK")
+            and not observed()):
+        from ktpipe import warm
+
+        status = warm.run_warm(spec.name)
+        if status is not None and status < 0:  # the stage was killed by a signal: so is this process
+            signal.signal(-status, signal.SIG_DFL)
+            os.kill(os.getpid(), -status)
+        if status is not None:
+            exit_now(status)
     try:
         command(prog_name="ktpipe")
     except SystemExit as done:  # click ends every command, failed or not, with SystemExit

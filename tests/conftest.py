@@ -44,6 +44,15 @@ TINY_ARCH: dict[str, Any] = {
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
 }
 
+# Stage subprocesses' warm-start servers (ktpipe/warm.py): one folder per test run, shared by the
+# xdist workers (they inherit this environment), its servers stopped when the run ends
+if "KTPIPE_WARM_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["KTPIPE_WARM_DIR"] = OWN_WARM_DIR = tempfile.mkdtemp(prefix="ktpipe-warm-tests-")
+else:
+    OWN_WARM_DIR = None
+
 # Environment of stage subprocesses: one thread each, no progress bars, no network.
 STAGE_ENV = {
     **os.environ,
@@ -304,3 +313,12 @@ def pytest_runtest_teardown(item, nextitem):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run's warm-start servers stopped and their folder removed (in the process that made it)."""
+    if OWN_WARM_DIR is not None and not hasattr(session.config, "workerinput"):
+        from ktpipe.warm import stop_servers
+
+        stop_servers(Path(OWN_WARM_DIR))
+        shutil.rmtree(OWN_WARM_DIR, ignore_errors=True)
