@@ -68,6 +68,32 @@ def shared_meteor(monkeypatch, meteor):
     return meteor
 
 
+class FakeMeteor:
+    """METEOR's process handle without Java: a process that waits."""
+
+    def __init__(self):
+        self.meteor_p = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE)
+
+
+def test_one_meteor_process_serves_every_evaluation_of_a_process(monkeypatch):
+    """A stage evaluating two models starts METEOR's Java once; one that ended, or that an error left
+    mid-exchange, is replaced by a new one."""
+    monkeypatch.setattr(cap, "Meteor", FakeMeteor)
+    monkeypatch.setattr(cap, "_METEOR", [])
+    with cap.meteor_scorer() as first, cap.meteor_scorer() as again:
+        assert again is first and first.meteor_p.poll() is None
+    first.meteor_p.kill()
+    first.meteor_p.wait()
+    with cap.meteor_scorer() as fresh:
+        assert fresh is not first and fresh.meteor_p.poll() is None
+    with pytest.raises(RuntimeError), cap.meteor_scorer():
+        raise RuntimeError("a failed evaluation")
+    assert fresh.meteor_p.poll() is not None  # stopped, not handed to the next evaluation
+    with cap.meteor_scorer() as last:
+        assert last is not fresh
+    cap.stop_meteor(last)
+
+
 # --- scores -----------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ pycocoevalcap downloads on first use; without them SPICE is left out with a note
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
@@ -116,13 +117,29 @@ def java_options(options: str) -> Iterator[None]:
             os.environ["JDK_JAVA_OPTIONS"] = previous
 
 
+_METEOR: list[Meteor] = []  # this process's METEOR, once started
+
+
 @contextmanager
 def meteor_scorer() -> Iterator[Meteor]:
-    """pycocoevalcap's METEOR process (it loads for seconds in the background), stopped on leaving."""
-    scorer = Meteor()
+    """pycocoevalcap's METEOR process: started on first use (its Java loads paraphrase tables for
+    7-13 s on 2 cores, in the background) and kept for every later evaluation of this process (a
+    stage evaluates several models); stopped at exit, and replaced where it ended or an error
+    left it mid-exchange."""
+    if _METEOR and _METEOR[0].meteor_p.poll() is not None:
+        stop_meteor(_METEOR.pop())
+    if not _METEOR:
+        _METEOR.append(Meteor())
+        atexit.register(stop_meteor, _METEOR[0])
     try:
-        yield scorer
-    finally:
+        yield _METEOR[0]
+    except BaseException:
+        stop_meteor(_METEOR.pop())
+        raise
+
+
+def stop_meteor(scorer: Meteor) -> None:
+    if scorer.meteor_p.poll() is None:
         scorer.meteor_p.stdin.close()
         scorer.meteor_p.kill()
         scorer.meteor_p.wait()
