@@ -29,12 +29,12 @@ IMPORT_STEPS = [
 ]
 
 
-def seconds(argv: list[str], repeats: int) -> float:
-    """Median wall time of running `argv` `repeats` times."""
+def seconds(argv: list[str], repeats: int, **kwargs) -> float:
+    """Median wall time of running `argv` `repeats` times (`kwargs`: subprocess.run's env, cwd)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -62,6 +62,46 @@ def lock_costs(lock: Path, repeats: int) -> dict[str, float]:
     return out
 
 
+PROBE_STAGE = """import click
+from ktpipe.cli import run_command
+
+def probe():
+    import monai, open_clip, torch  # as a stage does: after its command line is parsed
+
+run_command(click.Command("probe", callback=probe))
+"""
+
+
+def warm_start(repeats: int) -> tuple[float, float]:
+    """Median wall time of a probe stage (`python -m stages.probe`, importing what an evaluate stage
+    imports) on its own (`KTPIPE_WARM=0`), and served by a warm-start server started for it."""
+    import os
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    from ktpipe.warm import stop_servers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "stages").mkdir()
+        (root / "stages/__init__.py").write_text("")
+        (root / "stages/probe.py").write_text(PROBE_STAGE)
+        env = {**os.environ, "KTPIPE_WARM_DIR": str(root / "servers"), "PYTHONPATH": os.pathsep.join(
+            [str(root), str(repo), os.environ.get("PYTHONPATH", "")])}
+        argv = [sys.executable, "-m", "stages.probe"]
+        cold = seconds(argv, repeats, env={**env, "KTPIPE_WARM": "0"}, cwd=root)
+        seconds(argv, 1, env=env, cwd=root)  # starts the server
+        deadline = time.monotonic() + 300
+        while not list((root / "servers").glob("*.sock")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            warm = seconds(argv, repeats, env=env, cwd=root)
+        finally:
+            stop_servers(root / "servers")
+    return cold, warm
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -86,6 +126,10 @@ def main() -> None:
           "  (the interpreter's teardown)")
     took = seconds([sys.executable, "-m", "stages", "--help"], args.repeats)
     print(f"{'python -m stages --help (the CLI alone)':55s} {took:6.2f}")
+
+    cold, warm = warm_start(args.repeats)
+    print(f"\n{'a stage importing torch, open_clip and MONAI, run alone':55s} {cold:6.2f}")
+    print(f"{'the same stage, forked from the warm-start server':55s} {warm:6.2f}  (ktpipe/warm.py)")
 
     if args.lock.is_file():
         print(f"\n{args.lock} ({args.lock.stat().st_size / 1024:.0f} KB), best of {args.repeats}")

@@ -59,10 +59,26 @@ def socket_path() -> Path:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if folder.stat().st_uid != os.getuid():
         raise PermissionError(f"{folder} belongs to another user")
+    folder.chmod(0o700)  # the socket runs code as this user: nobody else may connect
     key = {"python": [sys.executable, sys.version], "server": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+           "installed": installed(),
            "env": sorted((k, v) for k, v in os.environ.items() if k.startswith(KEY_PREFIXES) and k not in KEY_IGNORED),
            "preload": PRELOAD}
     return folder / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.sock"
+
+
+def installed() -> list[tuple[str, int]]:
+    """The folders the preloaded libraries are installed in, with their modification times: `pip
+    install` or `uninstall` adds or removes a `.dist-info` folder there, so a server started
+    before it is not used after it."""
+    import importlib.util
+
+    folders = set()
+    for name in {name.split(".")[0] for name in PRELOAD}:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            folders.add(str(Path(spec.origin).parent.parent))
+    return sorted((folder, os.stat(folder).st_mtime_ns) for folder in folders)
 
 
 # --- the stage's side ----------------------------------------------------------------------------

@@ -115,3 +115,20 @@ def test_a_signal_to_the_caller_reaches_the_stage(probe, signum):
     assert not stage.is_running()
     if signum == signal.SIGINT:
         assert caller.stderr.read().splitlines()[-1] == "Aborted!"
+
+
+def test_an_install_beside_the_libraries_retires_the_server(tmp_path, monkeypatch):
+    """`pip install` adds a .dist-info folder where the preloaded libraries live: the socket (the
+    server) of the same environment changes, so no fork runs the libraries of before."""
+    from ktpipe import warm
+
+    (tmp_path / "site/fakelib").mkdir(parents=True)
+    (tmp_path / "site/fakelib/__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(warm, "PRELOAD", ("fakelib",))
+    monkeypatch.setenv("KTPIPE_WARM_DIR", str(tmp_path / "servers"))
+    before = warm.socket_path()
+    assert warm.socket_path() == before
+    (tmp_path / "site/fakelib-2.0.dist-info").mkdir()
+    os.utime(tmp_path / "site", ns=(1, os.stat(tmp_path / "site").st_mtime_ns + 10**9))
+    assert warm.socket_path() != before
