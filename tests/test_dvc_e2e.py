@@ -10,8 +10,10 @@ loss accepts; the known lantern, which the retention metrics
 score), 2 images per concept and split, 3 inversion steps, one recipe (`paper`); the demo ViLT
 family pretrained for 3 steps (it fine-tunes on the demo CLIP's inversions); the demo CoCa family
 pretrained for 3 steps, fine-tuned for one epoch and captioning with 2 beams; the demo CLIP segments
-6 renders. Each of the 14 stage runs pays the interpreter's 5-8 s start-up (torch, open_clip,
-transformers): about 2 minutes on 2 cores.
+6 renders. The first stage run imports torch, open_clip and transformers itself (5-8 s) and starts
+the warm-start server (ktpipe/warm.py) that the later ones are forked from; `pytest -n 0 -s` prints
+the parts' wall times (repro 62 s, the lr sweep point 20 s, the queued one 36 s, the team's S3
+workflow 88 s, 286 s in all, on an idle 2-core machine on 2026-12-07).
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ presets' real layouts (`$KTPIPE_DATASETS`). Each run must:
    ktpipe/data/paper_results.csv): one published number, quoted in `PresetRun.paper`.
 
 Stand-ins (`STAND_INS`), each a random-init model of the preset's family, small enough that a stage
-spends its time in DVC and the interpreter's start-up (7 s per stage on an idle core) rather than in
-the model:
+spends its time in DVC and the start-up (a run's first stage imports the libraries, 7 s on an idle
+core; the later ones are forked from the warm-start server, ktpipe/warm.py) rather than in the model:
 - CLIP ViT-B/32 -> a 2-layer, 32-wide open_clip CLIP ViT at 32 px with CLIP's BPE tokenizer and
   77-token context (the real ViT-B-32 runs every stage in tests/test_presets.py);
 - BiomedCLIP -> its published config with timm's `test_vit3` trunk (a 9-block, 96-wide ViT/16 at
@@ -29,7 +29,7 @@ the model:
 Sizes: 2 inversion steps of 2 images (ViLT: 1) through one progressive size (8 px), 3 ImageNet
 classes, captions of 3 beams (one per beam group) and 8 tokens, M2IB with one step of one noisy copy
 and a saliency search over one setting on one validation image, image decoding in the stage's own
-process (`evaluate.workers=0`). Each stage process pays 7 s of imports, so a run keeps the fewest
+process (`evaluate.workers=0`). Each stage still pays DVC's 1-2 s around it, so a run keeps the fewest
 concepts that still cover every stage kind: the MSCOCO presets learn 80 concepts, one inversion stage
 each, and their runs keep 2 (`concepts.names`; ViLT's image-text matching needs a second concept's
 caption as its mismatch); the presets whose recipes are one per concept keep one concept and its
@@ -37,8 +37,8 @@ recipe (`keep`: the one whose published number the run checks), and the CoCa run
 only repeats another at a second lr; every run has 8 to 11 stages. Overrides of keys that a
 preset leaves out take `+` (`-S +key=value`, hydra's syntax, which `dvc exp run` uses).
 
-`pytest -n 0 -s` (or `-rP`) prints each run's wall time and its stages: 65-135 s each alone on an idle
-core of the 2-core test machine (8 to 11 stages at 8-12 s each), 65-170 s when two runs share it (`-n 2`).
+`pytest -n 0 -s` (or `-rP`) prints each run's wall time and its stages: 40-93 s each in the full suite
+on the 2-core test machine (`-n 2`, 2026-12-07, with warm starts; 89-161 s before them).
 """
 from __future__ import annotations
 
