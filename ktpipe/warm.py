@@ -45,6 +45,7 @@ KEY_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_
                 "TRANSFORMERS_", "TOKENIZERS_", "MONAI_", "MPL", "LD_", "KTPIPE_WARM")
 KEY_IGNORED = {"PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONIOENCODING"}  # set per stage, in the fork
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+MAX_SOCKET_PATH = 100  # bytes; Linux's sun_path holds 108 with its terminating NUL
 LENGTH = struct.Struct("!I")
 STATUS = struct.Struct("!i")
 
@@ -90,6 +91,8 @@ def run_warm(module: str) -> int | None:
     if not enabled():
         return None
     path = socket_path()
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:  # a Unix socket cannot be bound there: no server
+        return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))

@@ -132,3 +132,16 @@ def test_an_install_beside_the_libraries_retires_the_server(tmp_path, monkeypatc
     (tmp_path / "site/fakelib-2.0.dist-info").mkdir()
     os.utime(tmp_path / "site", ns=(1, os.stat(tmp_path / "site").st_mtime_ns + 10**9))
     assert warm.socket_path() != before
+
+
+def test_a_folder_too_deep_for_a_socket_runs_every_stage_itself(tmp_path):
+    """A Unix socket's path holds about 100 bytes: under a deeper $KTPIPE_WARM_DIR no server is started
+    (each would import every library, then fail to bind), and the stage runs in its own process."""
+    deep = tmp_path / ("d" * 120)
+    root = tmp_path / "project"
+    (root / "stages").mkdir(parents=True)
+    (root / "stages/__init__.py").write_text("")
+    (root / "stages/probe.py").write_text(PROBE)
+    env = {**os.environ, "KTPIPE_WARM_DIR": str(deep), "PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
+    assert run(root, env, "deep")["fork"] is None
+    assert not list(deep.glob("*.log"))  # no server was started
