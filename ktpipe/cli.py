@@ -142,10 +142,10 @@ def run_command(command: click.Command) -> None:
         from ktpipe import warm
 
         status = warm.run_warm(spec.name)
-        if status is not None and status < 0:  # the stage was killed by a signal: so is this process
-            signal.signal(-status, signal.SIG_DFL)
-            os.kill(os.getpid(), -status)
         if status is not None:
+            if status < 0:  # the stage was killed by a signal: so is this process
+                signal.signal(-status, signal.SIG_DFL)
+                os.kill(os.getpid(), -status)
             exit_now(status)
     try:
         command(prog_name="ktpipe")

@@ -109,18 +109,23 @@ def run_warm(module: str) -> int | None:
         conn.sendall(request)
         for signum in SIGNALS:  # passed on to the stage
             signal.signal(signum, lambda signum, frame: conn.send(bytes([signum])))
-        status = b""
-        while len(status) < STATUS.size:
-            try:
-                chunk = conn.recv(STATUS.size - len(status))
-            except InterruptedError:
-                continue
-            if not chunk:
-                print("ktpipe: error: the warm-start server ended before the stage did; run it again, or set "
-                      "KTPIPE_WARM=0", file=sys.stderr)
-                return 1
-            status += chunk
-        return STATUS.unpack(status)[0]
+        try:
+            return STATUS.unpack(recv_exactly(conn, STATUS.size))[0]
+        except ConnectionError:
+            print("ktpipe: error: the warm-start server ended before the stage did; run it again, or set "
+                  "KTPIPE_WARM=0", file=sys.stderr)
+            return 1
+
+
+def recv_exactly(conn: socket.socket, size: int) -> bytes:
+    """`size` bytes from `conn` (recv retries after a signal handler by itself, PEP 475)."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the other end closed the connection")
+        data += chunk
+    return data
 
 
 def start_server(path: Path) -> None:
@@ -203,14 +208,7 @@ def serve_stage(conn: socket.socket) -> None:
         os.setsid()
         conn.settimeout(None)
         header, fds, _, _ = socket.recv_fds(conn, LENGTH.size, 3)
-        size = LENGTH.unpack(header)[0]
-        data = b""
-        while len(data) < size:
-            chunk = conn.recv(size - len(data))
-            if not chunk:
-                raise ConnectionError("the stage's process went away")
-            data += chunk
-        request = json.loads(data)
+        request = json.loads(recv_exactly(conn, LENGTH.unpack(header)[0]))
         pid = os.fork()
         if pid == 0:
             conn.close()

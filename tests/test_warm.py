@@ -44,13 +44,18 @@ if __name__ == "__main__":
 '''
 
 
+def write_probe(root: Path) -> Path:
+    """`root` holding the probe stage as stages/probe.py."""
+    (root / "stages").mkdir(parents=True)
+    (root / "stages/__init__.py").write_text("")
+    (root / "stages/probe.py").write_text(PROBE)
+    return root
+
+
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     """A folder with the probe stage, a warm-start folder of its own, and the server started."""
-    root = tmp_path_factory.mktemp("warm")
-    (root / "stages").mkdir()
-    (root / "stages/__init__.py").write_text("")
-    (root / "stages/probe.py").write_text(PROBE)
+    root = write_probe(tmp_path_factory.mktemp("warm"))
     env = {**os.environ, "KTPIPE_WARM_DIR": str(root / "servers"), "KTPIPE_WARM_IDLE": "600", "PROBE": "first",
            "PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
     first = run(root, env, "cold")
@@ -138,10 +143,7 @@ def test_a_folder_too_deep_for_a_socket_runs_every_stage_itself(tmp_path):
     """A Unix socket's path holds about 100 bytes: under a deeper $KTPIPE_WARM_DIR no server is started
     (each would import every library, then fail to bind), and the stage runs in its own process."""
     deep = tmp_path / ("d" * 120)
-    root = tmp_path / "project"
-    (root / "stages").mkdir(parents=True)
-    (root / "stages/__init__.py").write_text("")
-    (root / "stages/probe.py").write_text(PROBE)
+    root = write_probe(tmp_path / "project")
     env = {**os.environ, "KTPIPE_WARM_DIR": str(deep), "PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
     assert run(root, env, "deep")["fork"] is None
     assert not list(deep.glob("*.log"))  # no server was started
