@@ -1,21 +1,26 @@
 """The paper presets: each validates against the typed params, and each runs its stages on a
-random-init model of its real architecture at its real input size, on generated datasets in
-the layouts the presets expect (docs/datasets.md).
+random-init model of its family, on generated datasets in the layouts the presets expect
+(docs/datasets.md).
 
 The short runs shrink what only repeats work (one concept, one recipe, 2 inverted images (ViLT:
 1), 2 inversion steps, 3 ImageNet classes (ImageNet-100: 2), the first prompt template of each
 set, a second concept for image-text matching's mismatch caption, captions decoded with 2 beams
 of at most 8 tokens) and keep everything else as the preset has it.
 
-Stand-in: a random-init ViT-L-14 (428M parameters) costs about 100 s per run on the test
-machine's one thread (build, save, five loads, a 1.7 GB fine-tuned save), so both ViT-L-14
-presets run their own preset config (lr, recipes, concepts, sets, templates, report) on the
-random-init ViT-B-32 that the ViT-B-32 presets use (`STAND_IN`: the same CLIP ViT family at the
-same 224 px input, as tests/test_preset_learning.py does). ViT-L-14 itself is built, saved,
-loaded offline and run at 224 px in tests/test_models.py. Likewise the CoCa presets (Tables 6
-and 9, open_clip `coca_ViT-L-14`, 638M parameters) run on a random-init `coca_ViT-B-32` (the same
-CoCa family at 224 px, its text decoder included; `coca_ViT-L-14` itself is built, saved, loaded
-and run in tests/test_models.py through `archs.ARCHS`), on a generated MSCOCO Karpathy layout.
+Real size (`REAL_SIZE`): one preset of each (architecture, tasks) pair runs on a random-init model
+of its real architecture at its real input size: table1_vit_b32 (ViT-B/32, classification),
+table2_biomedclip (BiomedCLIP, classification), table4_medclip_samv2 (BiomedCLIP, segmentation),
+table1_vilt (ViLT-B/32 at 384 px, classification), table5_vilt_flickr (ViLT, retrieval) and
+table6_coca (CoCa, captioning). The other eight repeat one of those architectures and tasks with
+another preset config (recipes over the towers, name prefixes, noise images, every concept at
+once, another lr): they run every stage with that config on the tiny random-init model of their
+family that tests/test_preset_runs.py runs them under DVC with (`TINY`), and the step of each of
+their recipes at real size is tests/test_preset_learning.py's (and _vilt's) to check.
+Stand-ins: a random-init ViT-L-14 (428M parameters) costs about 100 s per run on the test
+machine's one thread, so ViT-L-14 and CoCa ViT-L/14 are built, saved, loaded offline and run at
+224 px in tests/test_models.py (`archs.ARCHS`), and their presets run here as the smaller sibling
+of their family: the CoCa preset on a random-init `coca_ViT-B-32` (its text decoder included), on
+a generated MSCOCO Karpathy layout.
 The segmentation preset (Tables 4 and 7, MedCLIP-SAMv2) runs M2IB with one step of one noisy copy
 (the others repeat the same forward and backward pass) and prompts a tiny random-init SAM saved to
 a folder (tests/test_sam.py's config) in place of SAM ViT-H, on four generated `masks` layouts.
@@ -40,7 +45,7 @@ from safetensors.torch import load_file
 
 from archs import ARCHS, VILT_B32
 from conftest import REPO, deep_merge
-from test_sam import TINY_SAM
+from test_preset_runs import STAND_INS
 from ktpipe import models
 from ktpipe.base_model import run_base_model
 from ktpipe.concepts import load_concepts_file
@@ -56,9 +61,11 @@ from ktpipe.templates import load_templates
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 ARCH = {"ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14", "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "biomedclip",
         "dandelin/vilt-b32-mlm-itm": VILT_B32, "coca_ViT-L-14": "coca_ViT-L-14"}
-STAND_IN = {"table1_vit_l14": "ViT-B-32", "table3_vit_l14": "ViT-B-32",  # preset -> the architecture it runs on here (docstring)
-            "table6_coca": "coca_ViT-B-32", "table6_coca_ft": "coca_ViT-B-32"}
-SMALLER_SIBLING = {"ViT-L-14": "ViT-B-32", "coca_ViT-L-14": "coca_ViT-B-32"}  # the only replacements a stand-in makes
+SMALLER_SIBLING = {"ViT-L-14": "ViT-B-32", "coca_ViT-L-14": "coca_ViT-B-32"}  # architecture -> what runs here (docstring)
+REAL_SIZE = ("table1_vit_b32", "table2_biomedclip", "table4_medclip_samv2", "table1_vilt", "table5_vilt_flickr",
+             "table6_coca")  # one preset per (architecture, tasks): the docstring
+TINY = {"ViT-B-32": "clip", "ViT-L-14": "clip", "biomedclip": "biomedclip", VILT_B32: "vilt",
+        "coca_ViT-L-14": "coca"}  # architecture -> tests/test_preset_runs.py's tiny model of its family
 CHEXPERT = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
 
@@ -97,13 +104,24 @@ def test_preset_validates_and_its_references_exist(name, monkeypatch):
         assert not load_paper_results(params.report.paper).empty
 
 
-def test_every_preset_architecture_runs_at_real_size():
-    """The stand-ins (module docstring) leave every architecture a preset names a real-size run:
-    a preset's stage chain, or tests/test_models.py's load-and-run of each of `archs.ARCHS`."""
+def real_arch(name: str) -> str:
+    """The architecture a preset's real-size run uses: its own, or the smaller sibling of its family."""
+    arch = ARCH[read_preset(name)["model"]["name"]]
+    return SMALLER_SIBLING.get(arch, arch)
+
+
+def tasks(name: str) -> frozenset[str]:
+    return frozenset(spec.get("task", "classification") for spec in read_preset(name)["evaluate"]["sets"].values())
+
+
+def test_every_preset_architecture_and_task_runs_at_real_size():
+    """`REAL_SIZE` holds one preset of every (architecture, tasks) pair the presets name, and every
+    architecture a preset names runs at real size here or in tests/test_models.py (`archs.ARCHS`)."""
+    assert {(real_arch(n), tasks(n)) for n in PRESETS} == {(real_arch(n), tasks(n)) for n in REAL_SIZE}
+    assert len(set(REAL_SIZE)) == len(REAL_SIZE) == len({(real_arch(n), tasks(n)) for n in REAL_SIZE})
     named = {ARCH[read_preset(name)["model"]["name"]] for name in PRESETS}
-    chained = {STAND_IN.get(name, ARCH[read_preset(name)["model"]["name"]]) for name in PRESETS}
-    assert named <= chained | set(ARCHS) and set(STAND_IN) <= set(PRESETS)
-    assert set(STAND_IN.values()) <= chained  # a stand-in is an architecture some preset runs as itself
+    assert named <= {real_arch(n) for n in REAL_SIZE} | set(ARCHS)
+    assert set(TINY) == named
 
 
 # --- generated datasets in the presets' layouts ----------------------------------------------
@@ -214,22 +232,15 @@ def datasets(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sam_folder(tmp_path_factory):
-    """A getter of a tiny random-init SAM saved in transformers' layout, built on first use (segmentation presets)."""
-    built = []
+def stand_in(tmp_path_factory):
+    """tests/test_preset_runs.py's STAND_INS name -> how params name that tiny random-init model,
+    each built on first use (the tiny SAM of the segmentation preset among them)."""
+    root, built = tmp_path_factory.mktemp("stand_ins"), {}
 
-    def get() -> Path:
-        if not built:
-            import torch
-            from transformers import SamConfig
-
-            from ktpipe.models.sam import SamSegmenter
-
-            torch.manual_seed(0)
-            folder = tmp_path_factory.mktemp("sam") / "tiny_sam"
-            SamSegmenter.from_config(SamConfig(**TINY_SAM)).save(folder)
-            built.append(folder)
-        return built[0]
+    def get(name: str) -> str:
+        if name not in built:
+            built[name] = STAND_INS[name](root / name)
+        return built[name]
 
     return get
 
@@ -244,10 +255,11 @@ def first_template(name: str, folder: Path) -> str:
 IMAGENET100_CLASSES = ["American robin", "Gila monster"]  # two of its classes (ViLT scores each pair)
 
 
-def shrink(preset: dict, checkpoint: Path, folder: Path, sam: Path | None = None) -> dict:
-    """The preset with only repeated work cut down (see the module docstring). An image-text
-    matching recipe keeps a second concept: its caption is the mismatch of a one-concept recipe.
-    A segmentation preset's SAM becomes the folder `sam` (a tiny random-init SAM)."""
+def shrink(preset: dict, model: str, folder: Path, sam: str | None = None, first_size: int = 64) -> dict:
+    """The preset on the checkpoint params name `model`, with only repeated work cut down (see the
+    module docstring); inversion's first progressive size `first_size`. An image-text matching
+    recipe keeps a second concept: its caption is the mismatch of a one-concept recipe. A
+    segmentation preset's SAM becomes the folder `sam` (a tiny random-init SAM)."""
     recipe, overrides = next(iter(preset["recipes"].items()))
     names = preset["concepts"]["names"]
     concepts = list(overrides.get("concepts") or names[:1])
@@ -263,8 +275,8 @@ def shrink(preset: dict, checkpoint: Path, folder: Path, sam: Path | None = None
             sets[name]["classes"] = IMAGENET100_CLASSES
     out = deep_merge(preset, {
         "concepts": {"names": concepts},
-        "model": {"name": f"local-dir:{checkpoint}", "pretrained": None, "device": "cpu"},
-        "invert": {"steps": 2, "samples": 2, "progressive_sizes": [64], "progressive_steps": [1]},
+        "model": {"name": model, "pretrained": None, "device": "cpu"},
+        "invert": {"steps": 2, "samples": 2, "progressive_sizes": [first_size], "progressive_steps": [1]},
         "finetune": {"epochs": 1},
         "evaluate": {"batch_size": 8, "workers": 0, "sets": sets},
     })
@@ -287,24 +299,22 @@ def shrink(preset: dict, checkpoint: Path, folder: Path, sam: Path | None = None
             cheap["hyper_opt"] = {**search, "beta": [0.1], "variance": [1.0], "sets": {target: search["sets"][target]},
                                   "layer": [preset["evaluate"]["segmentation"]["layer"]]}
         if preset["evaluate"]["segmentation"].get("sam"):
-            cheap["sam"] = str(sam)
+            cheap["sam"] = sam
         out["evaluate"]["segmentation"] = {**preset["evaluate"]["segmentation"], **cheap}
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint, sam_folder, load_once, tmp_path,
-                                              monkeypatch):
+def test_preset_runs_every_stage(name, datasets, random_checkpoint, stand_in, load_once, tmp_path, monkeypatch):
     preset = read_preset(name)
-    arch = STAND_IN.get(name, ARCH[preset["model"]["name"]])
-    if name in STAND_IN:  # a stand-in only replaces ViT-L-14 (CoCa or not) by its smaller ViT-B-32 sibling
-        assert SMALLER_SIBLING[ARCH[preset["model"]["name"]]] == arch
+    arch, real = real_arch(name), name in REAL_SIZE
+    model = f"local-dir:{random_checkpoint(arch)}" if real else stand_in(TINY[ARCH[preset["model"]["name"]]])
     project = tmp_path / "project"
     shutil.copytree(REPO / "captions", project / "captions")
-    sam = sam_folder() if preset["evaluate"].get("segmentation", {}).get("sam") else None
+    sam = stand_in("sam") if preset["evaluate"].get("segmentation", {}).get("sam") else None
     with (project / "params.yaml").open("w") as fh:
-        YAML(typ="safe", pure=True).dump(shrink(preset, random_checkpoint(arch), project, sam), fh)
+        YAML(typ="safe", pure=True).dump(shrink(preset, model, project, sam, 64 if real else 8), fh)
     monkeypatch.chdir(project)
     monkeypatch.setenv("KTPIPE_DATASETS", str(datasets))
     params = load_params("params.yaml")
@@ -312,8 +322,8 @@ def test_preset_runs_every_stage_at_real_size(name, datasets, random_checkpoint,
 
     sets = run_data(params, Path("data/eval"))
     assert set(sets) == set(params.evaluate.sets) and all(s["n_images"] > 0 for s in sets.values())
-    size = 384 if arch == VILT_B32 else 224
-    assert run_base_model(params, Path("models/baseline"), Path("metrics/base_model.json"))["image_size"] == size
+    size = run_base_model(params, Path("models/baseline"), Path("metrics/base_model.json"))["image_size"]
+    assert size == (384 if arch == VILT_B32 else 224) or not real
     run_concepts(Path(params.concepts.file), Path(params.concepts.generated), params.concepts, Path("data/concepts"))
     cfg = params.recipe(recipe)
     for concept in params.concepts.names:
