@@ -3,7 +3,7 @@ outputs are bit-identical to an uninterrupted run, and no half-written folder is
 
 A git+DVC repo holds a tiny project (the tiny random-init CLIP, 3 concepts, captions and
 evaluation manifests made beforehand) and the three stages as dvc.yaml runs them (invert without
-the inversion store, so a rerun computes). An uninterrupted `dvc repro` gives the reference
+the inversion store and evaluate without the embedding store, so a rerun computes). An uninterrupted `dvc repro` gives the reference
 bytes. Then, for each stage, its output and DVC's cache are deleted (so nothing can be checked out
 instead of computed; `dvc commit` puts the other stages' outputs back) and `dvc repro` runs in the
 background; once the stage's process has opened
@@ -48,7 +48,7 @@ stages:
     outs: [models/paper]
     metrics: [{metrics/finetune/paper.json: {cache: false}}]
   evaluate:
-    cmd: python -m stages.evaluate paper models/paper data/eval data/concepts metrics/eval/paper.json
+    cmd: python -m stages.evaluate paper models/paper data/eval data/concepts metrics/eval/paper.json --store ''
     deps: [models/paper, data/eval, data/concepts]
     params: [evaluate]
     outs: [metrics/eval/paper]

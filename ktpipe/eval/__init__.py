@@ -8,6 +8,7 @@ entry of `TASKS`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from ktpipe.concepts import ConceptText, read_concepts
@@ -16,10 +17,12 @@ from ktpipe.errors import warn
 from ktpipe.eval.base import Task, TaskInput, split_result
 from ktpipe.eval.captioning import Captioning
 from ktpipe.eval.classification import ZeroShotClassification
+from ktpipe.eval.embeddings import DEFAULT_STORE, EmbeddingCache
 from ktpipe.eval.retrieval import Retrieval, concept_pattern
 from ktpipe.eval.segmentation import Segmentation
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.params import Params, ParamsError
+from ktpipe.store import files_digest, model_digest, record_digest
 from ktpipe.templates import load_templates
 
 BASELINE = "baseline"  # the model before transfer, evaluated beside every recipe
@@ -76,23 +79,36 @@ def outputs_dir(out_path: Path) -> Path:
 
 
 def task_inputs(params: Params, sets: dict[str, Manifest], concepts: list[ConceptText],
-                outputs: Path | None = None) -> dict[str, TaskInput]:
-    """Set name -> what its task reads (records, concepts, templates, candidate classes of other sets)."""
+                outputs: Path | None = None, cache: EmbeddingCache | None = None) -> dict[str, TaskInput]:
+    """Set name -> what its task reads (records, concepts, templates, candidate classes of other sets,
+    the evaluated model's embedding cache)."""
     inputs = {}
     for name, spec in params.used_sets().items():
         extra = [c for other in spec.extra_classes for c in sets[other].classes]
         templates = load_templates(spec.templates or params.evaluate.templates)
-        inputs[name] = TaskInput(name, sets[name], spec, concepts, templates, extra, params.evaluate, outputs, sets)
+        inputs[name] = TaskInput(name, sets[name], spec, concepts, templates, extra, params.evaluate, outputs, sets,
+                                 cache)
     return inputs
 
 
+def model_key(params: Params, model: str, model_dir: Path) -> str:
+    """The digest of the evaluated model's weights: the base model's identity (params and local files),
+    or a recipe's checkpoint files."""
+    if model == BASELINE:
+        return model_digest(params.model)
+    folder = Path(model_dir)
+    return record_digest({"model": model_digest(params.model),
+                          "checkpoint": files_digest([p for p in folder.rglob("*") if p.is_file()], folder)})
+
+
 def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, concepts_dir: Path,
-                 out_path: Path) -> dict:
+                 out_path: Path, store: str | Path | None = DEFAULT_STORE) -> dict:
     """Evaluate one model (`baseline` or a recipe) on every evaluation set with the set's task;
     write and return {model, params, tasks, metrics: {set: {task: {...}}}, summary, unevaluated},
-    plus `notes: {set: [...]}` when a task left notes. Tasks' per-item files go to the folder
-    `outputs_dir(out_path)`, written whole (empty when no task writes any: it is a DVC output) or, on an
-    error, not at all."""
+    plus `notes: {set: [...]}` when a task left notes. Class prompts are encoded once per model, and
+    image embeddings kept in `store` (ktpipe.eval.embeddings; None: none kept). Tasks' per-item files
+    go to the folder `outputs_dir(out_path)`, written whole (empty when no task writes any: it is a
+    DVC output) or, on an error, not at all."""
     concepts = read_concepts(concepts_dir, params.concepts.names)
     tasks = {name: get_task(spec.task, name) for name, spec in params.used_sets().items()}
     sets = {name: load_eval_set(eval_dir, name) for name in params.used_sets()}
@@ -104,8 +120,9 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
              "never scored; the report lists it as not evaluated")
     network = load_evaluated_model(params, model, Path(model_dir))
     metrics, summary, notes = {}, {}, {}
+    cache = EmbeddingCache(model_key(params, model, Path(model_dir)) if store else None, store)
     with atomic_dir(outputs_dir(out_path)) as outputs:
-        for name, data in task_inputs(params, sets, concepts, outputs).items():
+        for name, data in task_inputs(params, sets, concepts, outputs, cache).items():
             task = tasks[name]
             found, notes[name] = split_result(task.evaluate(network, data))
             metrics[name] = {task.name: found}
@@ -119,4 +136,6 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
     if any(notes.values()):
         result["notes"] = {name: left for name, left in notes.items() if left}
     write_json(out_path, result)
+    if cache.reused_images:
+        print(f"{model}: embeddings of {cache.reused_images} images reused from {store}", file=sys.stderr)
     return result

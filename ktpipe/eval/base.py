@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from ktpipe.concepts import ConceptText
     from ktpipe.datasets import Manifest
+    from ktpipe.eval.embeddings import EmbeddingCache
     from ktpipe.params import DatasetParams, EvaluateParams
 
 
@@ -28,6 +29,7 @@ class TaskInput:
     outputs: Path | None = None  # folder for the task's per-item files (generated captions), or None: none written
     sets: dict[str, Manifest] = field(default_factory=dict)  # every loaded set by name (segmentation's hyper_opt
     # searches on another set's images)
+    cache: EmbeddingCache | None = None  # the evaluated model's embeddings, shared by its sets (None: none kept)
 
 
 @dataclass(frozen=True)

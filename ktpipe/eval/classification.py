@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest, normalize_class as normalize
 from ktpipe.eval.base import TaskInput, pct
+from ktpipe.eval.embeddings import EmbeddingCache
 from ktpipe.eval.metrics import accuracy, per_class_accuracy
 from ktpipe.images import open_image
 from ktpipe.models.base import (CutsTexts, EmbedsImages, EmbedsTexts, PadsImages, ScoresPairs, TakesImages,
@@ -87,8 +88,12 @@ def candidate_classes(manifest: Manifest, extra: list[str]) -> tuple[list[str], 
 
 
 @torch.no_grad()
-def class_embeddings(model: EmbedsTexts, prompts: list[list[str]] | list[tuple[str, ...]]) -> torch.Tensor:
-    """(K, D): per class, the renormalized mean of its prompts' embeddings."""
+def class_embeddings(model: EmbedsTexts, prompts: list[list[str]] | list[tuple[str, ...]],
+                     cache: EmbeddingCache | None = None) -> torch.Tensor:
+    """(K, D): per class, the renormalized mean of its prompts' embeddings (through `cache`: each
+    class's prompts encoded once per model)."""
+    if cache is not None:
+        return cache.class_embeddings(model, prompts)
     rows = [F.normalize(model.encode_texts(list(p)).mean(0), dim=-1) for p in prompts]
     return torch.stack(rows)
 
@@ -118,10 +123,13 @@ def image_batches(model: TakesImages, paths: tuple[str, ...], batch_size: int, w
 
 @torch.no_grad()
 def embed_images(model: EmbedsImages, paths: tuple[str, ...], batch_size: int, workers: int = 0,
-                 progress: bool = True) -> torch.Tensor:
-    """(N, D) image embeddings."""
-    batches = image_batches(model, paths, batch_size, workers, progress, "embed images")
-    return torch.cat([model.encode_images(pixels).cpu() for pixels in batches])
+                 progress: bool = True, cache: EmbeddingCache | None = None) -> torch.Tensor:
+    """(N, D) image embeddings (from `cache`'s store when it holds this model's embeddings of them)."""
+    def compute() -> torch.Tensor:
+        batches = image_batches(model, paths, batch_size, workers, progress, "embed images")
+        return torch.cat([model.encode_images(pixels).cpu() for pixels in batches])
+
+    return compute() if cache is None else cache.image_embeddings(model, paths, batch_size, compute)
 
 
 @torch.no_grad()
@@ -155,12 +163,12 @@ def fit_prompts(model, prompts: list[tuple[str, ...]]) -> tuple[list[tuple[str, 
 
 
 def class_scores(model, paths: tuple[str, ...], kinds: dict[str, list], batch_size: int, workers: int = 0,
-                 progress: bool = True) -> dict[str, torch.Tensor]:
+                 progress: bool = True, cache: EmbeddingCache | None = None) -> dict[str, torch.Tensor]:
     """Prompt kind -> (N, K) class scores of the images: by embeddings when the model has them
-    (images embedded once for every prompt kind), else by pair scores."""
+    (images embedded once for every prompt kind, class prompts through `cache`), else by pair scores."""
     if is_dual_encoder(model):
-        image_emb = embed_images(model, paths, batch_size, workers, progress)
-        return {kind: image_emb @ class_embeddings(model, prompts).cpu().T for kind, prompts in kinds.items()}
+        image_emb = embed_images(model, paths, batch_size, workers, progress, cache)
+        return {kind: image_emb @ class_embeddings(model, prompts, cache).cpu().T for kind, prompts in kinds.items()}
     require(model, ScoresPairs, "zero-shot classification")
     return {kind: pair_class_scores(model, paths, prompts, batch_size, workers, progress)
             for kind, prompts in kinds.items()}
@@ -201,7 +209,8 @@ class ZeroShotClassification:
         if all(c.description for c in candidates):
             kinds["description"] = [(description_prompt(c.description),) for c in candidates]
         metrics: dict[str, float] = {"n_images": float(len(data.manifest)), **cut}
-        scores = class_scores(model, data.manifest.paths, kinds, data.params.batch_size, data.params.workers, progress)
+        scores = class_scores(model, data.manifest.paths, kinds, data.params.batch_size, data.params.workers, progress,
+                              data.cache)
         for kind, logits in scores.items():
             metrics.update(score(logits.argmax(-1), labels, candidates, kind, per_class))
         return metrics

@@ -29,6 +29,7 @@ import torch
 from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest
 from ktpipe.eval.base import TaskInput, pct
+from ktpipe.eval.embeddings import EmbeddingCache
 from ktpipe.eval.classification import embed_images, fit_texts, image_batches, pair_class_scores
 from ktpipe.models.base import EmbedsTexts, ScoresPairs, is_dual_encoder, require
 from ktpipe.params import ParamsError
@@ -105,11 +106,12 @@ def embed_texts(model: EmbedsTexts, texts: list[str], batch_size: int) -> torch.
 
 
 def score_matrix(model, manifest: Manifest, captions: list[str], batch_size: int, workers: int = 0,
-                 progress: bool = True) -> torch.Tensor:
+                 progress: bool = True, cache: EmbeddingCache | None = None) -> torch.Tensor:
     """(N images, T captions) scores: cosine similarities of a dual encoder (images and captions
-    embedded once), or every pair through a cross-encoder (`all_pairs`)."""
+    embedded once; the images from `cache`'s store when it holds them), or every pair through a
+    cross-encoder (`all_pairs`)."""
     if is_dual_encoder(model):
-        return embed_images(model, manifest.paths, batch_size, workers, progress) @ embed_texts(
+        return embed_images(model, manifest.paths, batch_size, workers, progress, cache) @ embed_texts(
             model, captions, batch_size).T
     require(model, ScoresPairs, "retrieval")
     return pair_class_scores(model, manifest.paths, [(c,) for c in captions], batch_size, workers, progress)
@@ -189,7 +191,7 @@ class Retrieval:
         batch, workers = data.params.batch_size, data.params.workers
         dual = is_dual_encoder(model)
         if data.spec.rerank is None:
-            scores = score_matrix(model, data.manifest, scored, batch, workers, progress)
+            scores = score_matrix(model, data.manifest, scored, batch, workers, progress, data.cache)
             extra = {} if dual else {"pairs_scored": float(scores.numel())}
             return {**retrieval_metrics(scores, positives, groups), **extra, **cut}
         if dual:

@@ -124,7 +124,7 @@ def score_set(model, data: TaskInput, sam, groups: list[str], progress: bool = T
     from ktpipe.eval.masks import image_scores
 
     cfg, manifest = data.params.segmentation, data.manifest
-    targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates))  # (K, D)
+    targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates), data.cache)
     spacing = data.spec.spacing  # (rows, columns), one value for both, or empty: pixels (ktpipe.eval.masks.pixel_spacing)
     folders = None
     if data.outputs is not None:
@@ -226,7 +226,7 @@ def search_saliency(model, data: TaskInput, progress: bool = True) -> tuple[Segm
     records = [manifest.records[i] for i in search_images(manifest, cfg.hyper_opt.draws)]
     images = [open_image(Path(r.path)) for r in records]
     truths = [read_mask(Path(r.mask), image.size) for r, image in zip(records, images)]
-    targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates))  # (K, D)
+    targets = class_embeddings(model, set_prompts(manifest, data.spec, data.concepts, data.templates), data.cache)
     texts = targets[torch.tensor([r.label for r in records], device=targets.device)]  # (B, D)
     pixels = torch.stack([model.preprocess(image) for image in images]).to(targets.device)  # (B, 3, S, S)
     grid = list(itertools.product(cfg.hyper_opt.beta, cfg.hyper_opt.variance, cfg.hyper_opt.layer))

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import functools
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -30,6 +28,7 @@ from ktpipe.images import SUMMARY_FILE, initial_pixels, save_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import Invertible, load_base_model, pick_device
 from ktpipe.params import InvertParams, Params, ParamsError
+from ktpipe.store import STORE_ROOT, code_digest, model_digest, record_digest
 
 
 
@@ -358,48 +357,10 @@ def _invert_batch_into(model: Invertible, params: Params, batch: list[ConceptTex
 # determines its bytes (the concept's name and description, its seed, the invert and model params,
 # the base model's files, ktpipe's code and the versions of torch and the model libraries). When
 # the stage reruns because one caption changed or a concept was added, the other concepts' folders
-# are copied from here, bit for bit, instead of recomputed. It is a plain memo: deleting it (or
-# `--store ''`) only costs time; it lives outside DVC's outputs so that the stage stays in DVC's
-# run-cache (DVC leaves a stage with a persistent output out of it).
-DEFAULT_STORE = Path(".ktpipe/store/invert")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def files_digest(files: list[Path], root: Path) -> str:
-    """One sha256 of files' paths (relative to `root`) and contents, in sorted order."""
-    return sha256_bytes("".join(f"{p.relative_to(root)}:{sha256_bytes(p.read_bytes())}\n" for p in sorted(files)).encode())
-
-
-@functools.lru_cache(maxsize=None)
-def code_digest() -> str:
-    """sha256 of ktpipe's Python sources and package data and of the model libraries' versions."""
-    import importlib.metadata
-
-    package = Path(__file__).resolve().parents[1]
-    files = [p for p in package.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".json", ".txt")
-             and "__pycache__" not in p.parts]
-    lines = [files_digest(files, package)]
-    for dist in ("torch", "open_clip_torch", "transformers", "timm"):
-        try:
-            lines.append(f"{dist}={importlib.metadata.version(dist)}\n")
-        except importlib.metadata.PackageNotFoundError:
-            lines.append(f"{dist}=-\n")
-    return sha256_bytes("".join(lines).encode())
-
-
-def model_digest(model_params: Any) -> str:
-    """sha256 of the base model's identity: its params and, for a local checkpoint, its files' bytes."""
-    parts = [json.dumps(dataclasses.asdict(model_params), sort_keys=True)]
-    for ref in (model_params.pretrained, str(model_params.name).removeprefix("local-dir:")):
-        path = Path(ref) if ref else None
-        if path is not None and path.is_file():
-            parts.append(sha256_bytes(path.read_bytes()))
-        elif path is not None and path.is_dir():
-            parts.append(files_digest([p for p in path.rglob("*") if p.is_file()], path))
-    return sha256_bytes("\n".join(parts).encode())
+# are copied from here, bit for bit, instead of recomputed. It is a plain memo (ktpipe/store.py):
+# deleting it (or `--store ''`) only costs time; it lives outside DVC's outputs so that the stage
+# stays in DVC's run-cache (DVC leaves a stage with a persistent output out of it).
+DEFAULT_STORE = STORE_ROOT / "invert"
 
 
 def inversion_key(params: Params, concept: ConceptText, model_key: str, device: str) -> str:
@@ -407,7 +368,7 @@ def inversion_key(params: Params, concept: ConceptText, model_key: str, device: 
     record = {"concept": dataclasses.asdict(concept), "seed": concept_seed(params.seed, concept.name),
               "invert": dataclasses.asdict(params.invert), "model": model_key, "code": code_digest(),
               "device": device}
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return record_digest(record)
 
 
 def run_invert_all(params: Params, concepts_dir: Path, out_root: Path, timing_path: Path | None = None,

@@ -1,0 +1,88 @@
+"""What one evaluation embeds once.
+
+- Class-prompt embeddings: each class's prompts are encoded once per evaluated model, however
+  many sets name the class (Table 1 scores ImageNet's 1,000 classes as the ImageNet set's classes
+  and as candidates of the rare-concept set: one encoding each).
+- Image embeddings: a dual encoder's (N, D) embeddings of a set's images go to a store on disk
+  (ktpipe/store.py) under a digest of the model's weights, ktpipe's code, the device, the batch
+  size and the images' bytes. A model evaluated again embeds no image it embedded before: the
+  baseline after new templates, another set beside, an edited concept description, in every
+  experiment of a sweep that reruns it.
+
+Each entry is the tensor exactly as computed, so an evaluation served from the store writes the
+bytes a recomputation on the same machine writes.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ktpipe.errors import warn
+from ktpipe.store import STORE_ROOT, code_digest, file_digest, record_digest
+
+DEFAULT_STORE = STORE_ROOT / "embed"
+
+
+class EmbeddingCache:
+    """One evaluated model's class rows (in memory) and image embeddings (in `store`, under
+    `model_key`, the digest of its weights; either None: images are embedded every time)."""
+
+    def __init__(self, model_key: str | None = None, store: str | Path | None = None):
+        self.model_key = model_key
+        self.store = Path(store) if store and model_key else None
+        self.rows: dict[tuple[str, ...], torch.Tensor] = {}
+        self.reused_images = 0  # images whose embeddings came from the store
+
+    @torch.no_grad()
+    def class_embeddings(self, model, prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(K, D): per class, the renormalized mean of its prompts' embeddings, encoding each
+        class's prompts (one batch, as without the cache) only the first time."""
+        for class_prompts in map(tuple, prompts):
+            if class_prompts not in self.rows:
+                self.rows[class_prompts] = F.normalize(model.encode_texts(list(class_prompts)).mean(0), dim=-1)
+        return torch.stack([self.rows[tuple(p)] for p in prompts])
+
+    def image_embeddings(self, model, paths: Sequence[str], batch_size: int,
+                         compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`compute()`'s (N, D) embeddings of the images `paths`, from the store when it holds them."""
+        if self.store is None:
+            return compute()
+        entry = self.store / f"{images_key(self.model_key, model, paths, batch_size)}.safetensors"
+        if entry.is_file():
+            from safetensors.torch import load_file
+
+            self.reused_images += len(paths)
+            return load_file(str(entry))["embeddings"]
+        embeddings = compute()
+        save_entry(entry, embeddings)
+        return embeddings
+
+
+def images_key(model_key: str, model, paths: Sequence[str], batch_size: int) -> str:
+    """The store key of a model's embeddings of `paths`: its weights' digest, the code, the device
+    and dtype its weights are on, the batch size (rounding can depend on it) and every image's bytes."""
+    weight = next(model.module.parameters())
+    images = []
+    for path in paths:
+        stat = os.stat(path)
+        images.append(file_digest(Path(path).resolve(), stat.st_size, stat.st_mtime_ns))
+    return record_digest({"model": model_key, "code": code_digest(), "device": weight.device.type,
+                          "dtype": str(weight.dtype), "batch_size": batch_size, "images": images})
+
+
+def save_entry(entry: Path, embeddings: torch.Tensor) -> None:
+    """Write one store entry whole (a temporary file renamed over it: a crash leaves no half entry)."""
+    from safetensors.torch import save_file
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    try:
+        save_file({"embeddings": embeddings.contiguous()}, str(tmp))
+        os.replace(tmp, entry)
+    except OSError as error:  # a full or read-only store costs time, never the evaluation
+        tmp.unlink(missing_ok=True)
+        warn(f"image embeddings not stored in {entry.parent}: {error}")
