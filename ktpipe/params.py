@@ -115,6 +115,8 @@ class InvertParams:
     concepts_per_batch: int = 1  # concepts optimized in one batch (concepts x samples images per forward pass): 1 runs each
     # on its own (bit-identical to a run of that concept alone); more fill a GPU, each concept keeping its own seed,
     # augmentations, gradient clip and loss, equal to its own run within float rounding (docs/cli.md)
+    precision: str = "fp32"  # fp32, or bf16 / fp16: the model's forward passes under autocast (GPU tensor cores;
+    # ktpipe/precision.py), the pixels and their Adam in fp32
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ class FinetuneParams:
     decoder: bool = False  # also train a captioner's text decoder (paper Table 9's dagger rows)
     swapped_names: bool = False  # itm: also mismatch each learned description under another concept's name (beyond
     # the paper: a cross-encoder tells the captions apart by description alone, and may never read the new name)
+    precision: str = "fp32"  # fp32, or bf16 / fp16: forward passes under autocast, fp16 with a loss scaler; weights
+    # and optimizer state stay fp32 (ktpipe/precision.py)
 
 
 DATASET_FORMATS = ("demo", "folder", "manifest", "imagenet", "imagenet100", "chexpert5x200", "jsrt", "karpathy",
@@ -234,6 +238,8 @@ class EvaluateParams:
     templates: str = "demo"  # prompt-template file in ktpipe/data/templates/ (or a path)
     batch_size: int = 128  # images per forward pass
     workers: int = 0  # image-decoding worker threads (0: decode in the main thread)
+    pin_memory: bool = False  # decoded images in page-locked memory: a faster, asynchronous copy to a GPU (with workers)
+    precision: str = "fp32"  # fp32, or bf16 / fp16: every task's forward passes under autocast (ktpipe/precision.py)
     sets: dict[str, DatasetParams] = field(default_factory=dict)  # evaluation sets, by name
     use: tuple[str, ...] | None = None  # the sets this model evaluates (None: every set); a family picks its own
     generation: GenerationParams = field(default_factory=GenerationParams)  # captioning sets: how captions are decoded
@@ -373,6 +379,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # string params with a fixed set of val
     "interpolation": ("bilinear", "bicubic"),
     "saliency": ("m2ib", "gradient"),
     "postprocess": ("threshold", "otsu", "kmeans"),
+    "precision": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -472,6 +479,7 @@ def validate(params: Params) -> Params:
     names = params.concepts.names
     if len(set(names)) != len(names):
         raise ParamsError(f"params key 'concepts.names' lists a concept twice: {list(names)}")
+    check_choices(params.evaluate, "evaluate")
     sections = [("finetune", params.finetune), *((f"recipes.{n}", params.recipe(n)) for n in params.recipes)]
     for prefix, section in sections:
         check_choices(section, prefix)

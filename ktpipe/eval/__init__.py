@@ -22,6 +22,7 @@ from ktpipe.eval.retrieval import Retrieval, concept_pattern
 from ktpipe.eval.segmentation import Segmentation
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.params import Params, ParamsError
+from ktpipe.precision import autocast
 from ktpipe.store import files_digest, model_digest, record_digest
 from ktpipe.templates import load_templates
 
@@ -120,11 +121,14 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
              "never scored; the report lists it as not evaluated")
     network = load_evaluated_model(params, model, Path(model_dir))
     metrics, summary, notes = {}, {}, {}
-    cache = EmbeddingCache(model_key(params, model, Path(model_dir)) if store else None, store)
+    precision = params.evaluate.precision
+    cache = EmbeddingCache(model_key(params, model, Path(model_dir)) if store else None, store, precision)
+    device = next(network.module.parameters()).device
     with atomic_dir(outputs_dir(out_path)) as outputs:
         for name, data in task_inputs(params, sets, concepts, outputs, cache).items():
             task = tasks[name]
-            found, notes[name] = split_result(task.evaluate(network, data))
+            with autocast(precision, device):
+                found, notes[name] = split_result(task.evaluate(network, data))
             metrics[name] = {task.name: found}
             summary[name] = {task.name: task.summary(found, concepts)}
     result = {

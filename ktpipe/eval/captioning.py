@@ -286,10 +286,10 @@ def image_group(named: list[ConceptText]) -> str | None:
 
 @torch.no_grad()
 def generate(model: GeneratesCaptions, paths: tuple[str, ...], settings: dict, batch_size: int, workers: int = 0,
-             progress: bool = True) -> list[str]:
+             progress: bool = True, pin_memory: bool = False) -> list[str]:
     """One caption per image, `batch_size` images per call."""
     captions: list[str] = []
-    for pixels in image_batches(model, paths, batch_size, workers, progress, "generate captions"):
+    for pixels in image_batches(model, paths, batch_size, workers, progress, "generate captions", pin_memory):
         found = model.generate_captions(pixels, **settings)
         if len(found) != len(pixels):
             raise RuntimeError(f"{type(model).__name__}.generate_captions returned {len(found)} captions "
@@ -386,7 +386,7 @@ class Captioning:
         settings = dataclasses.asdict(data.params.generation)
         with meteor_scorer() as meteor:  # METEOR loads while the captions are generated
             captions = generate(model, data.manifest.paths, settings, data.params.batch_size, data.params.workers,
-                                progress)
+                                progress, data.params.pin_memory)
             metrics, per_image, run_note = score_captions(references, captions, groups, spice_note is None, meteor)
         if data.outputs is not None:
             rows = caption_rows(data.manifest, references, captions, named, per_image)

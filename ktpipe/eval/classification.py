@@ -94,7 +94,7 @@ def class_embeddings(model: EmbedsTexts, prompts: list[list[str]] | list[tuple[s
     class's prompts encoded once per model)."""
     if cache is not None:
         return cache.class_embeddings(model, prompts)
-    rows = [F.normalize(model.encode_texts(list(p)).mean(0), dim=-1) for p in prompts]
+    rows = [F.normalize(model.encode_texts(list(p)).float().mean(0), dim=-1) for p in prompts]
     return torch.stack(rows)
 
 
@@ -112,36 +112,38 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def image_batches(model: TakesImages, paths: tuple[str, ...], batch_size: int, workers: int = 0,
-                  progress: bool = True, desc: str = "images"):
+                  progress: bool = True, desc: str = "images", pin_memory: bool = False):
     """Batches of preprocessed pixels (B, 3, S, S), or PaddedPixels for a model that pads its own
-    batches (PadsImages), decoded by `workers` processes (0: in this process)."""
+    batches (PadsImages), decoded by `workers` processes (0: in this process), in page-locked
+    memory with `pin_memory` (a faster copy to a GPU)."""
     collate = model.collate_images if isinstance(model, PadsImages) else None
     loader = torch.utils.data.DataLoader(ImageList(paths, model), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate)
+                                         collate_fn=collate, pin_memory=pin_memory)
     return tqdm(loader, desc=desc, disable=not progress, leave=False)
 
 
 @torch.no_grad()
 def embed_images(model: EmbedsImages, paths: tuple[str, ...], batch_size: int, workers: int = 0,
-                 progress: bool = True, cache: EmbeddingCache | None = None) -> torch.Tensor:
+                 progress: bool = True, cache: EmbeddingCache | None = None, pin_memory: bool = False) -> torch.Tensor:
     """(N, D) image embeddings (from `cache`'s store when it holds this model's embeddings of them)."""
     def compute() -> torch.Tensor:
-        batches = image_batches(model, paths, batch_size, workers, progress, "embed images")
-        return torch.cat([model.encode_images(pixels).cpu() for pixels in batches])
+        batches = image_batches(model, paths, batch_size, workers, progress, "embed images", pin_memory)
+        return torch.cat([model.encode_images(pixels).float().cpu() for pixels in batches])
 
     return compute() if cache is None else cache.image_embeddings(model, paths, batch_size, compute)
 
 
 @torch.no_grad()
 def pair_class_scores(model: ScoresPairs, paths: tuple[str, ...], prompts: list[tuple[str, ...]],
-                      batch_size: int, workers: int = 0, progress: bool = True) -> torch.Tensor:
+                      batch_size: int, workers: int = 0, progress: bool = True,
+                      pin_memory: bool = False) -> torch.Tensor:
     """(N, K) scores of every image against every class: the mean of its prompts' pair scores."""
     flat = [p for class_prompts in prompts for p in class_prompts]
     owner = torch.tensor([k for k, class_prompts in enumerate(prompts) for _ in class_prompts])
     counts = torch.bincount(owner, minlength=len(prompts)).float()
     targets, rows = model.text_targets(flat), []
-    for pixels in image_batches(model, paths, batch_size, workers, progress, "score pairs"):
-        scores = model.score_targets(pixels, targets).cpu()  # (B, P)
+    for pixels in image_batches(model, paths, batch_size, workers, progress, "score pairs", pin_memory):
+        scores = model.score_targets(pixels, targets).float().cpu()  # (B, P)
         rows.append(torch.zeros(len(pixels), len(prompts)).index_add_(1, owner, scores) / counts)
     return torch.cat(rows)
 
@@ -163,14 +165,15 @@ def fit_prompts(model, prompts: list[tuple[str, ...]]) -> tuple[list[tuple[str, 
 
 
 def class_scores(model, paths: tuple[str, ...], kinds: dict[str, list], batch_size: int, workers: int = 0,
-                 progress: bool = True, cache: EmbeddingCache | None = None) -> dict[str, torch.Tensor]:
+                 progress: bool = True, cache: EmbeddingCache | None = None,
+                 pin_memory: bool = False) -> dict[str, torch.Tensor]:
     """Prompt kind -> (N, K) class scores of the images: by embeddings when the model has them
     (images embedded once for every prompt kind, class prompts through `cache`), else by pair scores."""
     if is_dual_encoder(model):
-        image_emb = embed_images(model, paths, batch_size, workers, progress, cache)
+        image_emb = embed_images(model, paths, batch_size, workers, progress, cache, pin_memory)
         return {kind: image_emb @ class_embeddings(model, prompts, cache).cpu().T for kind, prompts in kinds.items()}
     require(model, ScoresPairs, "zero-shot classification")
-    return {kind: pair_class_scores(model, paths, prompts, batch_size, workers, progress)
+    return {kind: pair_class_scores(model, paths, prompts, batch_size, workers, progress, pin_memory)
             for kind, prompts in kinds.items()}
 
 
@@ -210,7 +213,7 @@ class ZeroShotClassification:
             kinds["description"] = [(description_prompt(c.description),) for c in candidates]
         metrics: dict[str, float] = {"n_images": float(len(data.manifest)), **cut}
         scores = class_scores(model, data.manifest.paths, kinds, data.params.batch_size, data.params.workers, progress,
-                              data.cache)
+                              data.cache, data.params.pin_memory)
         for kind, logits in scores.items():
             metrics.update(score(logits.argmax(-1), labels, candidates, kind, per_class))
         return metrics

@@ -29,10 +29,11 @@ DEFAULT_STORE = STORE_ROOT / "embed"
 
 class EmbeddingCache:
     """One evaluated model's class rows (in memory) and image embeddings (in `store`, under
-    `model_key`, the digest of its weights; either None: images are embedded every time)."""
+    `model_key`, the digest of its weights, and the precision it runs in; either None: images are
+    embedded every time)."""
 
-    def __init__(self, model_key: str | None = None, store: str | Path | None = None):
-        self.model_key = model_key
+    def __init__(self, model_key: str | None = None, store: str | Path | None = None, precision: str = "fp32"):
+        self.model_key, self.precision = model_key, precision
         self.store = Path(store) if store and model_key else None
         self.rows: dict[tuple[str, ...], torch.Tensor] = {}
         self.reused_images = 0  # images whose embeddings came from the store
@@ -43,7 +44,7 @@ class EmbeddingCache:
         class's prompts (one batch, as without the cache) only the first time."""
         for class_prompts in map(tuple, prompts):
             if class_prompts not in self.rows:
-                self.rows[class_prompts] = F.normalize(model.encode_texts(list(class_prompts)).mean(0), dim=-1)
+                self.rows[class_prompts] = F.normalize(model.encode_texts(list(class_prompts)).float().mean(0), dim=-1)
         return torch.stack([self.rows[tuple(p)] for p in prompts])
 
     def image_embeddings(self, model, paths: Sequence[str], batch_size: int,
@@ -51,7 +52,7 @@ class EmbeddingCache:
         """`compute()`'s (N, D) embeddings of the images `paths`, from the store when it holds them."""
         if self.store is None:
             return compute()
-        entry = self.store / f"{images_key(self.model_key, model, paths, batch_size)}.safetensors"
+        entry = self.store / f"{images_key(self.model_key, model, paths, batch_size, self.precision)}.safetensors"
         if entry.is_file():
             from safetensors.torch import load_file
 
@@ -62,16 +63,18 @@ class EmbeddingCache:
         return embeddings
 
 
-def images_key(model_key: str, model, paths: Sequence[str], batch_size: int) -> str:
+def images_key(model_key: str, model, paths: Sequence[str], batch_size: int, precision: str = "fp32") -> str:
     """The store key of a model's embeddings of `paths`: its weights' digest, the code, the device
-    and dtype its weights are on, the batch size (rounding can depend on it) and every image's bytes."""
+    and dtype its weights are on, the precision it runs in, the batch size (rounding can depend on
+    it) and every image's bytes."""
     weight = next(model.module.parameters())
     images = []
     for path in paths:
         stat = os.stat(path)
         images.append(file_digest(Path(path).resolve(), stat.st_size, stat.st_mtime_ns))
     return record_digest({"model": model_key, "code": code_digest(), "device": weight.device.type,
-                          "dtype": str(weight.dtype), "batch_size": batch_size, "images": images})
+                          "dtype": str(weight.dtype), "precision": precision, "batch_size": batch_size,
+                          "images": images})
 
 
 def save_entry(entry: Path, embeddings: torch.Tensor) -> None:

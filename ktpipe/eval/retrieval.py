@@ -102,19 +102,21 @@ def retrieval_metrics(scores: torch.Tensor, positives: torch.Tensor, groups: dic
 @torch.no_grad()
 def embed_texts(model: EmbedsTexts, texts: list[str], batch_size: int) -> torch.Tensor:
     """(T, D) normalized text embeddings, `batch_size` texts per forward pass."""
-    return torch.cat([model.encode_texts(texts[i:i + batch_size]).cpu() for i in range(0, len(texts), batch_size)])
+    return torch.cat([model.encode_texts(texts[i:i + batch_size]).float().cpu()
+                      for i in range(0, len(texts), batch_size)])
 
 
 def score_matrix(model, manifest: Manifest, captions: list[str], batch_size: int, workers: int = 0,
-                 progress: bool = True, cache: EmbeddingCache | None = None) -> torch.Tensor:
+                 progress: bool = True, cache: EmbeddingCache | None = None, pin_memory: bool = False) -> torch.Tensor:
     """(N images, T captions) scores: cosine similarities of a dual encoder (images and captions
     embedded once; the images from `cache`'s store when it holds them), or every pair through a
     cross-encoder (`all_pairs`)."""
     if is_dual_encoder(model):
-        return embed_images(model, manifest.paths, batch_size, workers, progress, cache) @ embed_texts(
+        return embed_images(model, manifest.paths, batch_size, workers, progress, cache, pin_memory) @ embed_texts(
             model, captions, batch_size).T
     require(model, ScoresPairs, "retrieval")
-    return pair_class_scores(model, manifest.paths, [(c,) for c in captions], batch_size, workers, progress)
+    return pair_class_scores(model, manifest.paths, [(c,) for c in captions], batch_size, workers, progress,
+                             pin_memory)
 
 
 CANDIDATE_OFFSET = 1.0e6  # lifts a reranked candidate's match logit above every dual-encoder score
@@ -122,12 +124,13 @@ CANDIDATE_OFFSET = 1.0e6  # lifts a reranked candidate's match logit above every
 
 @torch.no_grad()
 def score_candidates(model: ScoresPairs, manifest: Manifest, captions: list[str], candidates: torch.Tensor,
-                     batch_size: int, workers: int = 0, progress: bool = True) -> torch.Tensor:
+                     batch_size: int, workers: int = 0, progress: bool = True,
+                     pin_memory: bool = False) -> torch.Tensor:
     """(N, T) match scores of the (image, caption) pairs marked in `candidates` (N, T), NaN
     elsewhere: each image decoded once, its pairs scored `batch_size` at a time."""
     scores = torch.full(candidates.shape, float("nan"), dtype=torch.float64)
     start = 0
-    for pixels in image_batches(model, manifest.paths, batch_size, workers, progress, "rerank pairs"):
+    for pixels in image_batches(model, manifest.paths, batch_size, workers, progress, "rerank pairs", pin_memory):
         rows, cols = candidates[start:start + len(pixels)].nonzero(as_tuple=True)
         for chunk in range(0, len(rows), batch_size):
             r, c = rows[chunk:chunk + batch_size], cols[chunk:chunk + batch_size]
@@ -145,7 +148,8 @@ def check_rerank_k(k: int, n_images: int, n_captions: int, set_name: str) -> Non
 
 
 def rerank(model: ScoresPairs, proposals: torch.Tensor, manifest: Manifest, captions: list[str], k: int,
-           batch_size: int, workers: int = 0, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+           batch_size: int, workers: int = 0, progress: bool = True,
+           pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """i2t and t2i ranking keys (N, T) and the number of pairs scored: each caption's `k` best
     images and each image's `k` best captions by the dual encoder's `proposals` (N, T) rescored
     by the cross-encoder, every candidate above every other image or caption."""
@@ -155,7 +159,7 @@ def rerank(model: ScoresPairs, proposals: torch.Tensor, manifest: Manifest, capt
     by_image = torch.zeros(n_images, n_captions, dtype=torch.bool)
     by_image.scatter_(1, proposals.topk(k, dim=1).indices, True)  # each image's k captions
     pairs = by_caption | by_image
-    matched = score_candidates(model, manifest, captions, pairs, batch_size, workers, progress)
+    matched = score_candidates(model, manifest, captions, pairs, batch_size, workers, progress, pin_memory)
     base = proposals.double()
     i2t = torch.where(by_image, CANDIDATE_OFFSET + matched, base)
     t2i = torch.where(by_caption, CANDIDATE_OFFSET + matched, base)
@@ -188,10 +192,10 @@ class Retrieval:
         captions, positives = caption_index(data.manifest)
         groups = concept_groups(captions, data.concepts)
         scored, cut = fit_texts(model, captions)  # the captions as the evaluated model reads them
-        batch, workers = data.params.batch_size, data.params.workers
+        batch, workers, pin = data.params.batch_size, data.params.workers, data.params.pin_memory
         dual = is_dual_encoder(model)
         if data.spec.rerank is None:
-            scores = score_matrix(model, data.manifest, scored, batch, workers, progress, data.cache)
+            scores = score_matrix(model, data.manifest, scored, batch, workers, progress, data.cache, pin)
             extra = {} if dual else {"pairs_scored": float(scores.numel())}
             return {**retrieval_metrics(scores, positives, groups), **extra, **cut}
         if dual:
@@ -201,9 +205,9 @@ class Retrieval:
         require(model, ScoresPairs, "retrieval by rerank")
         check_rerank_k(data.spec.rerank.k, len(data.manifest), len(captions), data.set_name)
         proposer = load_proposer(data.spec.rerank.model, data.set_name)
-        proposals = score_matrix(proposer, data.manifest, captions, batch, workers, progress)
+        proposals = score_matrix(proposer, data.manifest, captions, batch, workers, progress, pin_memory=pin)
         i2t, t2i, passes = rerank(model, proposals, data.manifest, scored, data.spec.rerank.k, batch, workers,
-                                  progress)
+                                  progress, pin)
         return {**retrieval_metrics(i2t, positives, groups, t2i_scores=t2i), "pairs_scored": float(passes),
                 "rerank_k": float(data.spec.rerank.k), **cut}
 

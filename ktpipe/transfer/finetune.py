@@ -19,6 +19,7 @@ from ktpipe.concepts import ConceptsError, ConceptText, concept_seed, finetune_c
 from ktpipe.errors import KtpipeError, check_finite
 from ktpipe.images import initial_pixels, load_inversion
 from ktpipe.io import atomic_dir, write_json
+from ktpipe.precision import autocast, grad_scaler
 from ktpipe.transfer.losses import FINETUNE_LOSSES, distillation_loss
 from ktpipe.models import EmbedsImages, EmbedsTexts, LearnsCaptions, Trainable, load_base_model, require
 from ktpipe.params import FinetuneParams, Params, ParamsError
@@ -94,15 +95,19 @@ def check_capabilities(model: Any, cfg: FinetuneParams, recipe: str) -> None:
 
 
 def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
-                  recipe: str, step: int) -> None:
-    """Backpropagate and step, stopping on a non-finite loss or gradient before the weights change."""
+                  recipe: str, step: int, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backpropagate and step, stopping on a non-finite loss or gradient before the weights change
+    (with an active fp16 `scaler`, a non-finite gradient skips the step and lowers the loss scale)."""
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     check_finite(loss, "loss", f"fine-tuning recipe {recipe!r}", step)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
     grads = [p.grad.norm() for p in trainable if p.grad is not None]
-    if grads:
+    if grads and not scaler.is_enabled():
         check_finite(torch.stack(grads).sum(), "gradient norm", f"fine-tuning recipe {recipe!r}", step)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def temperature_of(model: Any, cfg: FinetuneParams) -> Any:
@@ -149,6 +154,8 @@ def finetune(
     run_targets = (spec.targets(model, texts, seed, names=names, cfg=cfg) if spec.targets
                    else frozen_text_targets(model, texts, text_trains))
     temperature = temperature_of(model, cfg)
+    device = next(model.module.parameters()).device
+    scaler = grad_scaler(cfg.precision, device)
     model.module.train()
     log, step = [], 0
     for epoch in range(cfg.epochs):
@@ -156,16 +163,17 @@ def finetune(
         batches = order.split(cfg.batch_size)
         for batch in tqdm(batches, desc=f"finetune {recipe} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                           leave=False):
-            targets = model.text_targets(texts) if text_trains else run_targets
-            loss = spec.loss(model, pixels[batch], targets, labels[batch], temperature)
-            record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6)}
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_emb = teacher.encode_images(pixels[batch])
-                kd = distillation_loss(model.encode_images(pixels[batch]), teacher_emb)
-                loss = loss + cfg.kd_weight * kd
-                record["kd_loss"] = round(kd.item(), 8)
-            backward_step(loss, optimizer, trainable, recipe, step)
+            with autocast(cfg.precision, device):
+                targets = model.text_targets(texts) if text_trains else run_targets
+                loss = spec.loss(model, pixels[batch], targets, labels[batch], temperature).float()
+                record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6)}
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_emb = teacher.encode_images(pixels[batch])
+                    kd = distillation_loss(model.encode_images(pixels[batch]).float(), teacher_emb.float())
+                    loss = loss + cfg.kd_weight * kd
+                    record["kd_loss"] = round(kd.item(), 8)
+            backward_step(loss, optimizer, trainable, recipe, step, scaler)
             log.append(record)
             step += 1
     model.module.eval()

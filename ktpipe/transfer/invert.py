@@ -28,6 +28,7 @@ from ktpipe.images import SUMMARY_FILE, initial_pixels, save_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import Invertible, load_base_model, pick_device
 from ktpipe.params import InvertParams, Params, ParamsError
+from ktpipe.precision import autocast, grad_scaler
 from ktpipe.store import STORE_ROOT, code_digest, model_digest, record_digest
 
 
@@ -179,24 +180,37 @@ def _scheduled(step: int, cfg: InvertParams, model_size: int, pixels: torch.Tens
 
 
 def _optimize_step(model: Invertible, pixels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   cfg: InvertParams, generator: torch.Generator, target: Any, where: str, step: int):
-    """One Adam step on pixels (N, 3, s, s): augment, resize views to the model, Eq. 3, clip, clamp.
+                   cfg: InvertParams, generator: torch.Generator, target: Any, where: str, step: int,
+                   scaler: torch.amp.GradScaler):
+    """One Adam step on pixels (N, 3, s, s): augment, resize views to the model, Eq. 3 (the model's
+    forward in `cfg.precision`), clip, clamp.
 
-    A non-finite loss or pixel gradient stops the run (NonFiniteError naming `where` and the step).
+    A non-finite loss or pixel gradient stops the run (NonFiniteError naming `where` and the step);
+    under fp16 an overflowing gradient skips the step instead (`scaler`).
     """
     views = to_model_size(random_affine(pixels, cfg, generator), model.image_size, cfg.interpolation)
-    sims = model.similarity(views, target, cfg.similarity)
+    with autocast(cfg.precision, pixels.device):
+        sims = model.similarity(views, target, cfg.similarity).float()
     loss = inversion_loss(sims, pixels, cfg.tv_weight, cfg.reduction)
     check_finite(loss, "inversion loss", where, step)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    check_finite(pixels.grad.norm(), "pixel gradient norm", where, step)
-    if cfg.grad_clip is not None:
-        clip_pixel_grad(pixels, cfg.grad_clip)
-    optimizer.step()
+    _step(loss, pixels, optimizer, scaler, lambda: clip_pixel_grad(pixels, cfg.grad_clip) if cfg.grad_clip else None,
+          where, step)
+    return sims.detach()
+
+
+def _step(loss: torch.Tensor, pixels: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          clip, where: str, step: int) -> None:
+    """Backpropagate `loss` to the pixels, check and `clip()` their gradient, step, clamp to [0, 1]."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if not scaler.is_enabled():  # fp16's scaler skips a step with a non-finite gradient and lowers its scale
+        check_finite(pixels.grad.norm(), "pixel gradient norm", where, step)
+    clip()
+    scaler.step(optimizer)
+    scaler.update()
     with torch.no_grad():
         pixels.clamp_(0.0, 1.0)
-    return sims.detach()
 
 
 def invert_text(
@@ -214,18 +228,20 @@ def invert_text(
     pixels = initial_pixels(cfg.samples, size, generator, cfg.init).to(next(model.module.parameters()))
     pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
     _freeze(model)
-    target = model.text_target(text, cfg.similarity)
+    scaler = grad_scaler(cfg.precision, pixels.device)
+    with autocast(cfg.precision, pixels.device):
+        target = model.text_target(text, cfg.similarity)
     where = f"inversion of concept {name!r}" if name else f"inversion of {text[:40]!r}"
     bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress, leave=False)
     for step in bar:
         pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
-        sims = _optimize_step(model, pixels, optimizer, cfg, generator, target, where, step)
+        sims = _optimize_step(model, pixels, optimizer, cfg, generator, target, where, step, scaler)
         if step % 25 == 0:
             bar.set_postfix(sim=f"{sims.mean().item():.3f}", side=size)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cfg.precision, pixels.device):
         final = to_model_size(pixels, model.image_size, cfg.interpolation)
-        sims = model.similarity(final, target, cfg.similarity)
-    return final.detach().cpu(), sims.detach().cpu()
+        sims = model.similarity(final, target, cfg.similarity).float()
+    return final.detach().float().cpu(), sims.detach().cpu()
 
 
 def stack_targets(targets: list[Any], repeats: int) -> Any:
@@ -277,31 +293,29 @@ def invert_texts(model: Invertible, texts: list[str], cfg: InvertParams, seeds: 
     start = torch.cat([initial_pixels(n, size, g, cfg.init) for g in generators])
     pixels, optimizer = fresh_pixels(start.to(next(model.module.parameters())), size, cfg.lr, cfg.interpolation)
     _freeze(model)
-    target = stack_targets([model.text_target(text, cfg.similarity) for text in texts], n)
+    scaler = grad_scaler(cfg.precision, pixels.device)
+    with autocast(cfg.precision, pixels.device):
+        target = stack_targets([model.text_target(text, cfg.similarity) for text in texts], n)
     where = f"batched inversion of concepts {names}"
     bar = tqdm(range(cfg.steps), desc=f"invert {len(texts)} concepts", disable=not progress, leave=False)
     for step in bar:
         pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
         moved = warp(pixels, torch.cat([affine_theta(sample_affine(n, cfg, g)) for g in generators]), cfg.padding)
-        sims = batched_similarity(model, to_model_size(moved, model.image_size, cfg.interpolation), target,
-                                  cfg.similarity)
+        with autocast(cfg.precision, pixels.device):
+            sims = batched_similarity(model, to_model_size(moved, model.image_size, cfg.interpolation), target,
+                                      cfg.similarity).float()
         per_sample = (-sims + cfg.tv_weight * total_variation(pixels)).view(concepts, n)
         loss = per_sample.sum() if cfg.reduction == "sum" else per_sample.mean(dim=1).sum()
         check_finite(loss, "inversion loss", where, step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        check_finite(pixels.grad.norm(), "pixel gradient norm", where, step)
-        if cfg.grad_clip is not None:
-            clip_per_concept(pixels.grad, concepts, cfg.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            pixels.clamp_(0.0, 1.0)
+        _step(loss, pixels, optimizer, scaler,
+              lambda: clip_per_concept(pixels.grad, concepts, cfg.grad_clip) if cfg.grad_clip else None, where, step)
         if step % 25 == 0:
             bar.set_postfix(sim=f"{sims.detach().mean().item():.3f}", side=size)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cfg.precision, pixels.device):
         final = to_model_size(pixels, model.image_size, cfg.interpolation)
-        sims = batched_similarity(model, final, target, cfg.similarity)
-    return final.detach().cpu().view(concepts, n, *final.shape[1:]), sims.detach().cpu().view(concepts, n)
+        sims = batched_similarity(model, final, target, cfg.similarity).float()
+    return final.detach().float().cpu().view(concepts, n, *final.shape[1:]), sims.detach().cpu().view(concepts, n)
 
 
 def inversion_choices(cfg: InvertParams, model: Invertible) -> dict:
