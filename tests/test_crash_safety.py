@@ -56,7 +56,7 @@ stages:
 """
 # stage -> (the progress text that shows it computing, its outputs)
 STAGES = {"invert": ("invert dax", ("data/inverted",)),
-          "finetune": ("epoch 3/6", ("models/paper", "metrics/finetune/paper.json")),
+          "finetune": ("epoch 2/24", ("models/paper", "metrics/finetune/paper.json")),
           "evaluate": ("embed", ("metrics/eval/paper", "metrics/eval/paper.json"))}
 
 
@@ -77,9 +77,10 @@ def repo(tmp_path_factory, tiny_checkpoint) -> Repo:
     root = tmp_path_factory.mktemp("crash") / "repo"
     make_project(root, tiny_checkpoint)
     # each stage computes for a second or more, to be killed in the middle: 20 inversion steps of 4
-    # images per concept, 6 epochs, 4 test images per concept
+    # images per concept, 24 epochs (killed in the second: the 22 left take seconds, longer than the
+    # test takes to see the progress text on 2 busy cores), 4 test images per concept
     write_params(root, concepts={"names": ["blicket", "dax", "lantern"]}, invert={"steps": 20, "samples": 4},
-                 finetune={"epochs": 6}, recipes={"paper": {"rehearsal": False}},
+                 finetune={"epochs": 24}, recipes={"paper": {"rehearsal": False}},
                  world={"val_per_concept": 2, "test_per_concept": 4})
     for args in (("captions", "captions/demo.yaml", "captions/generated.yaml", "data/concepts", "data/world.json",
                   "data/known.json"), ("data", "data/world.json", "data/eval")):
