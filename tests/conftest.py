@@ -209,6 +209,22 @@ def tiny_project(tmp_path, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture
+def rendered_project(tiny_project, monkeypatch) -> Path:
+    """The tiny project as working directory, with its concepts and its two demo sets (val and test:
+    the same classes) rendered, ready for `run_evaluate`."""
+    from ktpipe.datasets import run_data
+    from ktpipe.describe import run_concepts
+    from ktpipe.params import load_params
+
+    monkeypatch.chdir(tiny_project)
+    params = load_params("params.yaml")
+    run_concepts(Path(params.concepts.file), Path(params.concepts.generated), params.concepts, Path("data/concepts"),
+                 world_path=Path("data/world.json"))
+    run_data(params, Path("data/eval"), Path("data/world.json"))
+    return tiny_project
+
+
+@pytest.fixture
 def no_downloads(monkeypatch):
     """Any attempt to reach a model hub fails the test."""
     import open_clip

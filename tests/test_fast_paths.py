@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_params
-from ktpipe.datasets import run_data
-from ktpipe.describe import run_concepts
 from ktpipe.eval import run_evaluate
 from ktpipe.models import OpenClipModel
 from ktpipe.params import FinetuneParams, InvertParams, ParamsError, load_params
@@ -64,6 +62,8 @@ def test_inversion_agrees_with_fp32(load, precision):
     half = dataclasses.replace(cfg, precision=precision)
     half_pixels, half_sims = invert_text(load(), "a photo of a red circle", half, seed=0, progress=False)
     assert half_pixels.dtype == torch.float32 and not torch.equal(half_pixels, pixels)  # it ran in another precision
+    _, start = invert_text(load(), "a photo of a red circle", dataclasses.replace(half, steps=0), seed=0, progress=False)
+    assert half_sims.mean() > start.mean()  # it learns: the target similarity rose from the starting noise
     assert (half_pixels - pixels).abs().mean() < PIXEL_MEAN_TOL
     assert torch.allclose(half_sims, sims, atol=SIMILARITY_TOL)
 
@@ -85,22 +85,11 @@ def test_a_finetuning_step_agrees_with_fp32(load, precision):
     assert losses[precision] == pytest.approx(losses["fp32"], rel=LOSS_RTOL)
 
 
-@pytest.fixture
-def project(tiny_project, monkeypatch) -> Path:
-    """The tiny project with its concepts and its two demo sets rendered."""
-    monkeypatch.chdir(tiny_project)
-    params = load_params("params.yaml")
-    run_concepts(Path(params.concepts.file), Path(params.concepts.generated), params.concepts, Path("data/concepts"),
-                 world_path=Path("data/world.json"))
-    run_data(params, Path("data/eval"), Path("data/world.json"))
-    return tiny_project
-
-
 @pytest.mark.parametrize("precision", HALF)
-def test_evaluation_runs_in_half_precision(project, precision):
+def test_evaluation_runs_in_half_precision(rendered_project, precision):
     results = {}
     for run in ("fp32", precision):
-        write_params(project, evaluate={"precision": run})
+        write_params(rendered_project, evaluate={"precision": run})
         results[run] = run_evaluate(load_params("params.yaml"), "baseline", Path("models/baseline"), Path("data/eval"),
                                     Path("data/concepts"), Path(f"metrics/{run}.json"), Path("store"))
     assert json.loads(Path(f"metrics/{precision}.json").read_text())["params"]["evaluate"]["precision"] == precision
@@ -112,7 +101,7 @@ def test_evaluation_runs_in_half_precision(project, precision):
     assert len(list(Path("store").glob("*.safetensors"))) == 4  # fp32's and the half run's embeddings: other keys
 
 
-def test_decoding_workers_and_pinned_memory_give_the_same_metrics(project, monkeypatch):
+def test_decoding_workers_and_pinned_memory_give_the_same_metrics(rendered_project, monkeypatch):
     loaders = []  # (num_workers, pin_memory) of every DataLoader the evaluation builds
     loader = torch.utils.data.DataLoader
 
@@ -123,7 +112,7 @@ def test_decoding_workers_and_pinned_memory_give_the_same_metrics(project, monke
     monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
     results = {}
     for workers, pin in ((0, False), (2, True)):
-        write_params(project, evaluate={"workers": workers, "pin_memory": pin})
+        write_params(rendered_project, evaluate={"workers": workers, "pin_memory": pin})
         results[workers] = run_evaluate(load_params("params.yaml"), "baseline", Path("models/baseline"),
                                         Path("data/eval"), Path("data/concepts"), Path(f"metrics/{workers}.json"), None)
     assert set(loaders) == {(0, False), (2, True)}  # the params reached the loaders

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ktpipe.concepts import ConceptText
@@ -91,11 +90,8 @@ def candidate_classes(manifest: Manifest, extra: list[str]) -> tuple[list[str], 
 def class_embeddings(model: EmbedsTexts, prompts: list[list[str]] | list[tuple[str, ...]],
                      cache: EmbeddingCache | None = None) -> torch.Tensor:
     """(K, D): per class, the renormalized mean of its prompts' embeddings (through `cache`: each
-    class's prompts encoded once per model)."""
-    if cache is not None:
-        return cache.class_embeddings(model, prompts)
-    rows = [F.normalize(model.encode_texts(list(p)).float().mean(0), dim=-1) for p in prompts]
-    return torch.stack(rows)
+    class's prompts encoded once per model; without one, once per call)."""
+    return (cache or EmbeddingCache()).class_embeddings(model, prompts)
 
 
 class ImageList(torch.utils.data.Dataset):
