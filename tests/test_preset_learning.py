@@ -30,11 +30,15 @@ lr (its gradients are exactly zero, whatever the images and captions), so it
 runs once per such key and the cases are ordered so that one cached control serves each group
 (`control_key`; with kd_weight > 0 the distillation term would act, and the key includes the recipe).
 Likewise a step runs once per distinct configuration (every recipe setting but the concepts it
-learns, the lr, the seed and the number of concepts, on the same model) and the recipes that share
-it assert on its figures ("step run as"): presets share recipes (fig4 moongate_visual, fig5
-moongate_name, noise_baseline moongate_inverted, table1 moongate), and recipes that differ only in
+learns and the lr; the seed and the number of concepts; on the same model) and the recipes that
+share it assert on its figures ("step run as"): presets share recipes (fig4 moongate_visual, fig5
+moongate_name, noise_baseline moongate_inverted, table1 moongate); recipes that differ only in
 their concept (fig4's moongate_visual, tonometer_visual and gyroscope_visual; table4's four) run the
-same code on other images and captions.
+same code on other images and captions; and recipes that differ only in lr (table6_coca's
+transfer_decoder at 9e-5 and 8e-5, table6_coca_ft's at 5e-6; table3's `all` at 1e-5 and 5e-5; table2's
+two) take the same step scaled: Adam's first step moves each weight by about lr whatever its
+gradient, in the step and in its control alike, so the ratio and the loss share do not depend on lr
+(the step runs at the lr of the group's first case, which the table prints).
 
 Stand-ins: a random-init ViT-L-14 takes ~14 s to build and ~17 s per 2-image step on the test
 machine's one thread (table3_vit_l14's 10 images: about a minute), so the two ViT-L-14 presets,
@@ -248,9 +252,9 @@ def test_one_step_of_preset_recipe_learns(preset, recipe, nets):
                names=[c.text_name for c in concepts])  # a CoCa recipe's target captions name them
 
     # A step runs once per distinct configuration (module docstring): recipes that differ only in the
-    # concepts they learn, or not at all, reuse its figures.
-    run_key = (repr(dataclasses.asdict(dataclasses.replace(step_cfg, concepts=None))), lr, params.seed,
-               len(concepts), pixels.shape)
+    # concepts they learn, their lr, or not at all, reuse its figures.
+    run_key = (repr(dataclasses.asdict(dataclasses.replace(step_cfg, concepts=None, lr_multiplier=1.0))),
+               params.seed, len(concepts), pixels.shape)
     if run_key not in net.runs:
         control, control_change = control_run(net, control_key(preset, recipe, params, cfg), **run)
         assert control_change > 0  # weight decay moves the weights even without a loss
@@ -269,7 +273,7 @@ def test_one_step_of_preset_recipe_learns(preset, recipe, nets):
             net.restore()
         net.runs[run_key] = dict(steps=len(log), loss=log[0]["loss"], ratio=change / control_change,
                                  share=loss_change / control_change, cos_before=cos_before, cos_after=cos_after,
-                                 ran_as=f"{preset}/{recipe}")
+                                 ran_as=f"{preset}/{recipe} at lr {lr:.1e}")
     figures = net.runs[run_key]
     loss, ratio, share = figures["loss"], figures["ratio"], figures["share"]
     cos_before, cos_after = figures["cos_before"], figures["cos_after"]

@@ -214,14 +214,16 @@ def loaded() -> dict:
 @pytest.fixture
 def load_once(loaded, monkeypatch):
     """The open_clip and ViLT backends, loading each (name, pretrained) once per module and handing
-    out copies."""
+    out copies (of the weights; the tokenizer and processor are shared)."""
     for backend in ("open_clip", "vilt"):
         load = models.BACKENDS[backend]
 
         def load_copy(name: str, pretrained: str | None, device: str, load=load, backend=backend):
             if (backend, name, pretrained) not in loaded:
                 loaded[backend, name, pretrained] = load(name, pretrained, device)
-            return copy.deepcopy(loaded[backend, name, pretrained])
+            model = loaded[backend, name, pretrained]
+            shared = [getattr(model, a) for a in ("tokenizer", "processor") if hasattr(model, a)]  # never modified:
+            return copy.deepcopy(model, memo={id(x): x for x in shared})  # copying CLIP's BPE tables cost 3 s
 
         monkeypatch.setitem(models.BACKENDS, backend, load_copy)
 
