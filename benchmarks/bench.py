@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ import time
 from pathlib import Path
 
 from bench_segmentation import format_segmentation, run_segmentation_worker  # benchmarks/ is on sys.path
-from devices import device_name, sync, worker_device
+from devices import device_name, peak_rss_mib, sync, worker_device
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing ktpipe
@@ -101,12 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="synthetic 224x224 masks scored (figures are per 1,000 masks)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one model, JSON to stdout
     return parser.parse_args(argv)
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def write_random_vilt(folder: Path) -> Path:

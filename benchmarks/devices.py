@@ -1,8 +1,10 @@
-"""The device helpers the benchmark scripts share: a readable device name, and a synchronize
-before and after timing on a GPU."""
+"""The device helpers the benchmark scripts share: a readable device name, a synchronize before
+and after timing on a GPU, and the process's peak resident memory."""
 from __future__ import annotations
 
 import platform
+import resource
+import sys
 from pathlib import Path
 
 
@@ -34,3 +36,9 @@ def worker_device(threads: int | None, device: str) -> str:
     if threads:
         torch.set_num_threads(threads)
     return pick_device(device)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import sys
 import tempfile
 import time
@@ -42,7 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing ktpipe
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from devices import device_name, sync, worker_device  # noqa: E402
+from bench import write_jpegs  # noqa: E402
+from devices import device_name, peak_rss_mib, sync, worker_device  # noqa: E402
 
 TEXTS = ["a striped orange ring", "a dotted blue diamond", "an outlined pink triangle", "a solid orange hexagon",
          "a solid green cross", "a striped purple circle", "a dotted red square", "an outlined yellow star",
@@ -89,10 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- in each part's own process ---------------------------------------------------------------------
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-
 
 class PeakMemory:
     """Peak memory of what runs inside: CUDA's allocator peak, or the growth of the process's peak RSS."""
@@ -162,20 +158,16 @@ def invert_part(job: dict) -> dict:
 
 
 def write_image_folder(root: Path, classes: int, count: int) -> tuple[list[str], list[int]]:
-    """`count` smooth 500x375 JPEGs spread over `classes` class folders (torchvision's ImageFolder
+    """bench.py's `count` 500x375 JPEGs spread over `classes` class folders (torchvision's ImageFolder
     layout; folder k holds class k); returns the paths and labels in ImageFolder's order."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    paths, labels = [], []
-    for i in range(count):
-        label = i % classes
-        folder = root / f"{label:03d}"
+    flat = root / ".flat"  # emptied and removed below: ImageFolder would take it for a class
+    flat.mkdir(parents=True)
+    for i, path in enumerate(write_jpegs(flat, count)):
+        folder = root / f"{i % classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{i:05d}.jpg"
-        Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC).save(
-            path, quality=90)
+        Path(path).rename(folder / Path(path).name)
+    flat.rmdir()
+    paths, labels = [], []
     for label in range(classes):  # ImageFolder: classes sorted, then files sorted within each
         for path in sorted((root / f"{label:03d}").iterdir()):
             paths.append(str(path))
@@ -348,7 +340,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_invert(model: str, r: dict) -> None:
-    alone, batched = r["alone"], r["batched"]
+    alone = r["alone"]
     print(f"\ninversion, {model} ({alone['image_size']} px) on {alone['device_name']} ({alone['threads']} threads): "
           f"{r['concepts']} concepts x {r['samples']} samples x {r['steps']} steps")
     print(f"  {'mode':<24}{'seconds':>9}{'images/s':>11}{'peak MiB':>10}")

@@ -6,7 +6,7 @@ weights stay fp32, matrix products and convolutions run in the half type (on a G
 cores), reductions and losses in fp32. An fp16 backward pass goes through `torch.amp.GradScaler`,
 which scales the loss so half-precision gradients do not underflow and skips a step whose gradients
 overflowed (bf16 has fp32's range and needs none). fp32, the default, runs as without this module,
-bit for bit. tests/test_precision.py states how far bf16 and fp16 results lie from fp32's.
+bit for bit. tests/test_fast_paths.py states how far bf16 and fp16 results lie from fp32's.
 """
 from __future__ import annotations
 

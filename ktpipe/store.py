@@ -30,8 +30,13 @@ def file_digest(path: Path, size: int, mtime_ns: int) -> str:
 
 
 def files_digest(files: list[Path], root: Path) -> str:
-    """One sha256 of files' paths (relative to `root`) and contents, in sorted order."""
-    return sha256_bytes("".join(f"{p.relative_to(root)}:{sha256_bytes(p.read_bytes())}\n" for p in sorted(files)).encode())
+    """One sha256 of files' paths (relative to `root`) and contents, in sorted order (each file's
+    through `file_digest`: a checkpoint is read once per process, not once per key)."""
+    lines = []
+    for p in sorted(files):
+        stat = p.stat()
+        lines.append(f"{p.relative_to(root)}:{file_digest(p.resolve(), stat.st_size, stat.st_mtime_ns)}\n")
+    return sha256_bytes("".join(lines).encode())
 
 
 @functools.lru_cache(maxsize=None)

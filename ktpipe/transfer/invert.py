@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import math
 import shutil
 import time
@@ -29,7 +28,7 @@ from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import Invertible, load_base_model, pick_device
 from ktpipe.params import InvertParams, Params, ParamsError
 from ktpipe.precision import autocast, grad_scaler
-from ktpipe.store import STORE_ROOT, code_digest, model_digest, record_digest
+from ktpipe.store import STORE_ROOT, code_digest, model_digest, record_digest, sha256_bytes
 
 
 
@@ -413,7 +412,7 @@ def run_invert_all(params: Params, concepts_dir: Path, out_root: Path, timing_pa
             mark = time.time()
             keys = [inversion_key(params, concept, model_key, device) for concept in batch]
             if per_batch > 1:  # a batched concept's bytes depend on its batch
-                keys = [hashlib.sha256(f"{key}|{','.join(keys)}".encode()).hexdigest() for key in keys]
+                keys = [sha256_bytes(f"{key}|{','.join(keys)}".encode()) for key in keys]
             stored = [Path(store) / key for key in keys] if store else None
             if stored is not None and all((s / SUMMARY_FILE).is_file() for s in stored):
                 for concept, entry in zip(batch, stored):
