@@ -138,7 +138,7 @@ def run_command(command: click.Command) -> None:
     """
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     if (spec is not None and spec.name.startswith("stages.") and not os.environ.get("KTPIPE_WARM_FORK")
-            and not observed()):
+            and not observed() and "LOCAL_RANK" not in os.environ):  # a torchrun worker runs in its own process
         from ktpipe import warm
 
         status = warm.run_warm(spec.name)

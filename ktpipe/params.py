@@ -117,6 +117,8 @@ class InvertParams:
     # augmentations, gradient clip and loss, equal to its own run within float rounding (docs/cli.md)
     precision: str = "fp32"  # fp32, or bf16 / fp16: the model's forward passes under autocast (GPU tensor cores;
     # ktpipe/precision.py), the pixels and their Adam in fp32
+    compile: str | None = None  # torch.compile backend of the model's towers (ktpipe/precision.py): null (off), inductor
+    # (fused GPU kernels; on a CPU it compiles C++ for a minute first), or any of torch._dynamo.list_backends()
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,7 @@ class EvaluateParams:
     workers: int = 0  # image-decoding worker threads (0: decode in the main thread)
     pin_memory: bool = False  # decoded images in page-locked memory: a faster, asynchronous copy to a GPU (with workers)
     precision: str = "fp32"  # fp32, or bf16 / fp16: every task's forward passes under autocast (ktpipe/precision.py)
+    compile: str | None = None  # torch.compile backend of the model's towers: null (off), inductor, ... (as invert.compile)
     sets: dict[str, DatasetParams] = field(default_factory=dict)  # evaluation sets, by name
     use: tuple[str, ...] | None = None  # the sets this model evaluates (None: every set); a family picks its own
     generation: GenerationParams = field(default_factory=GenerationParams)  # captioning sets: how captions are decoded
@@ -255,6 +258,14 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    nproc_per_node: int = 1  # processes of the invert, finetune and evaluate stages on this machine: above 1 a stage
+    # runs itself under torchrun (one GPU each, NCCL; gloo on a CPU): inversion shares out concepts, evaluation image
+    # batches, fine-tuning runs DDP over each batch (ktpipe/distributed.py). How a stage runs, not what it computes:
+    # no stage depends on it
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0  # seeds world renders, pretraining, inversion and fine-tuning
     lr: float = 1.0e-4  # fine-tuning learning rate (top level so `dvc exp run -S lr=...` works)
@@ -267,6 +278,7 @@ class Params:
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> finetune overrides
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     report: ReportParams = field(default_factory=ReportParams)
+    distributed: DistributedParams = field(default_factory=DistributedParams)
     inverted: tuple[str, ...] | None = None  # concepts the invert stages run for (None: every concepts.names entry)
     families: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> a second model family, as a
     # merge patch of this file (FAMILY_KEYS); its stages run with `--family <name>` (docs/models.md)
@@ -519,6 +531,8 @@ def validate(params: Params) -> Params:
     if params.pretrain.caption_weight < 0:
         raise ParamsError(f"params key 'pretrain.caption_weight' must be zero or positive, got {params.pretrain.caption_weight}")
     validate_invert(params.invert)
+    for key, backend in (("invert.compile", params.invert.compile), ("evaluate.compile", params.evaluate.compile)):
+        check_compile_backend(backend, key)
     validate_generation(params.evaluate.generation)
     validate_segmentation(params.evaluate.segmentation)
     validate_sets(params.evaluate.sets)
@@ -528,6 +542,7 @@ def validate(params: Params) -> Params:
         if name is not None and name not in params.evaluate.sets:
             raise ParamsError(f"params key 'report.{key}' names {name!r}, not one of evaluate.sets {sorted(params.evaluate.sets)}")
     check_device(params.model.device, "model.device")
+    check_nproc(params.distributed.nproc_per_node, params.model.device)
     if params.concepts.generator is not None and not params.concepts.generator.model:
         raise ParamsError("params key 'concepts.generator.model' must name a transformers model id or folder")
     unknown = sorted(set(params.inverted or ()) - set(names))
@@ -555,6 +570,31 @@ def check_device(device: str, key: str) -> None:
     if index and int(index) >= count:
         raise ParamsError(f"params key '{key}' is {device!r} but this machine has {count} CUDA device(s) "
                           f"(cuda:0 to cuda:{count - 1})")
+
+
+def check_compile_backend(backend: str | None, key: str) -> None:
+    """null, or a backend torch.compile knows (torch is imported only to check one)."""
+    if backend is None:
+        return
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ParamsError(f"params key '{key}' is {backend!r}; use null (no torch.compile) or one of {known}")
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    """At least one process; on CUDA at most one per GPU of this machine (NCCL gives each its own)."""
+    if not (isinstance(nproc, int) and nproc >= 1):
+        raise ParamsError(f"params key 'distributed.nproc_per_node' must be a positive integer, got {nproc!r}")
+    if nproc == 1 or device == "cpu":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count and nproc > count:
+        raise ParamsError(f"params key 'distributed.nproc_per_node' is {nproc} but this machine has {count} CUDA "
+                          f"device(s): one process per GPU, at most {count}")
 
 
 def validate_invert(cfg: InvertParams) -> None:

@@ -1,5 +1,6 @@
-"""Mixed precision for inversion, fine-tuning and evaluation (`invert.precision`, `finetune.precision`
-or a recipe's, `evaluate.precision`): fp32, bf16 or fp16.
+"""The GPU fast paths: mixed precision for inversion, fine-tuning and evaluation (`invert.precision`,
+`finetune.precision` or a recipe's, `evaluate.precision`: fp32, bf16 or fp16), and torch.compile of
+the model's towers for inversion and evaluation (`invert.compile`, `evaluate.compile`).
 
 bf16 and fp16 run the model's forward passes under `torch.autocast` on the model's device: the
 weights stay fp32, matrix products and convolutions run in the half type (on a GPU, its tensor
@@ -29,3 +30,20 @@ def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradSca
     at a scale of 2^10, not torch's 2^16: a fine-tuning loss of ~14 times 2^16 overflows fp16, and the
     scaler would skip the first steps of runs that are only a handful of steps long."""
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16", init_scale=2.0 ** 10)
+
+
+def compile_towers(model, backend: str | None) -> None:
+    """torch.compile the model's towers in place with `backend` (None: nothing): each direct submodule
+    of the model made of layers (a CLIP's image and text transformers, a ViLT's encoder and heads;
+    not a lone embedding table or norm) compiles its forward (`nn.Module.compile`, so the state dict
+    keeps its keys and a saved checkpoint loads anywhere). Inversion runs thousands of steps of one graph, evaluation
+    thousands of batches; fine-tuning (a few dozen steps) never pays back the compile time. A second
+    call on the same model does nothing. tests/test_fast_paths.py states how far the results lie from
+    the plain path's."""
+    if backend is None or getattr(model, "compiled_with", None) == backend:
+        return
+    for child in model.module.children():
+        if next(child.children(), None) is not None:
+            child.compile(backend=backend)
+    model.compiled_with = backend
+

@@ -25,9 +25,11 @@ def command(params_path: str, family: str | None, model: str, model_dir: str | N
     `evaluate.sets` in EVAL_DIR (written by the data stage); write the metrics JSON OUT_PATH
     (default metrics/eval/<model>.json) and per-item files beside it. A model's image embeddings
     are kept in --store and reused when the same model meets the same images again."""
+    from ktpipe.distributed import distribute
     from ktpipe.eval import run_evaluate
 
     params = load_params(params_path, family)
+    distribute(params)
     out_path = out_path or f"metrics/eval/{model}.json"
     result = run_step(run_evaluate, params, model, Path(model_dir or f"models/{model}"), Path(eval_dir),
                       Path(concepts_dir), Path(out_path), store or None)

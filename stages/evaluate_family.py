@@ -18,9 +18,11 @@ def command(params_path: str, family: str, finetuned_dir: str | None, eval_dir: 
     """Evaluate model family --family before transfer (as its `model` names it) and after each recipe
     (FINETUNED_DIR/<recipe>, default models/<family>/finetuned) on the sets of its `evaluate.use` in
     EVAL_DIR; write OUT_DIR/<model>.json (default metrics/eval/families/<family>) and per-item files."""
+    from ktpipe.distributed import distribute
     from ktpipe.eval import BASELINE, run_evaluate
 
     params = load_params(params_path, family)
+    distribute(params)
     finetuned = Path(finetuned_dir or f"models/{family}/finetuned")
     out = Path(out_dir or f"metrics/eval/families/{family}")
     for model in params.models():

@@ -22,9 +22,11 @@ def command(params_path: str, family: str | None, lr: float | None, recipe: str,
     """Fine-tune with RECIPE (a key of params `recipes`) on the images in INVERTED_DIR; save a
     checkpoint folder OUT_DIR (default models/<recipe>) and the training log LOG_PATH (default
     metrics/finetune/<recipe>.json)."""
+    from ktpipe.distributed import distribute
     from ktpipe.transfer.finetune import run_finetune
 
     params = load_params(params_path, family)
+    distribute(params)
     if lr is not None:
         if not (math.isfinite(lr) and lr > 0):
             raise UserError(f"--lr must be a finite positive number, got {lr}")

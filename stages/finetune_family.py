@@ -18,9 +18,11 @@ def command(params_path: str, family: str, concepts_dir: str, inverted_dir: str,
     """Fine-tune model family --family with each of its recipes on the images in INVERTED_DIR:
     checkpoint folders OUT_DIR/<recipe> (default models/<family>/finetuned), training logs
     LOG_DIR/<recipe>.json (default metrics/<family>/finetune)."""
+    from ktpipe.distributed import distribute
     from ktpipe.transfer.finetune import run_finetune
 
     params = load_params(params_path, family)
+    distribute(params)
     out, logs = Path(out_dir or f"models/{family}/finetuned"), Path(log_dir or f"metrics/{family}/finetune")
     for recipe in params.recipes:
         summary = run_step(run_finetune, params, recipe, Path(concepts_dir), Path(inverted_dir), out / recipe,

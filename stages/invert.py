@@ -23,9 +23,11 @@ def command(params_path: str, family: str | None, source: str, out_dir: str | No
     stage's folder, default data/concepts) into OUT_DIR/<name>/ (default data/inverted):
     images.safetensors, grid.png and summary.json per concept. SOURCE may also be one concept (its file, or
     its name), inverted into OUT_DIR (default data/inverted/<name>)."""
+    from ktpipe.distributed import distribute
     from ktpipe.transfer.invert import run_invert, run_invert_all
 
     params = load_params(params_path, family)
+    distribute(params)
     if not source.endswith(".json") and (Path(source).is_dir() or "/" in source):
         out = Path(out_dir or "data/inverted")
         timing = run_step(run_invert_all, params, Path(source), out, Path(timing_path or "metrics/invert.json"),

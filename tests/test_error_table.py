@@ -169,6 +169,7 @@ CASES = {
     "unknown-key": (params(invert={"stepz": 3}), CAPTIONS, ["data/concepts"]),
     "unknown-top-key": (params(sede=1), CAPTIONS, ["data/concepts"]),
     "samples-zero": (params(invert={"samples": 0}), CAPTIONS, ["data/concepts"]),
+    "nproc-zero": (params(distributed={"nproc_per_node": 0}), CAPTIONS, ["data/concepts"]),
     "steps-negative": (params(invert={"steps": -1}), CAPTIONS, ["data/concepts"]),
     "lr-nan": (raw_params("lr: 0.0001", "lr: .nan"), CAPTIONS, ["data/concepts"]),
     "lr-negative": (params(lr=-1), CAPTIONS, ["data/concepts"]),

@@ -7,10 +7,12 @@ entry of `TASKS`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
 
+from ktpipe import distributed
 from ktpipe.concepts import ConceptText, read_concepts
 from ktpipe.datasets import Manifest, load_eval_set, normalize_class
 from ktpipe.errors import warn
@@ -22,7 +24,7 @@ from ktpipe.eval.retrieval import Retrieval, concept_pattern
 from ktpipe.eval.segmentation import Segmentation
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.params import Params, ParamsError
-from ktpipe.precision import autocast
+from ktpipe.precision import autocast, compile_towers
 from ktpipe.store import files_digest, model_digest, record_digest
 from ktpipe.templates import load_templates
 
@@ -120,11 +122,13 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
         warn(f"concept {name!r} is in no evaluation set (evaluate.sets): it is inverted and trained on but "
              "never scored; the report lists it as not evaluated")
     network = load_evaluated_model(params, model, Path(model_dir))
+    compile_towers(network, params.evaluate.compile)
     metrics, summary, notes = {}, {}, {}
     precision = params.evaluate.precision
     cache = EmbeddingCache(model_key(params, model, Path(model_dir)) if store else None, store, precision)
     device = next(network.module.parameters()).device
-    with atomic_dir(outputs_dir(out_path)) as outputs:
+    # over several processes (ktpipe.distributed) every rank evaluates, sharing out the image batches, and rank 0 writes
+    with atomic_dir(outputs_dir(out_path)) if distributed.is_main() else contextlib.nullcontext(None) as outputs:
         for name, data in task_inputs(params, sets, concepts, outputs, cache).items():
             task = tasks[name]
             with autocast(precision, device):
@@ -139,6 +143,8 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
     }
     if any(notes.values()):
         result["notes"] = {name: left for name, left in notes.items() if left}
+    if not distributed.is_main():
+        return result
     write_json(out_path, result)
     if cache.reused_images:
         print(f"{model}: embeddings of {cache.reused_images} images reused from {store}", file=sys.stderr)

@@ -39,11 +39,12 @@ from pycocoevalcap.spice import get_stanford_models as corenlp
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from ktpipe import distributed
 from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest
 from ktpipe.errors import InputMissingError, KtpipeError, warn
 from ktpipe.eval.base import TaskInput, TaskResult
-from ktpipe.eval.classification import image_batches
+from ktpipe.eval.classification import image_batches, my_paths
 from ktpipe.eval.retrieval import concept_pattern
 from ktpipe.images import DatasetError
 from ktpipe.io import write_text
@@ -287,15 +288,17 @@ def image_group(named: list[ConceptText]) -> str | None:
 @torch.no_grad()
 def generate(model: GeneratesCaptions, paths: tuple[str, ...], settings: dict, batch_size: int, workers: int = 0,
              progress: bool = True, pin_memory: bool = False) -> list[str]:
-    """One caption per image, `batch_size` images per call."""
-    captions: list[str] = []
-    for pixels in image_batches(model, paths, batch_size, workers, progress, "generate captions", pin_memory):
+    """One caption per image, `batch_size` images per call (over several processes, each its share of
+    the batches, gathered)."""
+    batches: list[list[str]] = []
+    for pixels in image_batches(model, my_paths(paths, batch_size), batch_size, workers, progress,
+                                "generate captions", pin_memory):
         found = model.generate_captions(pixels, **settings)
         if len(found) != len(pixels):
             raise RuntimeError(f"{type(model).__name__}.generate_captions returned {len(found)} captions "
                                f"for {len(pixels)} images")
-        captions.extend(found)
-    return captions
+        batches.append(list(found))
+    return [caption for batch in distributed.gather_chunks(batches) for caption in batch]
 
 
 def caption_rows(manifest: Manifest, references: list[list[str]], captions: list[str],

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ktpipe import distributed
 from ktpipe.concepts import ConceptText
 from ktpipe.datasets import Manifest, normalize_class as normalize
 from ktpipe.eval.base import TaskInput, pct
@@ -107,6 +108,12 @@ class ImageList(torch.utils.data.Dataset):
         return self.model.preprocess(open_image(Path(self.paths[i])))
 
 
+def my_paths(paths: tuple[str, ...], batch_size: int) -> tuple[str, ...]:
+    """The images of the batches this process computes: all of them, or over several processes
+    every world-th batch (ktpipe.distributed.my_chunks), gathered back with `gather_chunks`."""
+    return tuple(paths[i] for chunk in distributed.my_chunks(len(paths), batch_size) for i in chunk)
+
+
 def image_batches(model: TakesImages, paths: tuple[str, ...], batch_size: int, workers: int = 0,
                   progress: bool = True, desc: str = "images", pin_memory: bool = False):
     """Batches of preprocessed pixels (B, 3, S, S), or PaddedPixels for a model that pads its own
@@ -115,7 +122,7 @@ def image_batches(model: TakesImages, paths: tuple[str, ...], batch_size: int, w
     collate = model.collate_images if isinstance(model, PadsImages) else None
     loader = torch.utils.data.DataLoader(ImageList(paths, model), batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate, pin_memory=pin_memory)
-    return tqdm(loader, desc=desc, disable=not progress, leave=False)
+    return tqdm(loader, desc=desc, disable=not progress or not distributed.is_main(), leave=False)
 
 
 @torch.no_grad()
@@ -123,8 +130,9 @@ def embed_images(model: EmbedsImages, paths: tuple[str, ...], batch_size: int, w
                  progress: bool = True, cache: EmbeddingCache | None = None, pin_memory: bool = False) -> torch.Tensor:
     """(N, D) image embeddings (from `cache`'s store when it holds this model's embeddings of them)."""
     def compute() -> torch.Tensor:
-        batches = image_batches(model, paths, batch_size, workers, progress, "embed images", pin_memory)
-        return torch.cat([model.encode_images(pixels).float().cpu() for pixels in batches])
+        batches = image_batches(model, my_paths(paths, batch_size), batch_size, workers, progress, "embed images",
+                                pin_memory)
+        return torch.cat(distributed.gather_chunks([model.encode_images(pixels).float().cpu() for pixels in batches]))
 
     return compute() if cache is None else cache.image_embeddings(model, paths, batch_size, compute)
 
@@ -138,10 +146,11 @@ def pair_class_scores(model: ScoresPairs, paths: tuple[str, ...], prompts: list[
     owner = torch.tensor([k for k, class_prompts in enumerate(prompts) for _ in class_prompts])
     counts = torch.bincount(owner, minlength=len(prompts)).float()
     targets, rows = model.text_targets(flat), []
-    for pixels in image_batches(model, paths, batch_size, workers, progress, "score pairs", pin_memory):
+    for pixels in image_batches(model, my_paths(paths, batch_size), batch_size, workers, progress, "score pairs",
+                                pin_memory):
         scores = model.score_targets(pixels, targets).float().cpu()  # (B, P)
         rows.append(torch.zeros(len(pixels), len(prompts)).index_add_(1, owner, scores) / counts)
-    return torch.cat(rows)
+    return torch.cat(distributed.gather_chunks(rows))
 
 
 def fit_texts(model, texts: list[str]) -> tuple[list[str], dict[str, float]]:

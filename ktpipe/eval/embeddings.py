@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ktpipe import distributed
 from ktpipe.errors import warn
 from ktpipe.store import STORE_ROOT, code_digest, file_digest, record_digest
 
@@ -53,7 +54,8 @@ class EmbeddingCache:
         if self.store is None:
             return compute()
         entry = self.store / f"{images_key(self.model_key, model, paths, batch_size, self.precision)}.safetensors"
-        if entry.is_file():
+        if distributed.broadcast_object(entry.is_file()):  # over several processes, rank 0 decides for all: a
+            # rank that computed while another read would wait for it at the gather forever
             from safetensors.torch import load_file
 
             self.reused_images += len(paths)
@@ -62,14 +64,15 @@ class EmbeddingCache:
             # the demo CoCa's near-tied class scores flipped 18 of 550 predictions
             return load_file(str(entry))["embeddings"].clone()
         embeddings = compute()
-        save_entry(entry, embeddings)
+        if distributed.is_main():
+            save_entry(entry, embeddings)
         return embeddings
 
 
 def images_key(model_key: str, model, paths: Sequence[str], batch_size: int, precision: str = "fp32") -> str:
     """The store key of a model's embeddings of `paths`: its weights' digest, the code, the device
     and dtype its weights are on, the precision it runs in, the batch size (rounding can depend on
-    it) and every image's bytes."""
+    it), the torch.compile backend of its towers (ktpipe.precision.compile_towers) and every image's bytes."""
     weight = next(model.module.parameters())
     images = []
     for path in paths:
@@ -77,7 +80,7 @@ def images_key(model_key: str, model, paths: Sequence[str], batch_size: int, pre
         images.append(file_digest(Path(path).resolve(), stat.st_size, stat.st_mtime_ns))
     return record_digest({"model": model_key, "code": code_digest(), "device": weight.device.type,
                           "dtype": str(weight.dtype), "precision": precision, "batch_size": batch_size,
-                          "images": images})
+                          "compile": getattr(model, "compiled_with", None), "images": images})
 
 
 def save_entry(entry: Path, embeddings: torch.Tensor) -> None:

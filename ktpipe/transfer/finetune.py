@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ktpipe import distributed
 from ktpipe.concepts import ConceptsError, ConceptText, concept_seed, finetune_caption, read_concepts
 from ktpipe.errors import KtpipeError, check_finite
 from ktpipe.images import initial_pixels, load_inversion
@@ -142,6 +143,11 @@ def finetune(
     if pixels.shape[0] == 0:
         raise KtpipeError(f"recipe {recipe!r}: no images to fine-tune on")
     spec = FINETUNE_LOSSES[cfg.loss]
+    world = distributed.world_size()
+    if world > 1 and cfg.loss not in SHARDS:
+        raise ParamsError(f"recipe {recipe!r}: finetune.loss {cfg.loss!r} cannot be shared out over processes (it "
+                          "draws each batch's random choices for the whole batch, or averages over its tokens); set "
+                          "params 'distributed.nproc_per_node' to 1")
     negatives = [n for n in (negatives or []) if n not in captions] if spec.negatives else []
     check_objective(cfg, captions, negatives, recipe)
     check_capabilities(model, cfg, recipe)
@@ -156,28 +162,90 @@ def finetune(
     temperature = temperature_of(model, cfg)
     device = next(model.module.parameters()).device
     scaler = grad_scaler(cfg.precision, device)
+
+    def batch_loss(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch's loss (over several processes: this rank's term, whose gradient averaged over
+        the ranks by DDP is the batch's) and the values the log records."""
+        local, weight = rank_share(batch)
+        with autocast(cfg.precision, device):
+            targets = model.text_targets(texts) if text_trains else run_targets
+            if world > 1 and SHARDS[cfg.loss] == "gather":
+                keep = len(local) if weight else 0
+                loss = spec.loss(GatheredImages(model, keep), pixels[local], targets, labels[batch], temperature).float()
+            else:
+                loss = weight * spec.loss(model, pixels[local], targets, labels[local], temperature).float()
+            shown = {"loss": round(distributed.mean_across(loss).item(), 6)}
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_emb = teacher.encode_images(pixels[local])
+                kd = weight * distillation_loss(model.encode_images(pixels[local]).float(), teacher_emb.float())
+                loss = loss + cfg.kd_weight * kd
+                shown["kd_loss"] = round(distributed.mean_across(kd).item(), 8)
+        return loss, shown
+
+    step_loss = StepLoss(model, batch_loss)
+    run = distributed.data_parallel(step_loss) if world > 1 else step_loss
     model.module.train()
     log, step = [], 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(pixels.shape[0], generator=generator)
         batches = order.split(cfg.batch_size)
-        for batch in tqdm(batches, desc=f"finetune {recipe} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                          leave=False):
-            with autocast(cfg.precision, device):
-                targets = model.text_targets(texts) if text_trains else run_targets
-                loss = spec.loss(model, pixels[batch], targets, labels[batch], temperature).float()
-                record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 6)}
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_emb = teacher.encode_images(pixels[batch])
-                    kd = distillation_loss(model.encode_images(pixels[batch]).float(), teacher_emb.float())
-                    loss = loss + cfg.kd_weight * kd
-                    record["kd_loss"] = round(kd.item(), 8)
+        for batch in tqdm(batches, desc=f"finetune {recipe} epoch {epoch + 1}/{cfg.epochs}",
+                          disable=not progress or not distributed.is_main(), leave=False):
+            loss, shown = run(batch)
             backward_step(loss, optimizer, trainable, recipe, step, scaler)
-            log.append(record)
+            log.append({"step": step, "epoch": epoch, **shown})
             step += 1
     model.module.eval()
     return log
+
+
+# How fine-tuning over several processes (DDP) shares out a batch, per objective (losses.FINETUNE_LOSSES):
+# "images", a mean over the batch's images (each rank's share weighted by its size); "gather", it contrasts the
+# batch's images with each other (every rank gathers the batch's image embeddings: GatheredImages). Masked words
+# (mlm) average over tokens and draw each batch's masks for the whole batch, CoCa its target captions: not shared.
+SHARDS = {"eq2": "images", "itm": "images", "authors": "gather"}
+
+
+class StepLoss(torch.nn.Module):
+    """A step's loss as a module's forward: DistributedDataParallel syncs the gradients of what its
+    wrapped module's forward ran, so fine-tuning over several processes runs each step through it."""
+
+    def __init__(self, model: Any, compute):
+        super().__init__()
+        self.net, self.compute = model.module, compute
+
+    def forward(self, batch: torch.Tensor):
+        return self.compute(batch)
+
+
+def rank_share(batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This process's images of a batch (all of them in one process) and the weight of its per-image
+    loss terms: its share's size over the mean share's, so that the ranks' gradients, averaged by DDP,
+    are the whole batch's. A rank left without an image (a batch smaller than the ranks) runs one at
+    weight 0, so that it still takes part in every collective."""
+    local = batch[distributed.shard(len(batch))]
+    if len(local) == 0:
+        return batch[:1], 0.0
+    return local, len(local) * distributed.world_size() / len(batch)
+
+
+class GatheredImages:
+    """The model, except that `encode_images` of this rank's images returns the embeddings of the
+    whole batch, every rank's share in rank order (an all-gather whose backward sums the gradients
+    that every rank's copy of the loss sends to this rank's embeddings): for an objective that contrasts
+    the batch's images with each other, every rank computes the batch's loss. DDP then averages, so
+    each weight's gradient is the whole batch's. `keep` rows of this rank's embeddings count (0 for a
+    rank without an image of its own)."""
+
+    def __init__(self, model: Any, keep: int):
+        self._model, self._keep = model, keep
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode_images(self, pixels: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return distributed.all_gather_rows(self._model.encode_images(pixels, *args, **kwargs)[:self._keep])
 
 
 @dataclass(frozen=True)

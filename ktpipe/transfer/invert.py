@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ktpipe import distributed
 from ktpipe.concepts import ConceptText, concept_seed, read_concept_file
 from ktpipe.errors import check_finite
 from ktpipe.images import SUMMARY_FILE, initial_pixels, save_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.models import Invertible, load_base_model, pick_device
 from ktpipe.params import InvertParams, Params, ParamsError
-from ktpipe.precision import autocast, grad_scaler
+from ktpipe.precision import autocast, compile_towers, grad_scaler
 from ktpipe.store import STORE_ROOT, code_digest, model_digest, record_digest, sha256_bytes
 
 
@@ -227,11 +228,12 @@ def invert_text(
     pixels = initial_pixels(cfg.samples, size, generator, cfg.init).to(next(model.module.parameters()))
     pixels, optimizer = fresh_pixels(pixels, size, cfg.lr, cfg.interpolation)
     _freeze(model)
+    compile_towers(model, cfg.compile)
     scaler = grad_scaler(cfg.precision, pixels.device)
     with autocast(cfg.precision, pixels.device):
         target = model.text_target(text, cfg.similarity)
     where = f"inversion of concept {name!r}" if name else f"inversion of {text[:40]!r}"
-    bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress or not distributed.is_main(), leave=False)
     for step in bar:
         pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
         sims = _optimize_step(model, pixels, optimizer, cfg, generator, target, where, step, scaler)
@@ -292,11 +294,12 @@ def invert_texts(model: Invertible, texts: list[str], cfg: InvertParams, seeds: 
     start = torch.cat([initial_pixels(n, size, g, cfg.init) for g in generators])
     pixels, optimizer = fresh_pixels(start.to(next(model.module.parameters())), size, cfg.lr, cfg.interpolation)
     _freeze(model)
+    compile_towers(model, cfg.compile)
     scaler = grad_scaler(cfg.precision, pixels.device)
     with autocast(cfg.precision, pixels.device):
         target = stack_targets([model.text_target(text, cfg.similarity) for text in texts], n)
     where = f"batched inversion of concepts {names}"
-    bar = tqdm(range(cfg.steps), desc=f"invert {len(texts)} concepts", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.steps), desc=f"invert {len(texts)} concepts", disable=not progress or not distributed.is_main(), leave=False)
     for step in bar:
         pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
         moved = warp(pixels, torch.cat([affine_theta(sample_affine(n, cfg, g)) for g in generators]), cfg.padding)
@@ -407,8 +410,9 @@ def run_invert_all(params: Params, concepts_dir: Path, out_root: Path, timing_pa
     start = time.time()
     per_batch = params.invert.concepts_per_batch
     batches = [concepts[i:i + per_batch] for i in range(0, len(concepts), per_batch)]
-    with atomic_dir(out_root) as tmp:
-        for batch in tqdm(batches, desc="invert", disable=not progress or len(batches) == 1):
+    mine = batches[distributed.rank()::distributed.world_size()]  # over several processes, each its share
+    with distributed.shared_atomic_dir(out_root) as tmp:
+        for batch in tqdm(mine, desc="invert", disable=not progress or len(mine) == 1):
             mark = time.time()
             keys = [inversion_key(params, concept, model_key, device) for concept in batch]
             if per_batch > 1:  # a batched concept's bytes depend on its batch
@@ -428,9 +432,12 @@ def run_invert_all(params: Params, concepts_dir: Path, out_root: Path, timing_pa
                     _store(tmp / concept.name, entry)
                 how = "computed"
             for concept in batch:
-                timings[concept.name] = {"seconds": round((time.time() - mark) / len(batch), 2), "how": how}
-    timing = {"seconds": round(time.time() - start, 2), "steps": params.invert.steps, "concepts": timings}
-    if timing_path is not None:
+                timings[concept.name] = {"seconds": round((time.time() - mark) / len(batch), 2), "how": how,
+                                         **({"rank": distributed.rank()} if distributed.active() else {})}
+        found = {name: entry for part in distributed.gather_objects(timings) for name, entry in part.items()}
+    timing = {"seconds": round(time.time() - start, 2), "steps": params.invert.steps,
+              "concepts": {name: found[name] for name in names}}
+    if timing_path is not None and distributed.is_main():
         write_json(timing_path, timing)
     return timing
 
