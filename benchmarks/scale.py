@@ -14,7 +14,9 @@ ViT-B/32 at 224 px (`--pretrained TAG` loads real weights; the compute is the sa
 - Inversion (paper Eq. 3, `ktpipe.transfer.invert`): `--concepts` concepts x `--samples` images
   x `--steps` steps, once as one `invert_text` run per concept (`invert.concepts_per_batch: 1`)
   and once as one `invert_texts` batch; images/s = concepts x samples x steps / seconds, after a
-  2-step warm-up. Goal on the demo (CPU): batched at least 3x.
+  2-step warm-up. Goal on the demo (CPU): batched at least 3x. `--compile inductor` also times
+  the batched run with the towers compiled (`invert.compile`), its compile time apart, and prints how
+  far its final pixels lie from the plain batched run's.
 - Evaluation: zero-shot classification of `--eval-images` 500x375 JPEGs over `--classes` classes x
   `--templates` prompts, from the files to the (N, K) scores, text classifier included: ktpipe's
   `classification.class_scores` against CLIP_benchmark's `zero_shot_classifier` +
@@ -74,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="open_clip architecture (or local-dir:FOLDER) of the evaluation, the FLOP count and the "
                              "second inversion run")
     parser.add_argument("--pretrained", default=None, help="open_clip tag for --model (default: random init)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time batched inversion with torch.compile of the towers (invert.compile: "
+                             "inductor); its compile time is printed apart")
     parser.add_argument("--parts", nargs="+", default=["invert", "eval", "flops"], choices=("invert", "eval", "flops"))
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
@@ -139,22 +144,28 @@ def invert_part(job: dict) -> dict:
         model = build(job["model"], device, job["pretrained"])
         texts = [TEXTS[i % len(TEXTS)] for i in range(job["concepts"])]
         seeds = list(range(job["concepts"]))
-        cfg = InvertParams(steps=job["steps"], samples=job["samples"], precision=job["precision"])
-        warm = InvertParams(steps=2, samples=job["samples"], precision=job["precision"])
+        backend = job["compile"] if job["mode"] == "compiled" else None
+        cfg = InvertParams(steps=job["steps"], samples=job["samples"], precision=job["precision"], compile=backend)
+        warm = InvertParams(steps=2, samples=job["samples"], precision=job["precision"], compile=backend)
+        start = time.perf_counter()
         if job["mode"] == "alone":
             invert_text(model, texts[0], warm, 0, progress=False)
             run = lambda: [invert_text(model, t, cfg, s, progress=False) for t, s in zip(texts, seeds)]  # noqa: E731
-        else:
+        else:  # batched, or batched and compiled (the warm-up compiles)
             invert_texts(model, texts, warm, seeds, progress=False)
             run = lambda: invert_texts(model, texts, cfg, seeds, progress=False)  # noqa: E731
         sync(device)
+        warm_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        run()
+        out = run()
         sync(device)
         seconds = time.perf_counter() - start
     images = job["concepts"] * job["samples"] * job["steps"]
-    return {"seconds": seconds, "images_per_s": images / seconds, "peak_mib": memory.mib,
-            "image_size": model.image_size, "device_name": device_name(device), "threads": torch.get_num_threads()}
+    found = {"seconds": seconds, "warm_up_s": warm_seconds, "images_per_s": images / seconds, "peak_mib": memory.mib,
+             "image_size": model.image_size, "device_name": device_name(device), "threads": torch.get_num_threads()}
+    if job["compile"] and job["mode"] != "alone":  # the final pixels, to compare compiled and plain
+        found["pixels"] = out[0].numpy()
+    return found
 
 
 def write_image_folder(root: Path, classes: int, count: int) -> tuple[list[str], list[int]]:
@@ -311,15 +322,20 @@ def in_own_process(fn, job: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     common = {"device": args.device, "threads": args.threads, "precision": args.precision,
-              "pretrained": args.pretrained, "model": args.model}
+              "pretrained": args.pretrained, "model": args.model, "compile": args.compile}
     results: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     if "invert" in args.parts:
         results["invert"] = {}
         for model, concepts, steps in (("demo", 11, 20), (args.model, 4, 2)):
             job = {**common, "model": model, "concepts": args.concepts or concepts, "steps": args.steps or steps,
                    "samples": args.samples, "pretrained": args.pretrained if model != "demo" else None}
-            modes = {mode: in_own_process(invert_part, {**job, "mode": mode}) for mode in ("alone", "batched")}
+            names = ("alone", "batched", "compiled") if args.compile else ("alone", "batched")
+            modes = {mode: in_own_process(invert_part, {**job, "mode": mode}) for mode in names}
             modes["speedup"] = modes["batched"]["images_per_s"] / modes["alone"]["images_per_s"]
+            if args.compile:
+                plain, compiled = modes["batched"].pop("pixels"), modes["compiled"].pop("pixels")
+                modes["compiled_speedup"] = modes["compiled"]["images_per_s"] / modes["batched"]["images_per_s"]
+                modes["compiled_max_pixel_diff"] = float(abs(plain - compiled).max())
             modes.update(concepts=job["concepts"], steps=job["steps"], samples=job["samples"])
             results["invert"][model] = modes
             print_invert(model, modes)
@@ -346,8 +362,15 @@ def print_invert(model: str, r: dict) -> None:
     print(f"  {'mode':<24}{'seconds':>9}{'images/s':>11}{'peak MiB':>10}")
     for label, key in (("one concept at a time", "alone"), ("all concepts batched", "batched")):
         print(f"  {label:<24}{r[key]['seconds']:>9.2f}{r[key]['images_per_s']:>11.1f}{r[key]['peak_mib']:>10.0f}")
+    if "compiled" in r:
+        c = r["compiled"]
+        print(f"  {'batched, compiled':<24}{c['seconds']:>9.2f}{c['images_per_s']:>11.1f}{c['peak_mib']:>10.0f}"
+              f"  (compiling and 2 warm-up steps: {c['warm_up_s']:.1f} s)")
     goal = "  (goal on the demo: at least 3x)" if model == "demo" else ""
     print(f"  batched: {r['speedup']:.2f}x the per-concept images/s{goal}")
+    if "compiled" in r:
+        print(f"  compiled: {r['compiled_speedup']:.2f}x the plain batched images/s; final pixels within "
+              f"{r['compiled_max_pixel_diff']:.1e} of the plain run's")
 
 
 def print_eval(r: dict) -> None:

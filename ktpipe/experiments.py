@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from ktpipe.errors import KtpipeError
+from ktpipe.report.tradeoff import TradeoffPoint, pareto_front, tradeoff_table
 
 LR = "params.yaml:lr"
 SEED = "seed"
@@ -67,10 +68,34 @@ def lr_curves(table: pd.DataFrame) -> dict[str, list[tuple[float, float, float]]
     return curves
 
 
+def sweep_points(curves: dict[str, list[tuple[float, float, float]]]) -> list[TradeoffPoint]:
+    """Every recipe at every learning rate of the sweep (`lr_curves`), as trade-off points."""
+    return [TradeoffPoint(f"{recipe} lr={lr:g}", recipe, target, retention, lr)
+            for recipe, curve in curves.items() for lr, target, retention in curve]
+
+
+def baseline_retention(table: pd.DataFrame) -> float | None:
+    """The model before transfer's retention in an lr table (the same at every lr), or None."""
+    column = next((c for c in table.columns if c.endswith(".baseline.retention")), None)
+    return None if column is None else float(table[column].iloc[0])
+
+
+def tradeoff_lines(curves: dict[str, list[tuple[float, float, float]]], base_retention: float | None,
+                   figure: str) -> list[str]:
+    """Markdown for the sweep's trade-off: its figure (`figure`, relative to the Markdown), the Pareto
+    front and, when the base model's retention is known, the best target kept at 95% and 99% of it."""
+    points = sweep_points(curves)
+    front = ", ".join(f"`{p.label}`" for p in pareto_front(points))
+    return [f"![Target against retention across the learning-rate sweep]({figure})", "",
+            f"Every recipe at every learning rate; Pareto front: {front}.", "",
+            *(tradeoff_table(points, base_retention) if base_retention is not None else []), ""]
+
+
 def render(frame: pd.DataFrame, lr: float, seed: int, test_set: str = "test", val_set: str = "val",
-           figure: str | None = None) -> str:
-    """Markdown with the seed table (on `test_set`) and the lr table (on `val_set`), and the lr
-    curve's image `figure` (a path relative to the Markdown file) when given."""
+           figure: str | None = None, tradeoff: list[str] = ()) -> str:
+    """Markdown with the seed table (on `test_set`) and the lr table (on `val_set`), the sweep's
+    trade-off (`tradeoff_lines`) and the lr curve's image `figure` (a path relative to the Markdown
+    file) when given."""
     seeds = seed_table(frame, lr, test_set)
     transposed = seeds.T.map(lambda v: f"{100 * v:.1f}%")
     return "\n".join([
@@ -85,6 +110,7 @@ def render(frame: pd.DataFrame, lr: float, seed: int, test_set: str = "test", va
         "",
         f"## `{val_set}` against learning rate (seed {seed})",
         "",
+        *tradeoff,
         *([f"![Target and retention against learning rate]({figure})", ""] if figure else []),
         lr_table(frame, seed, val_set).map(lambda v: f"{100 * v:.1f}%").to_markdown(),
         "",

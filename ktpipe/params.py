@@ -137,6 +137,12 @@ class FinetuneParams:
     name_prefix: bool = True  # caption "A <name> is <description>." (False: description only, Fig. 5)
     temperature: float | None = None  # InfoNCE temperature (logits = cosine / temperature); None: the model's own
     kd_weight: float = 0.0  # weight of the MSE between fine-tuned and frozen base image embeddings (authors' code)
+    lora_rank: int = 0  # LoRA through peft (ktpipe/transfer/lora.py): rank of the adapters on the trained towers' linear
+    # layers named by lora_targets, merged into the weights on save (0: off, every weight of the towers trains)
+    lora_alpha: float = 16.0  # LoRA scale: the update is B A * lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = ("c_fc", "c_proj")  # names (last part) of the linear layers that get adapters
+    l2sp_weight: float = 0.0  # L2-SP (Li et al. 2018): weight of half the squared distance of the trained weights to the
+    # base model's, added to the loss, a pull toward the starting point against forgetting (0: off)
     pixels: str = "raw"  # inverted images as optimized (raw floats), or minmax_png: per-image min-max scaled 8-bit (authors')
     concepts: tuple[str, ...] | None = None  # learn only these novel concepts (None: every novel one)
     images: str = "inverted"  # inverted, or noise: uniform random images (ablation baseline)
@@ -243,6 +249,8 @@ class EvaluateParams:
     pin_memory: bool = False  # decoded images in page-locked memory: a faster, asynchronous copy to a GPU (with workers)
     precision: str = "fp32"  # fp32, or bf16 / fp16: every task's forward passes under autocast (ktpipe/precision.py)
     compile: str | None = None  # torch.compile backend of the model's towers: null (off), inductor, ... (as invert.compile)
+    wise_alphas: tuple[float, ...] = ()  # WiSE-FT (Wortsman et al. 2022): each recipe's model is also evaluated with its
+    # weights at base + alpha (fine-tuned - base) for each alpha in [0, 1], no retraining (metrics under `wise.<alpha>`)
     sets: dict[str, DatasetParams] = field(default_factory=dict)  # evaluation sets, by name
     use: tuple[str, ...] | None = None  # the sets this model evaluates (None: every set); a family picks its own
     generation: GenerationParams = field(default_factory=GenerationParams)  # captioning sets: how captions are decoded
@@ -503,7 +511,7 @@ def validate(params: Params) -> Params:
             raise ParamsError(f"params key '{prefix}.betas' must be two numbers in [0, 1), got {list(section.betas)}")
         if not section.eps > 0:
             raise ParamsError(f"params key '{prefix}.eps' must be a positive number, got {section.eps!r}")
-        for key in ("kd_weight", "weight_decay"):
+        for key in ("kd_weight", "weight_decay", "l2sp_weight"):
             if getattr(section, key) < 0:
                 raise ParamsError(f"params key '{prefix}.{key}' must be zero or positive, got {getattr(section, key)!r}")
         for key in ("contrastive_weight", "caption_weight"):
@@ -512,6 +520,9 @@ def validate(params: Params) -> Params:
         if section.loss == "coca" and section.decoder and section.caption_weight == 0:
             raise ParamsError(f"params key '{prefix}.decoder' trains the text decoder, but '{prefix}.caption_weight' "
                               "is 0, so no loss reaches it; give caption_weight (paper Sec. 8.8: 0.1) or decoder: false")
+        if section.lora_rank < 0 or (section.lora_rank and not section.lora_alpha > 0):
+            raise ParamsError(f"params keys '{prefix}.lora_rank' must be 0 (off) or positive and "
+                              f"'{prefix}.lora_alpha' positive, got {section.lora_rank} and {section.lora_alpha}")
         if not section.lr_multiplier > 0:
             raise ParamsError(f"params key '{prefix}.lr_multiplier' must be a positive number")
         unknown = sorted(set(section.concepts or ()) - set(names))
@@ -531,6 +542,10 @@ def validate(params: Params) -> Params:
     if params.pretrain.caption_weight < 0:
         raise ParamsError(f"params key 'pretrain.caption_weight' must be zero or positive, got {params.pretrain.caption_weight}")
     validate_invert(params.invert)
+    if not all(0.0 <= a <= 1.0 for a in params.evaluate.wise_alphas) or \
+            len(set(params.evaluate.wise_alphas)) != len(params.evaluate.wise_alphas):
+        raise ParamsError(f"params key 'evaluate.wise_alphas' must list distinct numbers in [0, 1], "
+                          f"got {list(params.evaluate.wise_alphas)}")
     for key, backend in (("invert.compile", params.invert.compile), ("evaluate.compile", params.evaluate.compile)):
         check_compile_backend(backend, key)
     validate_generation(params.evaluate.generation)

@@ -64,8 +64,8 @@ def table_rows(text: str) -> dict[str, list[str]]:
 def exp_show_rows() -> list[dict]:
     """What `dvc.api.exp_show` returns: finished runs, one of them listed twice under another name,
     a failed and a queued run (whose metrics must not count)."""
-    rows = [{**row.to_dict(), "rev": row["Experiment"], "State": "Success", "headline.target": 0.8}
-            for _, row in frame().iterrows()]
+    rows = [{**row.to_dict(), "rev": row["Experiment"], "State": "Success", "headline.target": 0.8,
+             "val.classification.baseline.retention": 0.995} for _, row in frame().iterrows()]
     again = {**rows[1], "Experiment": "e00.002-again", "rev": "e00.002-again"}
     broken = {**rows[-1], "Experiment": "broken", "State": "Failed", "test.classification.full.target": 0.0}
     queued = {**rows[-1], "Experiment": "queued", "State": "Queued", "test.classification.full.target": 0.0}
@@ -102,11 +102,18 @@ def test_experiments_command_renders_the_records_numbers(monkeypatch, tmp_path):
     assert rows["test.classification.full.retention"] == ["100.0%"] * 4 + ["0.0%"]
     assert "(3 seeds)" in text and "failed" not in text
     # seed 0 against lr on val: 0.75 at 1e-3, 0.85 at 2e-3; retention 0.99 both
-    assert rows["0.001"] == ["75.0%", "99.0%"] and rows["0.002"] == ["85.0%", "99.0%"]
+    assert rows["0.001"] == ["75.0%", "99.0%", "99.5%"] and rows["0.002"] == ["85.0%", "99.0%", "99.5%"]  # last:
+    # the base model's retention
     assert [key for key in rows if key.startswith("0.00")] == ["0.001", "0.002"]  # rising lr
     # the lr curve as a PNG beside the Markdown, shown in it
     assert "![Target and retention against learning rate](lr_sweep.png)" in text
     assert (out.parent / "lr_sweep.png").stat().st_size > 10_000
+    # the trade-off across the sweep: full at both lrs on val (0.75 and 0.85 target, 0.99 retention), the
+    # base model's retention 0.995: 0.85 keeps more than 95% of it, nothing keeps 99% (0.98505)
+    assert "![Target against retention across the learning-rate sweep](tradeoff_sweep.png)" in text
+    assert "Pareto front: `full lr=0.002`." in text
+    assert "| retention >= 95% of the base model's (99.5%) | 85.0% | 99.0% | full lr=0.002 |" in text
+    assert (out.parent / "tradeoff_sweep.png").stat().st_size > 10_000
 
 
 def test_lr_curves_are_each_recipes_target_and_retention_by_lr():

@@ -104,12 +104,51 @@ def model_key(params: Params, model: str, model_dir: Path) -> str:
                           "checkpoint": files_digest([p for p in folder.rglob("*") if p.is_file()], folder)})
 
 
+def evaluate_sets(network, inputs: dict[str, TaskInput], tasks: dict[str, Task], concepts: list[ConceptText],
+                  precision: str) -> tuple[dict, dict, dict]:
+    """Every set's task on one model: metrics, summary and notes by set name."""
+    metrics, summary, notes = {}, {}, {}
+    device = next(network.module.parameters()).device
+    for name, data in inputs.items():
+        task = tasks[name]
+        with autocast(precision, device):
+            found, notes[name] = split_result(task.evaluate(network, data))
+        metrics[name] = {task.name: found}
+        summary[name] = {task.name: task.summary(found, concepts)}
+    return metrics, summary, notes
+
+
+def evaluate_wise(params: Params, tuned, tuned_key: str, sets: dict[str, Manifest], concepts: list[ConceptText],
+                  tasks: dict[str, Task], store: str | Path | None) -> dict[str, dict]:
+    """WiSE-FT (ktpipe.transfer.wise): the fine-tuned model with its weights at each alpha of
+    `evaluate.wise_alphas` between the base model's (0) and its own (1), on the report's target and
+    retention sets (`report.target_set`, `report.retention_set`; every set when neither is named);
+    alpha (as written, `%g`) -> {metrics, summary}. No per-item files; image embeddings in the store
+    under the alpha's own key."""
+    from ktpipe.transfer.wise import wise_model
+
+    named = {params.report.target_set, params.report.retention_set} - {None}
+    base = load_evaluated_model(params, BASELINE, Path())
+    found = {}
+    for alpha in params.evaluate.wise_alphas:
+        network = wise_model(base, tuned, alpha)
+        compile_towers(network, params.evaluate.compile)
+        cache = EmbeddingCache(record_digest({"model": tuned_key, "wise_alpha": alpha}) if store else None, store,
+                               params.evaluate.precision)
+        inputs = {name: data for name, data in task_inputs(params, sets, concepts, None, cache).items()
+                  if not named or name in named}
+        metrics, summary, _ = evaluate_sets(network, inputs, tasks, concepts, params.evaluate.precision)
+        found[f"{alpha:g}"] = {"metrics": metrics, "summary": summary}
+    return found
+
+
 def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, concepts_dir: Path,
                  out_path: Path, store: str | Path | None = DEFAULT_STORE) -> dict:
     """Evaluate one model (`baseline` or a recipe) on every evaluation set with the set's task;
     write and return {model, params, tasks, metrics: {set: {task: {...}}}, summary, unevaluated},
     plus `notes: {set: [...]}` when a task left notes. Class prompts are encoded once per model, and
-    image embeddings kept in `store` (ktpipe.eval.embeddings; None: none kept). Tasks' per-item files
+    image embeddings kept in `store` (ktpipe.eval.embeddings; None: none kept). A recipe's model is also
+    evaluated at each alpha of `evaluate.wise_alphas` (WiSE-FT, `wise: {alpha: {metrics, summary}}`). Tasks' per-item files
     go to the folder `outputs_dir(out_path)`, written whole (empty when no task writes any: it is a
     DVC output) or, on an error, not at all."""
     concepts = read_concepts(concepts_dir, params.concepts.names)
@@ -123,18 +162,13 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
              "never scored; the report lists it as not evaluated")
     network = load_evaluated_model(params, model, Path(model_dir))
     compile_towers(network, params.evaluate.compile)
-    metrics, summary, notes = {}, {}, {}
     precision = params.evaluate.precision
-    cache = EmbeddingCache(model_key(params, model, Path(model_dir)) if store else None, store, precision)
-    device = next(network.module.parameters()).device
+    key = model_key(params, model, Path(model_dir))
+    cache = EmbeddingCache(key if store else None, store, precision)
     # over several processes (ktpipe.distributed) every rank evaluates, sharing out the image batches, and rank 0 writes
     with atomic_dir(outputs_dir(out_path)) if distributed.is_main() else contextlib.nullcontext(None) as outputs:
-        for name, data in task_inputs(params, sets, concepts, outputs, cache).items():
-            task = tasks[name]
-            with autocast(precision, device):
-                found, notes[name] = split_result(task.evaluate(network, data))
-            metrics[name] = {task.name: found}
-            summary[name] = {task.name: task.summary(found, concepts)}
+        metrics, summary, notes = evaluate_sets(network, task_inputs(params, sets, concepts, outputs, cache), tasks,
+                                                concepts, precision)
     result = {
         "model": model, "checkpoint": None if model == BASELINE else str(model_dir),
         "params": {"evaluate": dataclasses.asdict(params.evaluate), "model": dataclasses.asdict(params.model)},
@@ -143,6 +177,8 @@ def run_evaluate(params: Params, model: str, model_dir: Path, eval_dir: Path, co
     }
     if any(notes.values()):
         result["notes"] = {name: left for name, left in notes.items() if left}
+    if model != BASELINE and params.evaluate.wise_alphas:
+        result["wise"] = evaluate_wise(params, network, key, sets, concepts, tasks, store)
     if not distributed.is_main():
         return result
     write_json(out_path, result)

@@ -20,6 +20,8 @@ from ktpipe.eval.base import ReportsItems, pct
 from ktpipe.io import write_json, write_text
 from ktpipe.params import Params, ParamsError
 from ktpipe.report.figures import TransferPoint, save_concept_figure, save_inversion_figure, save_transfer_figure
+from ktpipe.report.tradeoff import (TradeoffPoint, pareto_front, save_tradeoff_figure, tradeoff_table,
+                                    write_tradeoff_csv)
 
 GROUPS = ("target", "retention")
 FIGURES_DIR = "figures"  # in the report folder: figures the tasks draw (ktpipe.eval.segmentation)
@@ -27,6 +29,8 @@ TRANSFER_FIGURE = "figures/target_retention.png"  # in the report folder
 CONCEPTS_FIGURE = "figures/concepts.png"
 LR_CURVE_DIR = "lr_curve"  # in the report folder: <recipe>.json, one point per experiment
 CLASS_KEY = re.compile(r"^name_class_(.+)_acc$")  # a classification's per-class accuracy
+TRADEOFF_FIGURE = "figures/tradeoff.png"
+TRADEOFF_CSV = "tradeoff.csv"  # in the report folder: the trade-off's points, for `dvc plots`
 
 
 def load_results(params: Params, eval_dir: Path) -> dict[str, dict]:
@@ -161,6 +165,47 @@ def transfer_points(params: Params, results: dict, heads: dict,
     return points
 
 
+def tradeoff_points(params: Params, results: dict, heads: dict) -> list[TradeoffPoint]:
+    """Each recipe after transfer and, with `evaluate.wise_alphas`, each of its WiSE-FT models (the
+    alpha as its setting): target and retention on the report's sets, as the headline takes them."""
+    sets = list(params.used_sets())
+    target_name, retention_name = params.report.target_set or sets[0], params.report.retention_set or sets[-1]
+    points = []
+    for recipe, head in heads.items():
+        if head["target"] is not None and head["retention"] is not None:
+            points.append(TradeoffPoint(recipe, recipe, head["target"], head["retention"], 1.0 if
+                                        results[recipe].get("wise") else None))
+        cfg = params.recipe(recipe)
+        for alpha, found in results[recipe].get("wise", {}).items():
+            target_task, retention_task = (results[recipe]["tasks"][n] for n in (target_name, retention_name))
+            target = mean_of(found["summary"][target_name][target_task], list(cfg.concepts) if cfg.concepts else None,
+                             "target")
+            retention = found["summary"][retention_name][retention_task].get("retention")
+            if target is not None and retention is not None:
+                points.append(TradeoffPoint(f"{recipe} alpha={alpha}", recipe, target, retention, float(alpha)))
+    return points
+
+
+def tradeoff_section(params: Params, results: dict, heads: dict, out_dir: Path) -> list[str]:
+    """With WiSE-FT results: the trade-off figure (every recipe and alpha, the Pareto front, the model
+    before transfer) and the best target kept at 95% and 99% of the base model's retention. The
+    points always go to tradeoff.csv (a DVC plot across experiments)."""
+    points = tradeoff_points(params, results, heads)
+    write_tradeoff_csv(points, out_dir / TRADEOFF_CSV)
+    if not any(p.setting is not None for p in points):
+        return []
+    first = next(iter(heads.values()))
+    known = first["baseline_retention"] is not None and first["baseline_target"] is not None
+    base = (first["baseline_retention"], first["baseline_target"]) if known else None
+    save_tradeoff_figure(points, out_dir / TRADEOFF_FIGURE, base=base,
+                         chance=chance_level(results, target_set(params)))
+    front = ", ".join(f"`{p.label}`" for p in pareto_front(points))
+    return [f"![Target against retention, every recipe and WiSE-FT alpha]({TRADEOFF_FIGURE})", "",
+            "The forgetting trade-off: each recipe after transfer and its WiSE-FT models (weights moved back toward "
+            f"the base model's by alpha, `evaluate.wise_alphas`; alpha 1 is the recipe). Pareto front: {front}.", "",
+            *(tradeoff_table(points, base[0]) if base else []), ""]
+
+
 def concept_bars(params: Params, results: dict, concepts: list[ConceptText],
                  families: dict[str, tuple[Params, dict, dict]]) -> dict:
     """Novel concept -> series -> accuracy on the target set: the model before transfer with name
@@ -187,8 +232,9 @@ def concept_bars(params: Params, results: dict, concepts: list[ConceptText],
 
 def figures_section(params: Params, results: dict, concepts: list[ConceptText], heads: dict, families: dict,
                     out_dir: Path) -> list[str]:
-    """Draw the transfer figure and the per-concept bars; the Markdown that shows them."""
-    lines = []
+    """Draw the trade-off figure (with WiSE-FT results), the transfer figure and the per-concept bars;
+    the Markdown that shows them."""
+    lines = tradeoff_section(params, results, heads, out_dir)
     points = transfer_points(params, results, heads, families)
     if points:
         save_transfer_figure(points, out_dir / TRANSFER_FIGURE)
@@ -396,8 +442,8 @@ def render_markdown(params: Params, results: dict, concepts: list[ConceptText], 
 
 def run_report(params: Params, eval_dir: Path, concepts_dir: Path, inverted_dir: Path, out_dir: Path,
                family_dirs: dict[str, Path] | None = None) -> dict:
-    """Write results.md (opening with figures/target_retention.png and figures/concepts.png),
-    metrics.json, lr_curve/<recipe>.json, inverted.png and the tasks' figures (figures/) into out_dir; `family_dirs`
+    """Write results.md (opening with figures/tradeoff.png when there are WiSE-FT results, then
+    figures/target_retention.png and figures/concepts.png), metrics.json, tradeoff.csv, lr_curve/<recipe>.json, inverted.png and the tasks' figures (figures/) into out_dir; `family_dirs`
     (family name -> its evaluate stages' folder) adds each model family of params `families`."""
     results = load_results(params, eval_dir)
     concepts = read_concepts(concepts_dir, params.concepts.names)

@@ -21,6 +21,7 @@ from ktpipe.errors import KtpipeError, check_finite
 from ktpipe.images import initial_pixels, load_inversion
 from ktpipe.io import atomic_dir, write_json
 from ktpipe.precision import autocast, grad_scaler
+from ktpipe.transfer.lora import add_lora, merge_lora
 from ktpipe.transfer.losses import FINETUNE_LOSSES, distillation_loss
 from ktpipe.models import EmbedsImages, EmbedsTexts, LearnsCaptions, Trainable, load_base_model, require
 from ktpipe.params import FinetuneParams, Params, ParamsError
@@ -135,7 +136,9 @@ def finetune(
     """Train `cfg.towers` for `cfg.epochs` on pixels (N, 3, S, S) whose labels (N,) index captions.
 
     The objective is `cfg.loss` (losses.FINETUNE_LOSSES), at `cfg.temperature` (None: the model's
-    own) where it has one, plus `cfg.kd_weight` times the distillation MSE to the frozen model. An
+    own) where it has one, plus `cfg.kd_weight` times the distillation MSE to the frozen model, plus
+    `cfg.l2sp_weight` times the L2-SP penalty toward the starting weights (`l2sp_penalty`); with
+    `cfg.lora_rank` only low-rank adapters train, merged into the weights at the end. An
     objective that scores mismatches (image-text matching) also scores every image against
     `negatives`, captions no image has; `names` are the captions' concept names as written in text
     (a captioner's target captions name them). Returns the per-step log.
@@ -154,6 +157,9 @@ def finetune(
     texts = [*captions, *negatives]
     teacher = frozen_copy(model) if cfg.kd_weight > 0 else None
     trainable = set_trainable(model, cfg.towers, cfg.visual_layers, cfg.decoder)
+    if cfg.lora_rank:
+        trainable = add_lora(model, trainable, cfg, recipe)
+    start = [p.detach().clone() for p in trainable] if cfg.l2sp_weight > 0 else None  # L2-SP's anchor
     optimizer = build_optimizer(trainable, cfg, lr)
     generator = torch.Generator().manual_seed(seed)
     text_trains = cfg.towers in ("text", "both") and spec.targets is None
@@ -181,6 +187,10 @@ def finetune(
                 kd = weight * distillation_loss(model.encode_images(pixels[local]).float(), teacher_emb.float())
                 loss = loss + cfg.kd_weight * kd
                 shown["kd_loss"] = round(distributed.mean_across(kd).item(), 8)
+        if start is not None:  # the same on every rank: DDP's average of its gradient is itself
+            penalty = l2sp_penalty(trainable, start)
+            loss = loss + cfg.l2sp_weight * penalty
+            shown["l2sp"] = round(penalty.item(), 10)
         return loss, shown
 
     step_loss = StepLoss(model, batch_loss)
@@ -196,6 +206,8 @@ def finetune(
             backward_step(loss, optimizer, trainable, recipe, step, scaler)
             log.append({"step": step, "epoch": epoch, **shown})
             step += 1
+    if cfg.lora_rank:
+        merge_lora(model)
     model.module.eval()
     return log
 
@@ -205,6 +217,12 @@ def finetune(
 # batch's images with each other (every rank gathers the batch's image embeddings: GatheredImages). Masked words
 # (mlm) average over tokens and draw each batch's masks for the whole batch, CoCa its target captions: not shared.
 SHARDS = {"eq2": "images", "itm": "images", "authors": "gather"}
+
+
+def l2sp_penalty(weights: list[torch.nn.Parameter], start: list[torch.Tensor]) -> torch.Tensor:
+    """L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning"): half the squared L2
+    distance of the trained weights to where they started, the base model's."""
+    return 0.5 * sum(((w.float() - s.float()) ** 2).sum() for w, s in zip(weights, start))
 
 
 class StepLoss(torch.nn.Module):
