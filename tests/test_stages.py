@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import open_clip
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -228,7 +229,8 @@ def test_cli_evaluate_matches_the_stage_schema(pipeline):
 
 def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
     reports = pipeline["project"] / "reports"
-    assert sorted(p.name for p in reports.iterdir()) == ["figures", "inverted.png", "lr_curve", "metrics.json", "results.md"]
+    assert sorted(p.name for p in reports.iterdir()) == ["figures", "inverted.png", "lr_curve", "metrics.json", "results.md",
+                                                        "tradeoff.csv"]
     markdown = (reports / "results.md").read_text()
     for name in NOVEL:
         # one row per set (test and val) for each novel concept
@@ -247,6 +249,12 @@ def test_report_writes_table_metrics_plot_data_and_figure(pipeline):
     assert metrics["headline"]["full"]["target"] == evaluated["name_target_acc"]
     assert metrics["headline"]["full"]["retention"] == evaluated["name_retention_acc"]
     assert sorted(p.name for p in (reports / "lr_curve").iterdir()) == ["full.json", "paper.json"]
+    # the trade-off's points (a DVC plot): each recipe at its headline numbers; no WiSE-FT alphas here
+    tradeoff = pd.read_csv(reports / "tradeoff.csv").set_index("recipe")
+    for recipe in ("paper", "full"):
+        assert tradeoff.loc[recipe, "target"] == pytest.approx(metrics["headline"][recipe]["target"])
+        assert tradeoff.loc[recipe, "retention"] == pytest.approx(metrics["headline"][recipe]["retention"])
+    assert tradeoff["setting"].isna().all() and "figures/tradeoff.png" not in markdown
     for recipe in ("paper", "full"):
         curve = json.loads((reports / "lr_curve" / f"{recipe}.json").read_text())
         val = metrics["val"]["classification"][recipe]
