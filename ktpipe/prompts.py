@@ -24,7 +24,6 @@ from tqdm import tqdm
 from ktpipe.concepts import ConceptsError, ConceptText, article, concept_seed, lower_first
 from ktpipe.describe import clean_description, generate_reply, load_generator
 from ktpipe.errors import KtpipeError
-from ktpipe.eval.embeddings import EmbeddingCache
 from ktpipe.params import GeneratorParams
 
 if TYPE_CHECKING:
@@ -198,4 +197,6 @@ def ensemble_embedding(model, prompts: list[str]) -> torch.Tensor:
     zero-shot evaluation computes it (`EmbeddingCache.class_embeddings`)."""
     if not prompts:
         raise KtpipeError("ensemble_embedding: no prompts to average")
+    from ktpipe.eval.embeddings import EmbeddingCache  # here: zero-shot classification imports this module
+
     return EmbeddingCache().class_embeddings(model, [prompts])[0]

@@ -228,3 +228,39 @@ def test_ensemble_embedding_is_the_renormalized_mean(tiny_checkpoint):
     torch.testing.assert_close(ensemble_embedding(model, prompts[:1]), rows[0], rtol=0, atol=1e-6)
     with pytest.raises(KtpipeError, match="no prompts"):
         ensemble_embedding(model, [])
+
+
+# --- the DCLIP prompt-only baseline in zero-shot classification ----------------------------------
+
+
+def test_classification_scores_the_dclip_baseline_as_its_prompts_ensembled(rendered_project):
+    from pathlib import Path
+
+    from ktpipe.datasets import load_eval_set
+    from ktpipe.eval import ZeroShotClassification, run_evaluate
+    from ktpipe.eval.classification import build_candidates, embed_images
+    from ktpipe.models import load_base_model
+    from ktpipe.params import load_params
+    from ktpipe.templates import load_templates
+    from ktpipe.concepts import read_concepts
+
+    params = load_params("params.yaml")
+    result = run_evaluate(params, "baseline", Path("unused"), Path("data/eval"), Path("data/concepts"),
+                          Path("metrics/baseline.json"), None)
+    metrics = result["metrics"]["test"]["classification"]
+    model, manifest = load_base_model(params.model), load_eval_set(Path("data/eval"), "test")
+    concepts = read_concepts(Path("data/concepts"), params.concepts.names)
+    candidates = build_candidates(list(manifest.classes), concepts, load_templates("demo"))
+    rows = torch.stack([ensemble_embedding(model, dclip_prompts(c.name, c.description)) for c in candidates])
+    predicted = (embed_images(model, manifest.paths, 32, progress=False) @ rows.T).argmax(-1)
+    labels = torch.tensor(manifest.labels)
+    target = torch.tensor([c.group == "target" for c in candidates])[labels]
+    assert metrics["dclip_target_acc"] == pytest.approx(float((predicted == labels)[target].float().mean()))
+    assert metrics["dclip_retention_acc"] == pytest.approx(float((predicted == labels)[~target].float().mean()))
+    assert result["summary"]["test"]["classification"]["dclip_target"] == metrics["dclip_target_acc"]
+    # the report's table: a DCLIP column, and the verdict against transfer
+    moved = {**metrics, "name_target_acc": 1.0}
+    lines = ZeroShotClassification().report_table({"baseline": metrics, "paper": moved}, concepts)
+    assert lines[0] == "| Class | Group | Baseline | Description prompt | DCLIP prompts | Transfer (paper) |"
+    best = max(metrics["description_target_acc"], metrics["dclip_target_acc"])
+    assert lines[-1].endswith(f"Transfer, name prompts: `paper` 100.0% ({'beats it' if best < 1 else 'does not beat it'}).")

@@ -29,11 +29,15 @@ from ktpipe.eval.base import TaskInput, pct
 from ktpipe.eval.embeddings import EmbeddingCache
 from ktpipe.eval.metrics import accuracy, per_class_accuracy
 from ktpipe.images import open_image
+from ktpipe.prompts import dclip_prompts
 from ktpipe.models.base import (CutsTexts, EmbedsImages, EmbedsTexts, PadsImages, ScoresPairs, TakesImages,
                                 is_dual_encoder, require)
 
 GROUPS = {"novel": "target", "known": "retention"}
 PER_CLASS_LIMIT = 20  # sets with more classes report per-class accuracy for concepts only
+# Prompt-only baselines: the model before transfer, no weight changed, each class prompted from its description
+PROMPT_ONLY = {"description": "the description as the prompt",
+               "dclip": "DCLIP descriptor prompts (\"<name>, which has <descriptor>.\", ensembled)"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Candidate:
     prompts: tuple[str, ...]  # name prompts, ensembled
     description: str | None  # the concept's description (None for plain dataset classes)
     group: str  # target (novel concept) or retention (everything else)
+    name: str = ""  # the class's name as prompts write it (a concept's text name)
 
 
 def metric_key(name: str) -> str:
@@ -68,10 +73,10 @@ def build_candidates(class_names: list[str], concepts: list[ConceptText], templa
     for name in class_names:
         concept = by_name.get(normalize(name))
         if concept is None:
-            out.append(Candidate(metric_key(name), tuple(t.format(name) for t in templates), None, "retention"))
+            out.append(Candidate(metric_key(name), tuple(t.format(name) for t in templates), None, "retention", name))
         else:
             out.append(Candidate(concept.name, tuple(name_prompts(concept, templates)), concept.description,
-                                 GROUPS[concept.role]))
+                                 GROUPS[concept.role], concept.text_name))
     return out
 
 
@@ -216,6 +221,8 @@ class ZeroShotClassification:
         kinds = {"name": prompts}
         if all(c.description for c in candidates):
             kinds["description"] = [(description_prompt(c.description),) for c in candidates]
+            if is_dual_encoder(model):  # a cross-encoder would score every descriptor of every class with every image
+                kinds["dclip"] = [tuple(dclip_prompts(c.name, c.description)) for c in candidates]
         metrics: dict[str, float] = {"n_images": float(len(data.manifest)), **cut}
         scores = class_scores(model, data.manifest.paths, kinds, data.params.batch_size, data.params.workers, progress,
                               data.cache, data.params.pin_memory)
@@ -227,22 +234,26 @@ class ZeroShotClassification:
         """Target and retention accuracy (name prompts), the description-prompt target, and each
         novel concept's accuracy."""
         out = {g: metrics[f"name_{g}_acc"] for g in ("target", "retention") if f"name_{g}_acc" in metrics}
-        if "description_target_acc" in metrics:
-            out["description_target"] = metrics["description_target_acc"]
+        for kind in PROMPT_ONLY:
+            if f"{kind}_target_acc" in metrics:
+                out[f"{kind}_target"] = metrics[f"{kind}_target_acc"]
         out.update({c.name: metrics[f"name_class_{c.name}_acc"] for c in concepts
                     if c.role == "novel" and f"name_class_{c.name}_acc" in metrics})
         return out
 
     def report_table(self, results: dict[str, dict[str, float]], concepts: list[ConceptText]) -> list[str]:
         """Per-concept accuracy, then pooled target, retention and overall: the baseline, its
-        description prompt, and each recipe after transfer."""
+        description prompt (and DCLIP prompts, for a dual encoder), and each recipe after transfer;
+        then whether each recipe beats the best prompt-only baseline on the novel concepts."""
         models = list(results)
         baseline = results[models[0]]
-        cols = ["Baseline", "Description prompt", *[f"Transfer ({m})" for m in models[1:]]]
+        dclip = any(key.startswith("dclip_") for key in baseline)
+        cols = ["Baseline", "Description prompt", *(["DCLIP prompts"] if dclip else []),
+                *[f"Transfer ({m})" for m in models[1:]]]
         lines = ["| Class | Group | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
 
         def row(label: str, group: str, key: str) -> str:
-            values = [baseline.get(key.format("name")), baseline.get(key.format("description"))]
+            values = [baseline.get(key.format(kind)) for kind in ("name", "description", *(["dclip"] if dclip else []))]
             values += [results[m].get(key.format("name")) for m in models[1:]]
             return f"| {label} | {group} | " + " | ".join(pct(v) for v in values) + " |"
 
@@ -252,4 +263,21 @@ class ZeroShotClassification:
             if f"name_{group}_acc" in baseline:
                 lines.append(row(f"**{group} (pooled)**", group, f"{{}}_{group}_acc"))
         lines.append(row("**overall**", "all", "{}_overall_acc"))
-        return lines
+        return lines + prompt_only_verdict(results)
+
+
+def prompt_only_verdict(results: dict[str, dict[str, float]]) -> list[str]:
+    """A sentence: the prompt-only baselines' target accuracy, and whether each recipe's transfer
+    (name prompts) beats the best of them; nothing when the set has no prompt-only baseline."""
+    models = list(results)
+    found = {kind: results[models[0]].get(f"{kind}_target_acc") for kind in PROMPT_ONLY}
+    found = {kind: value for kind, value in found.items() if value is not None}
+    transfer = {m: results[m].get("name_target_acc") for m in models[1:]}
+    transfer = {m: value for m, value in transfer.items() if value is not None}
+    if not found or not transfer:
+        return []
+    best = max(found, key=found.get)
+    verdicts = [f"`{m}` {pct(v)} ({'beats it' if v > found[best] else 'does not beat it'})" for m, v in transfer.items()]
+    return ["", "Prompt-only baselines on the novel concepts (the model before transfer, no weight changed): "
+            + ", ".join(f"{PROMPT_ONLY[kind]} {pct(value)}" for kind, value in found.items())
+            + f"; the best is {PROMPT_ONLY[best].split(' (')[0]}. Transfer, name prompts: " + "; ".join(verdicts) + "."]
