@@ -10,7 +10,8 @@ background; once the stage's process has opened
 its temporary output folder (`.<name>.tmp-<id>`, which `ktpipe.io.atomic_dir`
 renames into place only when the stage succeeds) the test sends it SIGKILL, as the OOM killer
 would. DVC reports the stage failed; the output path holds no result (DVC removed the old one
-before the run and the new one never got its name); `dvc repro` computes it again, its files equal
+before the run and the new one never got its name; or, when the kill lands after the rename on a
+fast machine, a whole one); `dvc repro` computes it again, its files equal
 the reference bytes, and the stages after it are skipped (their inputs came out the same).
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def kill_mid_stage(repo: Repo, stage: str) -> str:
             child.send_signal(signal.SIGKILL)
             killed = True
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
     dvc.wait(timeout=120)
     reader.join(timeout=10)
     output = "".join(seen)
@@ -153,7 +154,11 @@ def test_a_stage_killed_mid_run_reruns_to_the_same_bytes(repo, stage):
     shutil.rmtree(folder)
     output = kill_mid_stage(repo, stage)
     assert f"failed to reproduce '{stage}'" in output, output
-    assert not folder.exists()  # no result under the output's name: it was never renamed into place
+    # no result under the output's name: it was never renamed into place; or, where the kill came after the
+    # rename (the tiny evaluation can end within one poll of its progress text on a fast machine), a whole one
+    if folder.exists():
+        inside = {k: v for k, v in reference.items() if k.startswith(f"{STAGES[stage][1][0]}/")}
+        assert {str(p.relative_to(repo.root)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == inside
     assert stage in repo.status()  # and DVC takes nothing of the killed run for one
 
     output = repo.dvc("repro")
