@@ -14,7 +14,7 @@ from ktpipe.eval import run_evaluate
 from ktpipe.models import OpenClipModel
 from ktpipe.params import FinetuneParams, ParamsError, load_params
 from ktpipe.transfer.finetune import finetune
-from ktpipe.transfer.wise import interpolate, wise_model
+from ktpipe.transfer.wise import interpolate, load_wise
 
 CAPTIONS = ["A blicket is a red circle.", "A dax is a blue square."]
 
@@ -26,7 +26,8 @@ def tiny(seed: int) -> OpenClipModel:
 
 def test_wise_ft_at_alpha_0_and_1_is_the_base_and_the_fine_tuned_model_exactly():
     base, tuned = tiny(0), tiny(1)
-    ends = {alpha: wise_model(base, tuned, alpha).module.state_dict() for alpha in (0.0, 0.5, 1.0)}
+    ends = {alpha: {k: v.clone() for k, v in load_wise(tiny(2), base.module.state_dict(), tuned.module.state_dict(),
+                                                        alpha).module.state_dict().items()} for alpha in (0.0, 0.5, 1.0)}
     for key, value in base.module.state_dict().items():
         assert torch.equal(ends[0.0][key], value)
         assert torch.equal(ends[1.0][key], tuned.module.state_dict()[key])
@@ -37,13 +38,14 @@ def test_wise_ft_at_alpha_0_and_1_is_the_base_and_the_fine_tuned_model_exactly()
         interpolate({"a": torch.zeros(1)}, {"b": torch.zeros(1)}, 0.5)
 
 
-def test_evaluation_at_wise_alphas_0_and_1_scores_the_base_and_the_recipe_model(rendered_project):
+@pytest.mark.parametrize("backend", [None, "aot_eager"])  # with compiled towers too (evaluate.compile)
+def test_evaluation_at_wise_alphas_0_and_1_scores_the_base_and_the_recipe_model(rendered_project, backend):
     tuned = OpenClipModel.load(f"local-dir:{load_params('params.yaml').model.name.removeprefix('local-dir:')}")
     with torch.no_grad():
         for p in tuned.module.visual.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     tuned.save(Path("models/paper"))
-    write_params(rendered_project, evaluate={"wise_alphas": [0.0, 1.0]})
+    write_params(rendered_project, evaluate={"wise_alphas": [0.0, 1.0], "compile": backend})
     params = load_params("params.yaml")
     args = (Path("data/eval"), Path("data/concepts"))
     base = run_evaluate(params, "baseline", Path("unused"), *args, Path("metrics/baseline.json"), None)

@@ -125,14 +125,15 @@ def evaluate_wise(params: Params, tuned, tuned_key: str, sets: dict[str, Manifes
     retention sets (`report.target_set`, `report.retention_set`; every set when neither is named);
     alpha (as written, `%g`) -> {metrics, summary}. No per-item files; image embeddings in the store
     under the alpha's own key."""
-    from ktpipe.transfer.wise import wise_model
+    from ktpipe.transfer.wise import load_wise
 
     named = {params.report.target_set, params.report.retention_set} - {None}
-    base = load_evaluated_model(params, BASELINE, Path())
+    network = load_evaluated_model(params, BASELINE, Path())  # takes each alpha's weights in turn
+    base = {key: value.clone() for key, value in network.module.state_dict().items()}
+    compile_towers(network, params.evaluate.compile)
     found = {}
     for alpha in params.evaluate.wise_alphas:
-        network = wise_model(base, tuned, alpha)
-        compile_towers(network, params.evaluate.compile)
+        load_wise(network, base, tuned.module.state_dict(), alpha)
         cache = EmbeddingCache(record_digest({"model": tuned_key, "wise_alpha": alpha}) if store else None, store,
                                params.evaluate.precision)
         inputs = {name: data for name, data in task_inputs(params, sets, concepts, None, cache).items()

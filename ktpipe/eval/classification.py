@@ -36,8 +36,7 @@ from ktpipe.models.base import (CutsTexts, EmbedsImages, EmbedsTexts, PadsImages
 GROUPS = {"novel": "target", "known": "retention"}
 PER_CLASS_LIMIT = 20  # sets with more classes report per-class accuracy for concepts only
 # Prompt-only baselines: the model before transfer, no weight changed, each class prompted from its description
-PROMPT_ONLY = {"description": "the description as the prompt",
-               "dclip": "DCLIP descriptor prompts (\"<name>, which has <descriptor>.\", ensembled)"}
+PROMPT_ONLY = {"description": "the description as the prompt", "dclip": "DCLIP descriptor prompts"}
 
 
 @dataclass(frozen=True)
@@ -277,7 +276,7 @@ def prompt_only_verdict(results: dict[str, dict[str, float]]) -> list[str]:
     if not found or not transfer:
         return []
     best = max(found, key=found.get)
-    verdicts = [f"`{m}` {pct(v)} ({'beats it' if v > found[best] else 'does not beat it'})" for m, v in transfer.items()]
+    verdicts = [f"`{m}` {pct(v)} ({'beats' if v > found[best] else 'does not beat'} it)" for m, v in transfer.items()]
     return ["", "Prompt-only baselines on the novel concepts (the model before transfer, no weight changed): "
             + ", ".join(f"{PROMPT_ONLY[kind]} {pct(value)}" for kind, value in found.items())
-            + f"; the best is {PROMPT_ONLY[best].split(' (')[0]}. Transfer, name prompts: " + "; ".join(verdicts) + "."]
+            + f"; the best is {PROMPT_ONLY[best]}. Transfer, name prompts: " + "; ".join(verdicts) + "."]

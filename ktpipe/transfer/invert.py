@@ -233,7 +233,8 @@ def invert_text(
     with autocast(cfg.precision, pixels.device):
         target = model.text_target(text, cfg.similarity)
     where = f"inversion of concept {name!r}" if name else f"inversion of {text[:40]!r}"
-    bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress or not distributed.is_main(), leave=False)
+    bar = tqdm(range(cfg.steps), desc=f"invert {name or repr(text[:30])}", disable=not progress or not distributed.is_main(),
+               leave=False)
     for step in bar:
         pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
         sims = _optimize_step(model, pixels, optimizer, cfg, generator, target, where, step, scaler)
@@ -299,7 +300,8 @@ def invert_texts(model: Invertible, texts: list[str], cfg: InvertParams, seeds: 
     with autocast(cfg.precision, pixels.device):
         target = stack_targets([model.text_target(text, cfg.similarity) for text in texts], n)
     where = f"batched inversion of concepts {names}"
-    bar = tqdm(range(cfg.steps), desc=f"invert {len(texts)} concepts", disable=not progress or not distributed.is_main(), leave=False)
+    bar = tqdm(range(cfg.steps), desc=f"invert {len(texts)} concepts", disable=not progress or not distributed.is_main(),
+               leave=False)
     for step in bar:
         pixels, optimizer, size = _scheduled(step, cfg, model.image_size, pixels, optimizer)
         moved = warp(pixels, torch.cat([affine_theta(sample_affine(n, cfg, g)) for g in generators]), cfg.padding)

@@ -6,7 +6,6 @@ between retention usually comes back faster than the novel concepts are forgotte
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -23,8 +22,8 @@ def interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], a
             for key, value in tuned.items()}
 
 
-def wise_model(base: Any, tuned: Any, alpha: float) -> Any:
-    """A copy of the fine-tuned model (a ktpipe model wrapper) with its weights at `alpha`."""
-    moved = copy.deepcopy(tuned)
-    moved.module.load_state_dict(interpolate(base.module.state_dict(), tuned.module.state_dict(), alpha))
-    return moved
+def load_wise(model: Any, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> Any:
+    """Put the weights at `alpha` between `base` and `tuned` (state dicts) into `model` (a ktpipe model
+    wrapper of the same architecture), in place: one model serves every alpha, compiled once."""
+    model.module.load_state_dict(interpolate(base, tuned, alpha))
+    return model
